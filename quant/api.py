@@ -1,0 +1,115 @@
+"""Public quantization API: `quantize` and `dequantize` over ggml block formats, bit-exact with ggml."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from typing import Iterator
+
+import numpy as np
+
+from quant.errors import NonFiniteError, ShapeError
+from quant.formats import get_qtype
+
+
+@functools.cache
+def _kernels():
+    from quant.kernels import load_kernels
+
+    return load_kernels()
+
+
+def _as_matrix(x: np.ndarray, name: str | None) -> np.ndarray:
+    x = np.asarray(x)
+    label = f"tensor {name!r}" if name else "input"
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise ShapeError(f"{label}: expected a 2-D (rows, cols) array, got shape {x.shape}")
+    if x.dtype != np.float32:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ShapeError(f"{label}: expected float32 weights, got {x.dtype}")
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+def check_finite(x: np.ndarray, name: str | None = None) -> None:
+    """Raise NonFiniteError naming the tensor and the first bad position if x holds NaN or Inf."""
+    if x.size and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        n_nan = int(np.isnan(x).sum())
+        n_inf = int(np.isinf(x).sum())
+        label = f"tensor {name!r}" if name else "input"
+        raise NonFiniteError(
+            f"{label} contains {n_nan} NaN and {n_inf} Inf values (first at index {tuple(int(i) for i in bad)}); "
+            "refusing to quantize"
+        )
+
+
+def quantize(
+    x: np.ndarray, qtype: str, *, imatrix: np.ndarray | None = None, name: str | None = None
+) -> np.ndarray:
+    """Quantize a float32 (rows, cols) matrix to ggml `qtype`; returns uint8 (rows, bytes_per_row) block bytes.
+
+    `imatrix` is the per-column importance (as llama-imatrix produces), used exactly where ggml uses it.
+    `name` only labels error messages.
+    """
+    qt = get_qtype(qtype)
+    m = _as_matrix(x, name)
+    rows, cols = m.shape
+    qt.row_bytes(cols)  # validates the block multiple
+    check_finite(m, name)
+    w = None
+    if imatrix is not None:
+        w = np.ascontiguousarray(np.asarray(imatrix, dtype=np.float32).reshape(-1))
+        if w.shape[0] != cols:
+            raise ShapeError(
+                f"imatrix for {name or 'input'} has {w.shape[0]} entries, expected one per column ({cols})"
+            )
+        check_finite(w, f"imatrix of {name}" if name else "imatrix")
+    q, _ = _kernels()[qt.name]
+    out = q(m, w)
+    assert out.shape == (rows, qt.row_bytes(cols)) and out.dtype == np.uint8
+    return out
+
+
+def dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode ggml block bytes of `qtype` back to float32 with the numpy-order `shape` (last axis = row)."""
+    qt = get_qtype(qtype)
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        raise ShapeError("dequantize needs a non-empty shape")
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    row_bytes = qt.row_bytes(cols)
+    buf = np.ascontiguousarray(np.asarray(raw).view(np.uint8)).reshape(-1)
+    if buf.size != rows * row_bytes:
+        raise ShapeError(
+            f"{qt.name} data of {buf.size} bytes does not match shape {shape} ({rows * row_bytes} bytes expected)"
+        )
+    _, dq = _kernels()[qt.name]
+    return dq(buf.reshape(rows, row_bytes), cols).reshape(shape)
+
+
+def get_threads() -> int:
+    """Threads the kernels use (numba's thread count)."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[int]:
+    """Run the kernels inside the block on `n` threads (None or 0: all cores)."""
+    import numba
+
+    old = numba.get_num_threads()
+    want = n or numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(max(1, min(int(want), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield numba.get_num_threads()
+    finally:
+        numba.set_num_threads(old)
+
+
+__all__ = ["quantize", "dequantize", "threads", "get_threads", "check_finite"]

@@ -1,0 +1,30 @@
+"""Error types for bad input: each one means "the input is unusable", with a message a user can act on."""
+from __future__ import annotations
+
+
+class QuantGateError(Exception):
+    """Base class of every error quantgate reports to a user as one clear line."""
+
+
+class UnsupportedTypeError(QuantGateError, ValueError):
+    """A ggml type or mix name we do not know or cannot produce."""
+
+
+class ShapeError(QuantGateError, ValueError):
+    """A tensor whose shape does not fit the requested type (e.g. row length not a multiple of the block)."""
+
+
+class NonFiniteError(QuantGateError, ValueError):
+    """NaN or Inf in a tensor that is about to be quantized."""
+
+
+class GGUFFormatError(QuantGateError, ValueError):
+    """A GGUF file that is corrupt, truncated or violates the spec."""
+
+
+class CheckpointError(QuantGateError, ValueError):
+    """A checkpoint that cannot be loaded (missing, corrupt, unsafe, unsupported)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would need to execute code to load: refused, never executed."""

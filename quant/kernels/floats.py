@@ -1,0 +1,77 @@
+"""F32, F16 and BF16 "quantization": the element conversions ggml_quantize_chunk applies, bit-exact.
+
+F32 is a copy. F16 is ggml_fp32_to_fp16_row (ggml_compute_fp32_to_fp16, ported literally in common.py: IEEE
+round-to-nearest-even, overflow to Inf, subnormals kept, every NaN -> sign | 0x7E00 where numpy would keep payload
+bits; the literal port is also faster than numpy's cast plus a NaN fix-up). BF16 is ggml_fp32_to_bf16_row_ref
+(ggml_compute_fp32_to_bf16: round-to-nearest-even on the top 16 bits, NaN -> (bits >> 16) | 0x40).
+Dequantization is exact widening (as ggml and gguf.quants do).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from quant.kernels.common import fp32_to_fp16_bits
+
+
+def quantize_f32(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Copy float32 (rows, cols) into (rows, 4*cols) little-endian bytes (imatrix unused, as in ggml)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x.view(np.uint8).copy()
+
+
+def dequantize_f32(raw: np.ndarray, cols: int) -> np.ndarray:
+    """Read (rows, 4*cols) bytes back as float32 (rows, cols)."""
+    return np.ascontiguousarray(raw, dtype=np.uint8).view(np.float32).reshape(-1, cols).copy()
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _f16_rows(x, out):
+    for r in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[r, j] = fp32_to_fp16_bits(x[r, j])
+
+
+def quantize_f16(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_fp32_to_fp16_row on every row: (rows, cols) float32 -> (rows, 2*cols) bytes."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _f16_rows(x, out)
+    return out.view(np.uint8)
+
+
+def dequantize_f16(raw: np.ndarray, cols: int) -> np.ndarray:
+    """ggml_fp16_to_fp32_row: exact widening of (rows, 2*cols) half bytes."""
+    return np.ascontiguousarray(raw, dtype=np.uint8).view(np.float16).reshape(-1, cols).astype(np.float32)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _bf16_rows(u, out):
+    for r in prange(u.shape[0]):
+        for j in range(u.shape[1]):
+            i = np.int64(u[r, j])
+            if (i & 0x7FFFFFFF) > 0x7F800000:
+                out[r, j] = (i >> 16) | 64
+            else:
+                out[r, j] = ((i + (0x7FFF + ((i >> 16) & 1))) >> 16) & 0xFFFF
+
+
+def quantize_bf16(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_fp32_to_bf16_row_ref on every row: (rows, cols) float32 -> (rows, 2*cols) bytes."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _bf16_rows(x.view(np.uint32), out)
+    return out.view(np.uint8)
+
+
+def dequantize_bf16(raw: np.ndarray, cols: int) -> np.ndarray:
+    """GGML_BF16_TO_FP32: the bf16 bits become the top half of a float32."""
+    h = np.ascontiguousarray(raw, dtype=np.uint8).view(np.uint16).reshape(-1, cols)
+    return (h.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+KERNELS = {
+    "F32": (quantize_f32, dequantize_f32),
+    "F16": (quantize_f16, dequantize_f16),
+    "BF16": (quantize_bf16, dequantize_bf16),
+}

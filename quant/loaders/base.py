@@ -1,0 +1,74 @@
+"""What every checkpoint loader returns: lazily-read tensors plus the source's metadata and identity."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+from quant.gguf_kv import KV
+
+SourceKind = Literal["safetensors", "torch", "gguf"]
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a checkpoint; `read()` loads only this tensor, as float32 of `shape`."""
+
+    name: str                  # name in the source (HF name, state-dict key or GGUF name)
+    shape: tuple[int, ...]     # numpy/torch order: the last axis is the contiguous row
+    dtype: str                 # ggml type name of the stored data: F32/F16/BF16 or a quantized type (GGUF)
+    reader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    def read(self) -> np.ndarray:
+        """Load this tensor as a float32 array of `shape` (dequantizing GGUF quantized data)."""
+        arr = self.reader()
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        return arr.reshape(self.shape)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: tensors in source order, HF config (if any) and GGUF metadata (if any)."""
+
+    path: Path
+    kind: SourceKind
+    files: list[Path]                       # the files that make up the checkpoint (hashed for identity)
+    tensors: list[SourceTensor]
+    config: dict | None = None              # HF config.json, when the source is an HF folder
+    gguf_kv: list[KV] = field(default_factory=list)  # GGUF sources: every KV except GGUF.* bookkeeping
+    gguf_version: int | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def architecture(self) -> str | None:
+        """`general.architecture` (GGUF) or the HF `model_type`, when known."""
+        for kv in self.gguf_kv:
+            if kv.key == "general.architecture":
+                return str(kv.value)
+        if self.config:
+            return self.config.get("model_type")
+        return None
+
+    def tensor(self, name: str) -> SourceTensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def close(self) -> None:
+        for c in self.closers:
+            c()
+        self.closers.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

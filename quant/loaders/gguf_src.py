@@ -1,0 +1,106 @@
+"""Open an existing GGUF file as a quantization source (F32/F16/BF16, or quantized with allow_requantize)."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from quant.errors import CheckpointError, GGUFFormatError
+from quant.formats import QTYPES
+from quant.gguf_reader import ALIGNMENT_KEY, GGUFFile, TensorInfo, read_gguf
+from quant.loaders.base import Checkpoint, SourceTensor
+
+logger = logging.getLogger(__name__)
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _float_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        raw = g.tensor_data(t)
+        if t.qtype == "F32":
+            return raw.view("<f4").astype(np.float32)          # copy: the mapping may be closed later
+        if t.qtype == "F16":
+            return raw.view("<f2").astype(np.float32)
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)  # BF16: top half of an f32
+
+    return read
+
+
+def _dequant_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        from quant.api import dequantize
+
+        return dequantize(g.tensor_data(t), t.qtype, t.shape or (1,))
+
+    return read
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return key.startswith("GGUF.") or key == ALIGNMENT_KEY
+
+
+def open_gguf_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bool = False) -> Checkpoint:
+    """Open a single-file GGUF v2/v3 as a Checkpoint; quantized tensors need allow_requantize=True.
+
+    Requantizing an already-quantized model compounds the errors of both quantizations, which is
+    why llama.cpp refuses it without --allow-requantize; quantgate follows the same rule.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such GGUF file")
+    try:
+        g = read_gguf(p)
+    except GGUFFormatError as e:
+        raise CheckpointError(str(e)) from e
+    try:
+        n_split = g.value("split.count", 1)
+        if int(n_split) > 1:
+            raise CheckpointError(
+                f"{p} is shard {int(g.value('split.no', 0)) + 1} of a {int(n_split)}-file split GGUF; "
+                "merge it first (llama-gguf-split --merge)"
+            )
+        tensors: list[SourceTensor] = []
+        requantized: list[str] = []
+        for t in g.tensors:
+            if t.qtype in FLOAT_TYPES:
+                reader = _float_reader(g, t)
+            elif t.qtype in QTYPES:
+                if not allow_requantize:
+                    raise CheckpointError(
+                        f"{p}: tensor {t.name!r} is already quantized ({t.qtype}); requantizing from type "
+                        f"{t.qtype} is disabled. Pass allow_requantize=True (--allow-requantize) to do it anyway"
+                    )
+                requantized.append(t.name)
+                reader = _dequant_reader(g, t)
+            else:
+                raise CheckpointError(
+                    f"{p}: tensor {t.name!r} has type {t.qtype}, which quantgate cannot read "
+                    f"(readable: {', '.join(QTYPES)})"
+                )
+            tensors.append(SourceTensor(t.name, t.shape, t.qtype, reader))
+    except BaseException:
+        g.close()
+        raise
+    if requantized:
+        msg = (
+            f"{p}: requantizing {len(requantized)} already-quantized tensors (e.g. {requantized[0]!r}); "
+            "quality will be worse than quantizing from the original F32/F16/BF16 weights"
+        )
+        warnings.warn(msg, stacklevel=2)
+        logger.warning(msg)
+    return Checkpoint(
+        path=p,
+        kind="gguf",
+        files=[p],
+        tensors=tensors,
+        gguf_kv=[kv for kv in g.kv if not _is_bookkeeping(kv.key)],
+        gguf_version=g.version,
+        closers=[g.close],
+    )
+
+
+__all__ = ["open_gguf_checkpoint"]

@@ -1,0 +1,142 @@
+"""Open Hugging Face safetensors checkpoints (one file, a folder, or a sharded folder) without loading tensor data."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from quant.errors import CheckpointError
+from quant.loaders.base import Checkpoint, SourceTensor
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPES: dict[str, tuple[str, int]] = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+def _reader(path: Path, offset: int, count: int, dtype: str):
+    def read() -> np.ndarray:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = np.fromfile(f, dtype=_DTYPES[dtype][0], count=count)
+        if raw.size != count:
+            raise CheckpointError(f"{path}: truncated tensor data (expected {count} values, read {raw.size})")
+        if dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw
+    return read
+
+
+def read_safetensors_header(path: Path) -> list[SourceTensor]:
+    """Parse one .safetensors file's header into lazily-read tensors (sorted by name, as safetensors lists them);
+    a truncated/corrupt header, out-of-range offsets or an unsupported dtype raise CheckpointError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    data_len = size - data_start
+    out: list[SourceTensor] = []
+    for name in sorted(k for k in header if k != "__metadata__"):
+        meta = header[name]
+        try:
+            dtype = meta["dtype"]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {dtype}; only F32, F16 and BF16 sources are supported")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len or end - begin != count * _DTYPES[dtype][1]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} data range [{begin}, {end}) does not fit its shape {list(shape)} "
+                f"and dtype {dtype} or lies outside the file (corrupt or truncated file)")
+        out.append(SourceTensor(name, shape, dtype, _reader(path, data_start + begin, count, dtype)))
+    return out
+
+
+def load_config(folder: Path) -> dict | None:
+    """The folder's config.json as a dict, or None when there is none; unparsable JSON raises CheckpointError."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg}: cannot parse config.json: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg}: config.json is not a JSON object")
+    return data
+
+
+def shards_from_index(index: Path) -> tuple[list[Path], set[str]]:
+    """Validate a sharded-checkpoint index (`weight_map`): every shard must exist inside the index's folder
+    (absolute paths and `..` escapes are refused). Returns the shards in name order and the indexed tensor names."""
+    folder = index.parent
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index}: corrupt index (needs a non-empty 'weight_map' object)") from None
+    root = folder.resolve()
+    shards: dict[str, Path] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or os.path.isabs(shard) or "\\" in shard:
+            raise CheckpointError(f"{index}: tensor {tensor!r} points to an invalid shard name {shard!r}")
+        p = (folder / shard).resolve()
+        if root not in p.parents:
+            raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint folder; refused")
+        if not p.is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} is missing")
+        shards[shard] = p
+    return [shards[k] for k in sorted(shards)], set(weight_map)
+
+
+def open_safetensors_checkpoint(path: "str | os.PathLike[str]") -> Checkpoint:
+    """Open a .safetensors file, or an HF folder with model.safetensors or a sharded index, lazily (no tensor data
+    is read); config.json (if present) becomes Checkpoint.config. Shards are read in name order."""
+    p = Path(path)
+    if p.is_file():
+        files, folder, expected = [p], p.parent, None
+    elif (p / INDEX_NAME).is_file():
+        folder = p
+        files, expected = shards_from_index(p / INDEX_NAME)
+    elif (p / SINGLE_NAME).is_file():
+        files, folder, expected = [p / SINGLE_NAME], p, None
+    else:
+        raise CheckpointError(f"{p}: no model.safetensors or {INDEX_NAME} in this folder")
+    tensors: list[SourceTensor] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        for t in read_safetensors_header(f):
+            if t.name in seen:
+                raise CheckpointError(f"tensor {t.name!r} appears in both {seen[t.name].name} and {f.name}")
+            seen[t.name] = f
+            tensors.append(t)
+    if expected is not None and expected != set(seen):
+        missing = sorted(expected - set(seen))[:5]
+        extra = sorted(set(seen) - expected)[:5]
+        raise CheckpointError(
+            f"{p}: index and shards disagree (missing from shards: {missing}, not in index: {extra})")
+    config = load_config(folder)  # a lone .safetensors file uses the config.json beside it, if any
+    return Checkpoint(path=p, kind="safetensors", files=files, tensors=tensors, config=config)

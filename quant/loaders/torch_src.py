@@ -1,0 +1,87 @@
+"""Open PyTorch state dicts (.bin/.pt/.pth, or a sharded pytorch_model.bin index) safely: weights-only unpickling."""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quant.errors import CheckpointError, UnsafeCheckpointError
+from quant.loaders.base import Checkpoint, SourceTensor
+from quant.loaders.safetensors_src import load_config, shards_from_index
+
+INDEX_NAME = "pytorch_model.bin.index.json"
+SINGLE_NAME = "pytorch_model.bin"
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _load_state_dict(path: Path) -> dict:
+    """torch.load with weights_only=True (never runs pickled code), memory-mapped for zip-format files."""
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped and is read whole
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise UnsafeCheckpointError(
+            f"{path}: refused: this pickle needs to run code to load (not a plain weights file)"
+            + (f" [{detail}]" if detail else "") + "; it was not executed. Convert it to safetensors in a "
+            "trusted environment") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def _reader(t: torch.Tensor):
+    def read() -> np.ndarray:
+        return t.detach().to(torch.float32).contiguous().numpy().copy()
+    return read
+
+
+def _tensors_of(path: Path, sd: dict) -> list[SourceTensor]:
+    out = []
+    for name, t in sd.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor; only flat state dicts are supported")
+        dtype = _DTYPES.get(t.dtype)
+        if dtype is None:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                "only float32, float16 and bfloat16 sources are supported")
+        out.append(SourceTensor(name, tuple(int(d) for d in t.shape), dtype, _reader(t)))
+    return out
+
+
+def open_torch_checkpoint(path: "str | os.PathLike[str]") -> Checkpoint:
+    """Open a PyTorch state dict file, or an HF folder with pytorch_model.bin or a sharded index; pickles that
+    would execute code raise UnsafeCheckpointError without running anything. Tensors keep state-dict order."""
+    p = Path(path)
+    if p.is_file():
+        files, folder, expected = [p], p.parent, None
+    elif (p / INDEX_NAME).is_file():
+        folder = p
+        files, expected = shards_from_index(p / INDEX_NAME)
+    elif (p / SINGLE_NAME).is_file():
+        files, folder, expected = [p / SINGLE_NAME], p, None
+    else:
+        raise CheckpointError(f"{p}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
+    tensors: list[SourceTensor] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        for t in _tensors_of(f, _load_state_dict(f)):
+            if t.name in seen:
+                raise CheckpointError(f"tensor {t.name!r} appears in both {seen[t.name].name} and {f.name}")
+            seen[t.name] = f
+            tensors.append(t)
+    if expected is not None and expected != set(seen):
+        missing = sorted(expected - set(seen))[:5]
+        extra = sorted(set(seen) - expected)[:5]
+        raise CheckpointError(
+            f"{p}: index and shards disagree (missing from shards: {missing}, not in index: {extra})")
+    return Checkpoint(path=p, kind="torch", files=files, tensors=tensors, config=load_config(folder))

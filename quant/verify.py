@@ -1,0 +1,185 @@
+"""Check a GGUF file against the spec and what ggml/llama.cpp enforce, listing every problem found."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf.constants import GGUFValueType
+
+from quant.errors import GGUFFormatError, UnsupportedTypeError
+from quant.formats import QTYPES
+from quant.gguf_reader import GGML_TYPES, GGUFFile, TensorInfo, gguf_pad, read_gguf
+
+GGML_QNT_VERSION = 2                      # ggml.h: bump on quantization format changes
+#: llama.h llama_ftype values (general.file_type) and their names
+LLAMA_FTYPES: dict[int, str] = {
+    0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 7: "MOSTLY_Q8_0", 8: "MOSTLY_Q5_0",
+    9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 11: "MOSTLY_Q3_K_S", 12: "MOSTLY_Q3_K_M", 13: "MOSTLY_Q3_K_L",
+    14: "MOSTLY_Q4_K_S", 15: "MOSTLY_Q4_K_M", 16: "MOSTLY_Q5_K_S", 17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K",
+    19: "MOSTLY_IQ2_XXS", 20: "MOSTLY_IQ2_XS", 21: "MOSTLY_Q2_K_S", 22: "MOSTLY_IQ3_XS", 23: "MOSTLY_IQ3_XXS",
+    24: "MOSTLY_IQ1_S", 25: "MOSTLY_IQ4_NL", 26: "MOSTLY_IQ3_S", 27: "MOSTLY_IQ3_M", 28: "MOSTLY_IQ2_S",
+    29: "MOSTLY_IQ2_M", 30: "MOSTLY_IQ4_XS", 31: "MOSTLY_IQ1_M", 32: "MOSTLY_BF16", 36: "MOSTLY_TQ1_0",
+    37: "MOSTLY_TQ2_0", 38: "MOSTLY_MXFP4_MOE", 39: "MOSTLY_NVFP4", 40: "MOSTLY_Q1_0", 41: "MOSTLY_Q2_0",
+}
+UNQUANTIZED_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
+_FLOAT_FTYPES = {0: {"F32"}, 1: {"F32", "F16"}, 32: {"F32", "BF16"}}
+_CHUNK_BYTES = 64 << 20       # bounded memory: values are checked this many bytes at a time
+# (view dtype, exponent mask) of the stored float formats: all exponent bits set means NaN or Inf
+_FLOAT_BITS = {"F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of verify_gguf: ok is True exactly when problems is empty; notes are informational."""
+
+    path: Path
+    ok: bool
+    problems: list[str]
+    n_tensors: int
+    file_size: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_metadata(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
+    arch = g.get("general.architecture")
+    if arch is None:
+        problems.append("general.architecture is missing")
+    elif arch.vtype != GGUFValueType.STRING or not arch.value:
+        problems.append("general.architecture must be a non-empty STRING")
+    quantized = [t for t in g.tensors if t.qtype not in UNQUANTIZED_TYPES]
+    ft = g.get("general.file_type")
+    if ft is None:
+        (problems if quantized else notes).append("general.file_type is missing")
+    elif ft.vtype != GGUFValueType.UINT32:
+        problems.append(f"general.file_type must be UINT32 (llama.cpp reads it as u32), got {ft.vtype.name}")
+    elif int(ft.value) not in LLAMA_FTYPES:
+        problems.append(f"general.file_type = {ft.value} is not a known llama_ftype")
+    else:
+        ftype = int(ft.value)
+        allowed = _FLOAT_FTYPES.get(ftype)
+        if allowed is not None:
+            bad = [t for t in g.tensors if t.qtype not in allowed and t.qtype in QTYPES]
+            for t in bad:
+                problems.append(
+                    f"general.file_type is {LLAMA_FTYPES[ftype]} but tensor {t.name!r} is {t.qtype}"
+                )
+        elif not quantized:
+            notes.append(f"general.file_type is {LLAMA_FTYPES[ftype]} but no tensor is quantized")
+    qv = g.get("general.quantization_version")
+    if qv is None:
+        if quantized:
+            problems.append("general.quantization_version is missing but the file has quantized tensors")
+    elif qv.vtype != GGUFValueType.UINT32 or int(qv.value) != GGML_QNT_VERSION:
+        problems.append(
+            f"general.quantization_version must be UINT32 {GGML_QNT_VERSION}, got {qv.value!r} ({qv.vtype.name})"
+        )
+
+
+def _check_padding(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
+    if g.tensors and g.region(g.header_end, g.data_offset).any():
+        problems.append("padding before the data section is not all zero")
+    end = g.data_offset
+    for t in g.tensors:
+        padded_end = t.offset + gguf_pad(t.nbytes, g.alignment)
+        if t.nbytes and g.region(t.offset + t.nbytes, padded_end).any():
+            problems.append(f"padding after tensor {t.name!r} is not all zero")
+        end = max(end, padded_end)
+    if g.tensors and g.file_size > end:
+        notes.append(f"{g.file_size - end} extra bytes after the tensor data")
+    elif g.file_size < end and all(t.offset + t.nbytes <= g.file_size for t in g.tensors):
+        problems.append(
+            f"file ends at {g.file_size}, before the padded end of the tensor data ({end}): "
+            "ggml pads the last tensor too, and loaders that read the whole data section fail"
+        )
+
+
+def _count_bad_floats(raw: np.ndarray, qtype: str) -> tuple[int, int, int]:
+    dt, mask = _FLOAT_BITS[qtype]
+    bits = raw.view(dt)
+    n_nan = n_inf = 0
+    first = -1
+    step = _CHUNK_BYTES // bits.itemsize
+    for s in range(0, bits.size, step):
+        chunk = bits[s:s + step]
+        special = (chunk & mask) == mask
+        if special.any():
+            idx = np.flatnonzero(special)
+            if first < 0:
+                first = s + int(idx[0])
+            nan = (chunk[idx] & ~np.array(mask | (1 << (8 * bits.itemsize - 1)), dtype=dt)) != 0
+            n_nan += int(nan.sum())
+            n_inf += int((~nan).sum())
+    return n_nan, n_inf, first
+
+
+def _count_bad_quantized(raw: np.ndarray, t: TensorInfo) -> tuple[int, int, int]:
+    from quant.api import dequantize
+
+    cols = t.shape[-1] if t.shape else 1
+    row_bytes = QTYPES[t.qtype].row_bytes(cols)
+    rows = t.nbytes // row_bytes
+    step = max(1, _CHUNK_BYTES // 4 // max(cols, 1))
+    n_nan = n_inf = 0
+    first = -1
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        x = dequantize(raw[r * row_bytes:(r + n) * row_bytes], t.qtype, (n, cols))
+        nan, inf = np.isnan(x), np.isinf(x)
+        if first < 0 and (nan.any() or inf.any()):
+            first = r * cols + int(np.flatnonzero(nan | inf)[0])
+        n_nan += int(nan.sum())
+        n_inf += int(inf.sum())
+    return n_nan, n_inf, first
+
+
+def _check_values(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
+    for t in g.tensors:
+        if t.ggml_type not in GGML_TYPES or not t.nbytes or t.offset + t.nbytes > g.file_size:
+            continue
+        if t.qtype not in QTYPES:
+            notes.append(f"cannot check values of type {t.qtype} (tensor {t.name!r})")
+            continue
+        raw = g.tensor_data(t)
+        if t.qtype in _FLOAT_BITS:
+            n_nan, n_inf, first = _count_bad_floats(raw, t.qtype)
+        else:
+            try:
+                n_nan, n_inf, first = _count_bad_quantized(raw, t)
+            except (ImportError, UnsupportedTypeError) as e:
+                notes.append(f"cannot check values of type {t.qtype} (tensor {t.name!r}): {e}")
+                continue
+        if n_nan or n_inf:
+            problems.append(
+                f"tensor {t.name!r} ({t.qtype}) has {n_nan} NaN and {n_inf} Inf values "
+                f"(first at flat index {first})"
+            )
+
+
+def verify_gguf(path: "str | os.PathLike[str]", *, check_values: bool = True) -> VerifyReport:
+    """Check structure, metadata and (optionally) tensor values of a GGUF file; never raises on bad input."""
+    p = Path(path)
+    try:
+        size = os.stat(p).st_size
+    except OSError as e:
+        return VerifyReport(p, False, [f"cannot open: {e.strerror or e}"], 0, 0)
+    try:
+        g = read_gguf(p, strict=False)
+    except GGUFFormatError as e:
+        return VerifyReport(p, False, [str(e)], 0, size)
+    with g:
+        problems = list(g.problems)
+        notes: list[str] = []
+        if g.version != 3:
+            notes.append(f"GGUF version {g.version} (quantgate writes version 3)")
+        if not g.tensors:
+            notes.append("the file has no tensors")
+        _check_metadata(g, problems, notes)
+        _check_padding(g, problems, notes)
+        if check_values:
+            _check_values(g, problems, notes)
+    return VerifyReport(p, not problems, problems, len(g.tensors), size, notes)
+
+
+__all__ = ["VerifyReport", "verify_gguf", "LLAMA_FTYPES", "GGML_QNT_VERSION", "UNQUANTIZED_TYPES"]

@@ -1,0 +1,162 @@
+"""The in-process pipeline: plain functions chaining load -> plan -> choose types -> quantize -> write.
+
+CLI commands, DVC stages and Celery tasks all call these; they add transport, never logic.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf.constants import GGUFValueType
+
+import quant
+from quant.formats import get_qtype
+from quant.gguf_kv import KV
+from quantgate import __version__
+from quantgate.records import QuantizedArtifact, Recipe, canonical_json, job_key
+
+ProgressFn = Callable[[int, int, str], None]
+
+#: Keys the pipeline owns in every file it writes; a source's copies of them are replaced.
+_OWNED_KEYS = ("general.file_type", "general.quantization_version")
+GGML_QNT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """A quantization job: where from, where to, and the recipe's knobs."""
+
+    source: Path
+    out: Path
+    precision: str
+    pure: bool = False
+    imatrix: Path | None = None
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_type_overrides: tuple[tuple[str, str], ...] = ()
+    threads: int | None = None
+    allow_requantize: bool = False
+    generic: bool = False
+
+
+def _provenance_kv(
+    recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str]
+) -> list[KV]:
+    s = GGUFValueType.STRING
+    kv = [
+        KV("quantgate.version", __version__, s),
+        KV("quantgate.source_sha256", source_sha, s),
+        KV("quantgate.source_format", source_kind, s),
+        KV("quantgate.precision", recipe.precision, s),
+        KV("quantgate.recipe", canonical_json(recipe.__dict__), s),
+        KV("quantgate.recipe_sha256", recipe.key(), s),
+        KV("quantgate.job_key", key, s),
+        KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s),
+    ]
+    if recipe.imatrix_sha256:
+        kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
+    return kv
+
+
+def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None) -> QuantizedArtifact:
+    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record."""
+    from quant.gguf_writer import TensorSpec, write_gguf
+    from quant.hashing import checkpoint_sha256, file_sha256
+    from quant.loaders import open_checkpoint
+    from quant.mixes import get_mix, llama_quantize_order, tensor_types
+    from quant.model_plan import plan_model
+
+    t0 = time.perf_counter()
+    mix = get_mix(req.precision)
+    imat = None
+    imatrix_sha = None
+    if req.imatrix is not None:
+        from quant.imatrix import load_imatrix
+
+        imat = load_imatrix(req.imatrix)
+        imatrix_sha = file_sha256(req.imatrix)
+    recipe = Recipe(
+        precision=mix.name,
+        pure=req.pure,
+        imatrix_sha256=imatrix_sha,
+        output_tensor_type=req.output_tensor_type.upper() if req.output_tensor_type else None,
+        token_embedding_type=req.token_embedding_type.upper() if req.token_embedding_type else None,
+        tensor_type_overrides=tuple((p, t.upper()) for p, t in req.tensor_type_overrides),
+        allow_requantize=req.allow_requantize,
+        generic=req.generic,
+    )
+    with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
+        source_sha = checkpoint_sha256(ckpt.files)
+        t_hash = time.perf_counter()
+        plan = plan_model(ckpt, generic=req.generic)
+        types = tensor_types(
+            plan,
+            mix.name,
+            pure=req.pure,
+            output_tensor_type=recipe.output_tensor_type,
+            token_embedding_type=recipe.token_embedding_type,
+            tensor_type_overrides=recipe.tensor_type_overrides,
+            allow_requantize=req.allow_requantize,
+            has_imatrix=imat is not None,
+        )
+        key = job_key(source_sha, recipe, __version__)
+        kv = [k for k in plan.kv if k.key not in _OWNED_KEYS and not k.key.startswith("quantgate.")]
+        kv += [
+            KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32),
+            KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
+        ]
+        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types)
+
+        def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
+            qt = get_qtype(qtype)
+
+            def produce() -> np.ndarray:
+                x = pt.source.read()
+                if pt.transform is not None:
+                    x = pt.transform(x)
+                m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+                w = imat.values(pt.name) if (imat is not None and not qt.is_float) else None
+                return quant.quantize(m, qt.name, imatrix=w, name=pt.name).reshape(-1)
+
+            return produce
+
+        # llama-quantize writes tensors in its loader's order (non-block first, then by layer): so do we.
+        by_name = {pt.name: pt for pt in plan.tensors}
+        ordered = [by_name[n] for n in llama_quantize_order(list(by_name))]
+        specs = [TensorSpec(pt.name, tuple(pt.shape), types[pt.name], producer(pt, types[pt.name])) for pt in ordered]
+        with quant.threads(req.threads):
+            result = write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor)
+        t_write = time.perf_counter()
+
+    n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
+    tensor_bytes = {s.name: get_qtype(s.qtype).nbytes(s.shape) for s in specs}
+    total = sum(tensor_bytes.values())
+    return QuantizedArtifact(
+        path=str(result.path),
+        sha256=result.sha256,
+        nbytes=result.nbytes,
+        source=str(req.source),
+        source_sha256=source_sha,
+        recipe=recipe,
+        job_key=key,
+        tool_version=__version__,
+        file_type=mix.llama_ftype,
+        tensor_types=dict(types),
+        tensor_bytes=tensor_bytes,
+        n_params=n_params,
+        bits_per_weight=8.0 * total / max(n_params, 1),
+        seconds=t_write - t0,
+        timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
+    )
+
+
+def artifact_json(a: QuantizedArtifact) -> str:
+    """Pretty JSON of an artifact record (what `quantize --json` prints)."""
+    return json.dumps(a.to_dict(), indent=2, sort_keys=True)
+
+

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build (once) and install llama-cpp-python, the ggml oracle used by the bit-exactness tests.
+#   scripts/build_oracle.sh [nofma|default] [--install PYTHON]
+# The wheel is cached per variant under $QUANTGATE_WHEEL_CACHE (default ~/.cache/quantgate/wheels),
+# because pip's own wheel cache is keyed by the sdist only and would mix the two C-flag variants.
+set -euo pipefail
+VERSION=0.3.36
+VARIANT=${1:-nofma}
+PY=${3:-python3}
+ROOT=${QUANTGATE_WHEEL_CACHE:-$HOME/.cache/quantgate/wheels}
+DEST="$ROOT/llama-cpp-python-$VERSION-$VARIANT"
+case "$VARIANT" in
+  nofma)   FLAGS="-DCMAKE_C_FLAGS=-ffp-contract=off -DCMAKE_CXX_FLAGS=-ffp-contract=off" ;;
+  default) FLAGS="" ;;
+  *) echo "unknown oracle variant: $VARIANT (nofma|default)" >&2; exit 2 ;;
+esac
+if ! ls "$DEST"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $VERSION ($VARIANT); this takes ~10 minutes on 2 cores" >&2
+  tmp="$DEST.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+  CMAKE_ARGS="$FLAGS -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    "$PY" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+      "llama-cpp-python==$VERSION" -w "$tmp" >&2
+  rm -rf "$DEST"; mv "$tmp" "$DEST"
+fi
+if [ "${2:-}" = "--install" ]; then
+  "$PY" -m pip install -q --force-reinstall --no-deps "$DEST"/llama_cpp_python-*.whl >&2
+  "$PY" -m pip install -q "diskcache>=5.6" "jinja2>=2.11" "typing-extensions>=4.5" >&2
+fi
+echo "$DEST"
