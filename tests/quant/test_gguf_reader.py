@@ -1,11 +1,14 @@
 """read_gguf: a safe parser. Malformed input -> GGUFFormatError (never a hang, crash or huge allocation)."""
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import numpy as np
 import pytest
 from gguf.constants import GGUFValueType as V
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quant.errors import GGUFFormatError
 from quant.gguf_kv import KV
@@ -208,3 +211,109 @@ def test_reads_writer_output_with_quantized_tensor(tmp_path):
         t = g.tensor("w")
         assert (t.qtype, t.shape, t.nbytes) == ("Q4_0", (2, 64), 2 * 2 * 18)
         assert bytes(g.tensor_data("w")) == q.tobytes()
+
+
+# ---- ggml's own gguf reader as the oracle ----------------------------------------------------------------
+class _InitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+def ggml_gguf_lib(oracle) -> ctypes.CDLL:
+    """libggml-base's gguf_* API through ctypes (the same code llama.cpp loads and writes GGUF with)."""
+    lib = ctypes.CDLL(str(oracle.ggml_lib_path()))
+    sig = {
+        "gguf_init_from_file": (ctypes.c_void_p, [ctypes.c_char_p, _InitParams]),
+        "gguf_free": (None, [ctypes.c_void_p]),
+        "gguf_get_version": (ctypes.c_uint32, [ctypes.c_void_p]),
+        "gguf_get_alignment": (ctypes.c_size_t, [ctypes.c_void_p]),
+        "gguf_get_data_offset": (ctypes.c_size_t, [ctypes.c_void_p]),
+        "gguf_get_n_kv": (ctypes.c_int64, [ctypes.c_void_p]),
+        "gguf_get_key": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+        "gguf_get_n_tensors": (ctypes.c_int64, [ctypes.c_void_p]),
+        "gguf_get_tensor_name": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int64]),
+        "gguf_get_tensor_offset": (ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
+        "gguf_get_tensor_size": (ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
+        "gguf_get_tensor_type": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
+        "gguf_write_to_file": (ctypes.c_bool, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_bool]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def ggml_open(lib, path):
+    """gguf_init_from_file with no_alloc (as llama.cpp's model loader does); None when ggml refuses the file."""
+    ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+    return ctx or None
+
+
+def _ggml_accepts(lib, path) -> bool:
+    """ggml parses the header AND every tensor's data lies inside the file (llama.cpp's loader checks that)."""
+    ctx = ggml_open(lib, path)
+    if ctx is None:
+        return False
+    try:
+        size = path.stat().st_size
+        base = lib.gguf_get_data_offset(ctx)
+        return all(
+            base + lib.gguf_get_tensor_offset(ctx, i) + lib.gguf_get_tensor_size(ctx, i) <= size
+            for i in range(lib.gguf_get_n_tensors(ctx))
+        )
+    finally:
+        lib.gguf_free(ctx)
+
+
+@pytest.mark.oracle
+def test_ggml_agrees_on_valid_and_invalid_files(tmp_path, require_oracle):
+    lib = ggml_gguf_lib(require_oracle)
+    cases = [good(), good()[:4] + struct.pack("<I", 2) + good()[8:]]
+    cases += [d for d, _ in SPEC_VIOLATIONS] + [good()[:n] for n in range(0, len(good()), 7)]
+    for i, data in enumerate(cases):
+        p = write(tmp_path, data, f"c{i}.gguf")
+        try:
+            read_gguf(p).close()
+            ours = True
+        except GGUFFormatError:
+            ours = False
+        assert ours == _ggml_accepts(lib, p), (i, data[:64])
+
+
+@pytest.mark.oracle
+def test_ggml_reads_our_layout(tmp_path, require_oracle):
+    lib = ggml_gguf_lib(require_oracle)
+    p = write(tmp_path, gguf_bytes([ARCH, kv_u32("general.alignment", 64)],
+                                   [ti("a", [64], 0, 0), ti("b", [32, 2], 0, 256)], F32_64 * 2, alignment=64))
+    ctx = ggml_open(lib, p)
+    assert ctx
+    try:
+        with read_gguf(p) as g:
+            assert lib.gguf_get_version(ctx) == g.version and lib.gguf_get_alignment(ctx) == g.alignment == 64
+            assert lib.gguf_get_data_offset(ctx) == g.data_offset
+            assert [lib.gguf_get_key(ctx, i).decode() for i in range(lib.gguf_get_n_kv(ctx))] == [k.key for k in g.kv]
+            for i, t in enumerate(g.tensors):
+                assert lib.gguf_get_tensor_name(ctx, i).decode() == t.name
+                assert g.data_offset + lib.gguf_get_tensor_offset(ctx, i) == t.offset
+                assert lib.gguf_get_tensor_size(ctx, i) == t.nbytes
+                assert lib.gguf_get_tensor_type(ctx, i) == t.ggml_type
+    finally:
+        lib.gguf_free(ctx)
+
+
+@pytest.mark.oracle
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 200), st.integers(1, 255)), min_size=1, max_size=4))
+def test_ggml_agrees_on_fuzzed_headers(tmp_path, require_oracle, flips):
+    lib = ggml_gguf_lib(require_oracle)
+    base = gguf_bytes([ARCH, kv_u32("n", 7), s("arr") + struct.pack("<IIQ", V.ARRAY, V.INT16, 3) + bytes(6)],
+                      [ti("a", [64], 0, 0), ti("b", [32, 2], 0, 256)], F32_64 * 2)
+    data = bytearray(base)
+    for pos, x in flips:
+        data[pos % len(data)] ^= x
+    p = write(tmp_path, bytes(data), "fz.gguf")
+    try:
+        read_gguf(p).close()
+        ours = True
+    except GGUFFormatError:
+        ours = False
+    assert ours == _ggml_accepts(lib, p)

@@ -275,3 +275,23 @@ def test_build_metadata_is_padded_header(tmp_path):
     assert len(meta) % 32 == 0
     assert [len(meta) + o for o in offsets] == list(res.tensor_offsets.values())
     assert sizes == [s.produce().nbytes for s in specs]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("alignment", [32, 64])
+def test_ggml_rewrites_identical_metadata(tmp_path, require_oracle, alignment):
+    """ggml loads our file and writes back header + KV + tensor infos + padding byte-for-byte identical."""
+    from tests.quant.test_gguf_reader import ggml_gguf_lib, ggml_open
+
+    lib = ggml_gguf_lib(require_oracle)
+    path = tmp_path / "m.gguf"
+    specs = _tensors()
+    write_gguf(path, kv=ALL_KV, tensors=specs, alignment=alignment)
+    meta, _, _ = build_metadata(ALL_KV, specs, alignment)
+    ctx = ggml_open(lib, path)
+    assert ctx, "ggml refused our file"
+    try:
+        assert lib.gguf_write_to_file(ctx, str(tmp_path / "meta.bin").encode(), True)
+    finally:
+        lib.gguf_free(ctx)
+    assert (tmp_path / "meta.bin").read_bytes() == meta

@@ -1,0 +1,139 @@
+"""Core commands: quantize, inspect, verify, sample, version."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from quant.errors import QuantGateError
+from quantgate.cli_app import app, console, err_console, handle_errors
+
+
+def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        if "=" not in v or not v.split("=", 1)[0] or not v.split("=", 1)[1]:
+            raise QuantGateError(f"--tensor-type expects REGEX=TYPE, got {v!r}")
+        pat, typ = v.rsplit("=", 1)
+        out.append((pat, typ.upper()))
+    return tuple(out)
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, or .gguf"),
+    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K (Q4_0 Q4_1 Q5_0 Q5_1)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
+    pure: bool = typer.Option(False, "--pure", help="Quantize every tensor to the default type (no k-quant mixture)"),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix GGUF or legacy .dat)"),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="ggml type for output.weight"),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="ggml type for token_embd.weight"),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override (repeatable)"),
+    threads: int = typer.Option(0, "--threads", "-t", help="Kernel threads (0: all cores)"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow already-quantized GGUF input"),
+    generic: bool = typer.Option(False, "--generic", help="Unknown architecture: keep names, quantize 2-D weights"),
+    as_json: bool = typer.Option(False, "--json", help="Print the artifact record as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table"),
+) -> None:
+    """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quantgate.pipeline import QuantizeRequest, artifact_json, quantize_model
+
+    req = QuantizeRequest(
+        source=model,
+        out=out,
+        precision=precision,
+        pure=pure,
+        imatrix=imatrix,
+        output_tensor_type=output_tensor_type,
+        token_embedding_type=token_embedding_type,
+        tensor_type_overrides=_parse_overrides(tensor_type),
+        threads=threads or None,
+        allow_requantize=allow_requantize,
+        generic=generic,
+    )
+    show = not quiet and not as_json
+    with Progress(
+        TextColumn("[bold]quantize[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err_console, disable=not show, transient=True,
+    ) as progress:
+        task = progress.add_task("", total=None)
+
+        def on_tensor(i: int, n: int, name: str) -> None:
+            progress.update(task, total=n, completed=i, description=name)
+
+        art = quantize_model(req, on_tensor=on_tensor)
+    if as_json:
+        print(artifact_json(art))
+        return
+    if show:
+        console.print(
+            f"wrote [bold]{art.path}[/] {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
+            f"{art.seconds:.1f}s, sha256 {art.sha256}"
+        )
+
+
+@app.command()
+@handle_errors
+def inspect(
+    file: Path = typer.Argument(..., help="GGUF file"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Show a GGUF file's metadata and tensor table (type, shape, bytes, bits/weight, totals)."""
+    from quant.inspect import inspect_gguf
+
+    report = inspect_gguf(file)
+    if as_json:
+        print(report.to_json())
+    else:
+        report.render(console)
+
+
+@app.command()
+@handle_errors
+def verify(
+    file: Path = typer.Argument(..., help="GGUF file"),
+    no_values: bool = typer.Option(False, "--no-values", help="Skip the NaN/Inf scan of dequantized tensors"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Check a GGUF file against the spec and ggml's reader rules; exit 0 valid, 1 invalid (every problem listed)."""
+    from quant.verify import verify_gguf
+
+    rep = verify_gguf(file, check_values=not no_values)
+    if as_json:
+        print(json.dumps(rep.to_dict() if hasattr(rep, "to_dict") else rep.__dict__, indent=2, default=str))
+    else:
+        for p in rep.problems:
+            err_console.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+        verdict = "valid" if rep.ok else f"INVALID ({len(rep.problems)} problems)"
+        console.print(f"{file}: {verdict}, {rep.n_tensors} tensors, {rep.file_size} bytes", highlight=False)
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+@handle_errors
+def sample(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the HF checkpoint into"),
+    layers: int = typer.Option(2, help="Number of layers"),
+    embd: int = typer.Option(256, help="Hidden size"),
+    ff: int = typer.Option(768, help="FFN size"),
+    vocab: int = typer.Option(1024, help="Vocabulary size"),
+    seed: int = typer.Option(0, help="Random seed"),
+) -> None:
+    """Write a deterministic llama-shaped sample checkpoint (HF safetensors, F16) to try the pipeline on."""
+    from quantgate.sample import SampleShape, make_sample_checkpoint
+
+    path = make_sample_checkpoint(out, SampleShape(n_layer=layers, n_embd=embd, n_ff=ff, n_vocab=vocab), seed=seed)
+    console.print(f"wrote sample checkpoint to {path}")
+
+
+@app.command()
+def version() -> None:
+    """Print quantgate's version."""
+    from quantgate import __version__
+
+    print(__version__)
