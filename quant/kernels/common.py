@@ -4,6 +4,7 @@ Every function is numba `@njit(cache=True, error_model="numpy")` without fastmat
 `nearest_int` and `fp32_to_fp16_bits` accept float32 only: passing a float64 (an accidental promotion in the caller)
 is a typing error at compile time instead of a silent mismatch with ggml.
 """
+# ruff: noqa: PLR1730  -- C's `if (a > b) b = a` kept literally: min()/max() differ on NaN/-0.0
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ from numba.extending import intrinsic
 
 
 @intrinsic
-def f32_as_i32(typingctx, f):  # noqa: ARG001 - numba intrinsic signature
+def f32_as_i32(typingctx, f):
     """Reinterpret the bits of a float32 as int32 (C's memcpy/union pun)."""
     if f != types.float32:
         raise errors.TypingError(f"f32_as_i32 needs float32, got {f}")
@@ -26,7 +27,7 @@ def f32_as_i32(typingctx, f):  # noqa: ARG001 - numba intrinsic signature
 
 
 @intrinsic
-def u32_as_f32(typingctx, u):  # noqa: ARG001 - numba intrinsic signature
+def u32_as_f32(typingctx, u):
     """Reinterpret the low 32 bits of an integer as a float32."""
     if not isinstance(u, types.Integer):
         raise errors.TypingError(f"u32_as_f32 needs an integer, got {u}")
@@ -40,12 +41,6 @@ def u32_as_f32(typingctx, u):  # noqa: ARG001 - numba intrinsic signature
         return builder.bitcast(v, ir.FloatType())
 
     return types.float32(u), codegen
-
-
-@njit(cache=True, error_model="numpy")
-def f32_bits(f):
-    """Bits of float32 `f` as a non-negative int64 (uint32 value)."""
-    return np.int64(f32_as_i32(f)) & 0xFFFFFFFF
 
 
 @njit(cache=True, error_model="numpy")

@@ -4,12 +4,13 @@ quantize: without an imatrix ggml_quantize_chunk runs quantize_row_qN_K_ref, wit
 (per row, the same per-column weights every row); both are ported here. Blocks are written in ggml-common.h's
 struct order. dequantize ports dequantize_row_qN_K. Rows run in parallel (prange); results do not depend on it.
 """
+# ruff: noqa: PLR1730  -- C's `if (a > b) b = a` kept literally: min()/max() differ on NaN/-0.0
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from quant.kernels.common import f32_bits, get_fp16, nearest_int, put_fp16, to_i8, to_u8
+from quant.kernels.common import get_fp16, nearest_int, put_fp16, to_i8, to_u8
 from quant.kernels.search import (
     GROUP_MAX_EPS,
     make_q3_quants,
@@ -29,9 +30,6 @@ Q4_K_SIZE = 144  # d dmin scales[12] qs[128]
 Q5_K_SIZE = 176  # d dmin scales[12] qh[32] qs[128]
 Q6_K_SIZE = 210  # ql[128] qh[64] scales[16] d
 
-_ = f32_bits  # re-exported helper, kept importable from here for tests
-
-
 # ----------------------------------------------------------------------------------------------- shared packing
 
 
@@ -39,12 +37,12 @@ _ = f32_bits  # re-exported helper, kept importable from here for tests
 def _get_scale_min_k4(j, q):
     """ggml's get_scale_min_k4 on the 12 packed scale bytes q: the 6-bit (scale, min) of sub-block j."""
     if j < 4:
-        d = q[j] & 63
-        m = q[j + 4] & 63
+        d = np.int64(q[j]) & 63
+        m = np.int64(q[j + 4]) & 63
     else:
-        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)
-        m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4)
-    return np.int64(d), np.int64(m)
+        d = (np.int64(q[j + 4]) & 0xF) | ((np.int64(q[j - 4]) >> 6) << 4)
+        m = (np.int64(q[j + 4]) >> 4) | ((np.int64(q[j - 0]) >> 6) << 4)
+    return d, m
 
 
 @njit(cache=True, error_model="numpy")

@@ -95,18 +95,17 @@ def _q4_0_ref_row(x, out):
         d = mx / f32(-8.0)
         idl = f32(1.0) / d if d != f32(0.0) else f32(0.0)
         put_fp16(out, o, d)
-        if abs(mx) * abs(idl) <= f32(100.0):  # |x*id| <= |max*id|: the int8 cast is exact, no wrap
-            for j in range(16):
-                xi0 = min(15, int(xb[j] * idl + f32(8.5))) & 0xFF
-                xi1 = min(15, int(xb[j + 16] * idl + f32(8.5))) & 0xFF
-                out[o + 2 + j] = (xi0 | (xi1 << 4)) & 0xFF
-        else:  # id overflowed (subnormal d): NaN/Inf/huge products, cast as x86 does
-            for j in range(16):
-                x0 = xb[j] * idl
-                x1 = xb[j + 16] * idl
-                xi0 = min(15, _i8(_cvt_i32(x0 + f32(8.5)))) & 0xFF
-                xi1 = min(15, _i8(_cvt_i32(x1 + f32(8.5)))) & 0xFF
-                out[o + 2 + j] = (xi0 | (xi1 << 4)) & 0xFF
+        fast = abs(mx) * abs(idl) <= f32(100.0)  # |x*id| <= |max*id|: the int8 cast is exact, no wrap
+        for j in range(16):
+            x0 = xb[j] * idl + f32(8.5)
+            x1 = xb[j + 16] * idl + f32(8.5)
+            if fast:
+                xi0 = min(15, int(x0)) & 0xFF
+                xi1 = min(15, int(x1)) & 0xFF
+            else:  # id overflowed (subnormal d): NaN/Inf/huge products, cast as x86 does
+                xi0 = min(15, _i8(_cvt_i32(x0))) & 0xFF
+                xi1 = min(15, _i8(_cvt_i32(x1))) & 0xFF
+            out[o + 2 + j] = (xi0 | (xi1 << 4)) & 0xFF
 
 
 @njit(cache=True, error_model="numpy")
@@ -152,9 +151,9 @@ def _minmax(xb):
     mx = f32(-3.4028234663852886e38)
     for j in range(QK):
         v = xb[j]
-        if v < mn:
+        if v < mn:  # noqa: PLR1730 - C's compare-and-assign, kept literal
             mn = v
-        if v > mx:
+        if v > mx:  # noqa: PLR1730
             mx = v
     return mn, mx
 
@@ -221,7 +220,7 @@ def _q8_0_ref_row(x, out):
         amax = f32(0.0)
         for j in range(QK):
             a = abs(xb[j])
-            amax = amax if amax > a else a
+            amax = amax if amax > a else a  # noqa: FURB136 - C's MAX(amax, a), operand order kept
         d = amax / f32(127.0)
         idl = f32(1.0) / d if d != f32(0.0) else f32(0.0)
         put_fp16(out, o, d)

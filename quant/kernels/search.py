@@ -4,6 +4,7 @@ Literal ports of ggml-quants.c: float32 everywhere C uses float, C's operation o
 C's int->float conversions made explicit (`f32(l)`). A weights/qw array of length 0 stands for C's NULL.
 No fastmath: LLVM must neither reassociate nor contract to FMA (the oracle is built with -ffp-contract=off).
 """
+# ruff: noqa: PLR1730, FURB136  -- C's `if (a > b) b = a` kept literally: min()/max() differ on NaN/-0.0
 from __future__ import annotations
 
 import numpy as np

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 import quant
-from quant.errors import NonFiniteError, QuantGateError, ShapeError, UnsupportedTypeError
+from quant.errors import (
+    NonFiniteError,
+    QuantGateError,
+    ShapeError,
+    UnsupportedTypeError,
+)
 from quant.formats import QTYPE_NAMES, get_qtype
 
 NAME = "blk.3.attn_q.weight"

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 import quant
 from quant.formats import get_qtype
 from quant.kernels import floats
-from tests.quant.test_legacy import FAMILIES, assert_blocks_equal, make_family
+from tests.quant.kernel_cases import FAMILIES, assert_blocks_equal, make_family
 
 TYPES = ("F32", "F16", "BF16")
 
@@ -54,7 +54,7 @@ def test_bit_sweep_matches_ggml(require_oracle, qtype):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("qtype", TYPES)
 def test_families_match_ggml(require_oracle, qtype, family):
-    x = make_family(family, 40, 8192)
+    x = make_family(family, 40, 8192, block=32)
     w = np.linspace(0, 3, 8192, dtype=np.float32)  # ignored by ggml for float types
     with np.errstate(all="ignore"):
         ours = quant.quantize(x, qtype, imatrix=w)
