@@ -2,7 +2,7 @@
 
 For HF sources this follows the pinned llama.cpp convert_hf_to_gguf.py (LlamaModel / Qwen2Model): tensor names
 through gguf.TensorNameMap, the Q/K RoPE permutation, llama3 rope_freqs, and the hyperparameter KVs in the order
-the converter adds them. Tokenizer KVs (tokenizer.*) are NOT produced here: a later step appends them to `kv`.
+the converter adds them, followed by the tokenizer KVs (quant.tokenizer_gguf) so the GGUF runs in llama.cpp.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from gguf.constants import GGUFValueType
 from quant.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.loaders.base import Checkpoint, SourceTensor
+from quant.tokenizer_gguf import TokenizerExport, tokenizer_kvs
 
 GENERIC_ARCH = "quantgate-generic"
 MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
@@ -52,6 +53,22 @@ class ModelPlan:
     tensors: list[PlannedTensor]
     hparams: dict[str, Any] = field(default_factory=dict)
     source_kind: str = "gguf"  # Checkpoint.kind of the source: decides the pre-quantization type of kept tensors
+    # HF sources: where convert_hf_to_gguf puts general.file_type in `kv`, and the tokenizer KVs that end `kv`
+    file_type_index: int | None = None
+    tokenizer: TokenizerExport | None = None
+
+    def converter_kv(self, file_type: int, quantization_version: int) -> list[KV]:
+        """`kv` with general.file_type and general.quantization_version where convert_hf_to_gguf.py writes them
+        (file_type at the end of the generic hyperparameters, quantization_version just before the tokenizer)."""
+        if self.file_type_index is None:
+            raise ValueError("converter KV order is only defined for HF sources")
+        n_tok = len(self.tokenizer.kv) if self.tokenizer else 0
+        cut = len(self.kv) - n_tok
+        return (self.kv[:self.file_type_index]
+                + [KV("general.file_type", file_type, GGUFValueType.UINT32)]
+                + self.kv[self.file_type_index:cut]
+                + [KV("general.quantization_version", quantization_version, GGUFValueType.UINT32)]
+                + self.kv[cut:])
 
 
 @dataclass(frozen=True)
@@ -173,7 +190,7 @@ def _llama3_rope_freqs(cfg: dict, rope: dict) -> SourceTensor | None:
     return SourceTensor("rope_freqs.weight", (dim // 2,), "F32", read)
 
 
-def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: int) -> list[KV]:
+def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: int) -> tuple[list[KV], int]:
     arch_name = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
     w = gguf.GGUFWriter(path=None, arch=arch_name)
     w.add_type(gguf.GGUFType.MODEL)
@@ -216,13 +233,16 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: in
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     # (convert_hf_to_gguf adds general.file_type here; the pipeline adds it)
+    file_type_index = len(w.kv_data[0])
     if spec.llama_extras:
         w.add_vocab_size(cfg["vocab_size"])
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    return [KV(k, v.value, v.type, v.sub_type) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
+    kvs = [KV(k, v.value, v.type, v.sub_type) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
+    return kvs, file_type_index
 
 
-def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict) -> ModelPlan:
+def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | None) -> ModelPlan:
+    raw_cfg = dict(cfg)  # the converter's tokenizer code sees config.json without our defaults
     for k, v in spec.defaults.items():
         cfg.setdefault(k, v)
     for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
@@ -254,14 +274,17 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict) -> ModelPlan:
             transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
         tensors.append(PlannedTensor(new_name, t.shape, t, transform))
     n_params = sum(int(np.prod(p.shape, dtype=np.int64)) for p in tensors)
-    kvs = _hf_kvs(ckpt, spec, cfg, rope, n_params)
+    kvs, file_type_index = _hf_kvs(ckpt, spec, cfg, rope, n_params)
+    model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    tok = tokenizer_kvs(model_dir, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], raw_cfg, tokenizer_pre=tokenizer_pre)
+    kvs += tok.kv
     hparams = {
         "n_layer": int(n_layer), "n_embd": int(cfg["hidden_size"]), "n_head": int(n_head),
         "n_head_kv": int(n_head_kv), "n_ff": int(cfg.get("intermediate_size") or 0),
         "n_vocab": int(cfg["vocab_size"]), "n_expert": int(cfg.get("num_local_experts") or 0),
     }
     return ModelPlan(arch=gguf.MODEL_ARCH_NAMES[spec.gguf_arch], kv=kvs, tensors=tensors, hparams=hparams,
-                     source_kind=ckpt.kind)
+                     source_kind=ckpt.kind, file_type_index=file_type_index, tokenizer=tok)
 
 
 def _plan_generic(ckpt: Checkpoint) -> ModelPlan:
@@ -285,9 +308,10 @@ def _plan_generic(ckpt: Checkpoint) -> ModelPlan:
     return ModelPlan(arch=GENERIC_ARCH, kv=kvs, tensors=tensors, hparams=hparams, source_kind=ckpt.kind)
 
 
-def plan_model(ckpt: Checkpoint, *, generic: bool = False) -> ModelPlan:
+def plan_model(ckpt: Checkpoint, *, generic: bool = False, tokenizer_pre: str | None = None) -> ModelPlan:
     """Plan the output GGUF's tensors and KVs for a checkpoint: GGUF sources carry over unchanged; HF llama-family
-    folders get convert_hf_to_gguf's names, permutation and KVs; others need `generic=True` (names kept as-is)."""
+    folders get convert_hf_to_gguf's names, permutation, KVs and tokenizer (`tokenizer_pre` overrides the BPE
+    pre-tokenizer name); others need `generic=True` (names kept as-is)."""
     if ckpt.kind == "gguf":
         return _plan_gguf(ckpt)
     if generic:
@@ -301,4 +325,4 @@ def plan_model(ckpt: Checkpoint, *, generic: bool = False) -> ModelPlan:
         raise CheckpointError(
             f"{ckpt.path}: {what} is not supported (supported: {', '.join(sorted(_HF_ARCHS))}); "
             "use --generic to keep the original tensor names")
-    return _plan_hf(ckpt, spec, cfg)
+    return _plan_hf(ckpt, spec, cfg, tokenizer_pre)

@@ -18,7 +18,7 @@ import quant
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quantgate import __version__
-from quantgate.records import QuantizedArtifact, Recipe, canonical_json, job_key
+from quantgate.records import QuantizedArtifact, Recipe, canonical_json, job_key, sha256_text
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -42,6 +42,15 @@ class QuantizeRequest:
     threads: int | None = None
     allow_requantize: bool = False
     generic: bool = False
+    #: precision "AUTO": explicit GGUF name -> type for every quantizable tensor (quant.sensitivity.policy)
+    type_map: tuple[tuple[str, str], ...] = ()
+    #: precision "AUTO": the llama.cpp mix whose general.file_type the file carries (the closest one)
+    file_type_mix: str | None = None
+    #: precision "AUTO": how the types were chosen (policy, budget, profile SHA-256), canonical JSON
+    policy: str | None = None
+
+
+AUTO_PRECISION = "AUTO"
 
 
 def _provenance_kv(
@@ -53,14 +62,45 @@ def _provenance_kv(
         KV("quantgate.source_sha256", source_sha, s),
         KV("quantgate.source_format", source_kind, s),
         KV("quantgate.precision", recipe.precision, s),
-        KV("quantgate.recipe", canonical_json(recipe.__dict__), s),
+        KV("quantgate.recipe", canonical_json(recipe.as_dict()), s),
         KV("quantgate.recipe_sha256", recipe.key(), s),
         KV("quantgate.job_key", key, s),
         KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s),
     ]
     if recipe.imatrix_sha256:
         kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
+    if recipe.policy is not None:
+        kv.append(KV("quantgate.policy", recipe.policy, s))
+        kv.append(KV("quantgate.tensor_types", canonical_json(types), s))
     return kv
+
+
+def _explicit_types(plan, type_map: dict[str, str]) -> dict[str, str]:
+    """Types for precision AUTO: the map's type for every tensor llama.cpp may quantize (each must be listed,
+    with a type whose block divides the row), the converted float type for the others."""
+    from quant.errors import UnsupportedTypeError
+    from quant.mixes import _allows_quantization, current_type
+
+    names = {t.name for t in plan.tensors}
+    extra = sorted(set(type_map) - names)
+    if extra:
+        raise UnsupportedTypeError(f"type map names tensors the model does not have: {', '.join(extra[:5])}")
+    out = {}
+    for t in plan.tensors:
+        if not _allows_quantization(t.name, tuple(t.shape), plan.arch):
+            cur = current_type(plan, t)
+            if type_map.get(t.name, cur) != cur:
+                raise UnsupportedTypeError(f"{t.name} cannot be quantized in llama.cpp; it stays {cur}")
+            out[t.name] = cur
+            continue
+        if t.name not in type_map:
+            raise UnsupportedTypeError(f"type map has no type for quantizable tensor {t.name}")
+        qt = get_qtype(type_map[t.name])
+        if int(t.shape[-1]) % qt.block_size:
+            raise UnsupportedTypeError(f"{t.name}: rows of {t.shape[-1]} are not a multiple of {qt.name}'s block "
+                                       f"of {qt.block_size}")
+        out[t.name] = qt.name
+    return out
 
 
 def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None) -> QuantizedArtifact:
@@ -72,7 +112,12 @@ def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None)
     from quant.model_plan import plan_model
 
     t0 = time.perf_counter()
-    mix = get_mix(req.precision)
+    auto = str(req.precision).strip().upper() == AUTO_PRECISION
+    if auto and (not req.type_map or req.file_type_mix is None):
+        from quant.errors import QuantGateError
+
+        raise QuantGateError("precision AUTO needs a type map and the closest llama.cpp mix (quant.sensitivity)")
+    mix = get_mix(req.file_type_mix if auto else req.precision)
     imat = None
     imatrix_sha = None
     if req.imatrix is not None:
@@ -80,8 +125,9 @@ def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None)
 
         imat = load_imatrix(req.imatrix)
         imatrix_sha = file_sha256(req.imatrix)
+    type_map = dict(req.type_map) if auto else {}
     recipe = Recipe(
-        precision=mix.name,
+        precision=AUTO_PRECISION if auto else mix.name,
         pure=req.pure,
         imatrix_sha256=imatrix_sha,
         output_tensor_type=req.output_tensor_type.upper() if req.output_tensor_type else None,
@@ -89,12 +135,14 @@ def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None)
         tensor_type_overrides=tuple((p, t.upper()) for p, t in req.tensor_type_overrides),
         allow_requantize=req.allow_requantize,
         generic=req.generic,
+        type_map_sha256=sha256_text(canonical_json(type_map)) if auto else None,
+        policy=req.policy if auto else None,
     )
     with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
         source_sha = checkpoint_sha256(ckpt.files)
         t_hash = time.perf_counter()
         plan = plan_model(ckpt, generic=req.generic)
-        types = tensor_types(
+        types = _explicit_types(plan, type_map) if auto else tensor_types(
             plan,
             mix.name,
             pure=req.pure,

@@ -2,6 +2,7 @@
 # Create .venv and install quantgate with everything it needs (torch pinned to the 2.13.0 CPU build).
 #   bash scripts/setup.sh            # runtime + test dependencies
 #   bash scripts/setup.sh --oracle   # also the ggml oracle (llama-cpp-python built FMA-free; ~10 min the first time)
+#   bash scripts/setup.sh --oracle --browser   # and Debian's chromium (headless report checks; needs root + apt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,8 +22,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VPY" -c "import torch, numba, gguf, quant, quantgate" >&2
   echo "$want" > "$stamp"
 fi
-if [ "${1:-}" = "--oracle" ]; then
-  if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
-    bash scripts/build_oracle.sh nofma --install "$VPY" >/dev/null
-  fi
-fi
+for arg in "$@"; do
+  case "$arg" in
+    --oracle)
+      if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
+        bash scripts/build_oracle.sh nofma --install "$VPY" >/dev/null
+      fi ;;
+    --browser)
+      if ! command -v chromium >/dev/null 2>&1; then
+        echo "setup: installing Debian's chromium for the headless report tests" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+      fi ;;
+    *) echo "setup: unknown option $arg" >&2; exit 2 ;;
+  esac
+done

@@ -3,6 +3,6 @@
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --oracle
+bash scripts/setup.sh --oracle --browser
 export QUANTGATE_REQUIRE_ORACLE=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

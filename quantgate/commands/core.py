@@ -37,12 +37,32 @@ def quantize(
     generic: bool = typer.Option(False, "--generic", help="Unknown architecture: keep names, quantize 2-D weights"),
     as_json: bool = typer.Option(False, "--json", help="Print the artifact record as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="auto: sensitivity profile JSON (quantgate profile)"),
+    policy: Optional[str] = typer.Option(None, "--policy", help="auto: threshold or budget (default: the profile's choices)"),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="auto: budget in bits per weight"),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="auto: budget as file size, e.g. 3.9GB"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="auto without --profile: calibration set"),
+    overrides: Optional[Path] = typer.Option(None, "--overrides", help="auto: YAML regex -> type, applied on top"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="auto: calibration cache folder"),
+    profile_out: Optional[Path] = typer.Option(None, "--profile-out", help="auto: write the profile with the choices"),
 ) -> None:
-    """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize), or
+    with `--precision auto` per-tensor types chosen by the precision analyzer (docs/ANALYZER.md)."""
+    from quantgate.pipeline import QuantizeRequest
 
-    from quantgate.pipeline import QuantizeRequest, artifact_json, quantize_model
+    if precision.strip().upper() == "AUTO":
+        from quant.sensitivity.auto import auto_request
+        from quant.sensitivity.policy import load_overrides
 
+        with auto_request(model, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
+                          target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
+                          imatrix=imatrix, cache_dir=cache_dir, profile_out=profile_out,
+                          threads=threads or None) as (req, _plan):
+            _run_quantize(req, as_json, quiet)
+        return
+    if any(v is not None for v in (profile, policy, target_bpw, target_size, overrides, profile_out)):
+        raise QuantGateError("--profile/--policy/--target-bpw/--target-size/--overrides/--profile-out need "
+                             "--precision auto")
     req = QuantizeRequest(
         source=model,
         out=out,
@@ -56,6 +76,15 @@ def quantize(
         allow_requantize=allow_requantize,
         generic=generic,
     )
+    _run_quantize(req, as_json, quiet)
+
+
+def _run_quantize(req, as_json: bool, quiet: bool) -> None:
+    """Run one pipeline request with a progress bar; print the record (--json) or a one-line summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quantgate.pipeline import artifact_json, quantize_model
+
     show = not quiet and not as_json
     with Progress(
         TextColumn("[bold]quantize[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

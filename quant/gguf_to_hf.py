@@ -1,0 +1,169 @@
+"""The inverse of quant/model_plan.py for llama-family GGUFs: KVs -> a transformers config dict, tensors -> an HF
+state dict (GGUF names mapped back through gguf.TensorNameMap, the Q/K RoPE permutation undone, quantized data
+dequantized with quant.dequantize one tensor at a time).
+
+This lets a quantized GGUF run in transformers so its quality can be compared with the original checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+
+from quant.api import dequantize
+from quant.errors import CheckpointError
+from quant.gguf_reader import GGUFFile, TensorInfo, read_gguf
+
+#: GGUF architecture -> (HF architecture class name, HF model_type, attention bias by default, Q/K permuted)
+_ARCHS: dict[str, tuple[str, str, bool, bool]] = {
+    "llama": ("LlamaForCausalLM", "llama", False, True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", True, False),
+}
+_LAYER_TEMPLATES = (
+    "model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.bias",
+    "model.layers.{i}.self_attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.bias",
+    "model.layers.{i}.self_attn.v_proj.weight", "model.layers.{i}.self_attn.v_proj.bias",
+    "model.layers.{i}.self_attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.bias",
+    "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight",
+    "model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight",
+)
+_GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True)
+class HFTensorMap:
+    """How each GGUF tensor becomes an HF tensor: the HF name and which Q/K un-permutation (if any) applies."""
+
+    hf_name: dict[str, str]            # GGUF name -> HF name
+    unpermute_heads: dict[str, int]    # GGUF name -> head count for the inverse RoPE permutation (Q/K only)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """Inverse of model_plan.permute_qk: llama.cpp's interleaved RoPE row order back to HF's rotate-half order."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def _kv(g: GGUFFile, key: str, default: Any = None) -> Any:
+    v = g.value(key, default)
+    if isinstance(v, (list, tuple, np.ndarray)) and not isinstance(v, str):
+        return v[0] if len(v) else default  # per-layer arrays: layer 0, as llama.cpp's n_head() does
+    return v
+
+
+def _arch(g: GGUFFile) -> str:
+    arch = g.value("general.architecture")
+    if arch not in _ARCHS:
+        raise CheckpointError(f"{g.path}: architecture {arch!r} cannot be mapped back to transformers "
+                              f"(supported: {', '.join(sorted(_ARCHS))})")
+    return str(arch)
+
+
+def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
+    """A transformers config dict (LlamaConfig / Qwen2Config keys) rebuilt from the GGUF's hyperparameter KVs."""
+    arch = _arch(g)
+    cls_name, model_type, default_bias, _ = _ARCHS[arch]
+    names = {t.name for t in g.tensors}
+
+    def need(suffix: str) -> Any:
+        v = _kv(g, f"{arch}.{suffix}")
+        if v is None:
+            raise CheckpointError(f"{g.path}: GGUF lacks {arch}.{suffix}")
+        return v
+
+    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    n_vocab = _kv(g, f"{arch}.vocab_size")
+    if n_vocab is None:
+        toks = g.value("tokenizer.ggml.tokens")
+        n_vocab = len(toks) if toks is not None else g.tensor("token_embd.weight").shape[0]
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(_kv(g, f"{arch}.rope.freq_base", 10000.0))}
+    scaling = _kv(g, f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(need("rope.scaling.factor")))
+    elif scaling not in (None, "none"):
+        raise CheckpointError(f"{g.path}: rope scaling {scaling!r} cannot be mapped back to transformers")
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(f"{g.path}: llama3 rope_freqs cannot be mapped back to a transformers config")
+    cfg: dict[str, Any] = {
+        "architectures": [cls_name],
+        "model_type": model_type,
+        "vocab_size": int(n_vocab),
+        "hidden_size": n_embd,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_kv(g, f"{arch}.attention.head_count_kv", n_head)),
+        "head_dim": int(_kv(g, f"{arch}.attention.key_length", n_embd // n_head)),
+        "max_position_embeddings": int(_kv(g, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_kv(g, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_parameters": rope,
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names if names else default_bias,
+        "hidden_act": "silu",
+    }
+    for key, hf_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id",
+                                                                         "eos_token_id")):
+        if (v := g.value(key)) is not None:
+            cfg[hf_key] = int(v)
+    if model_type == "qwen2":
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
+def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
+    """Map every GGUF tensor to its HF name (the exact inverse of model_plan's TensorNameMap lookup)."""
+    arch = _arch(g)
+    _, _, _, permuted = _ARCHS[arch]
+    n_layer = int(config["num_hidden_layers"])
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
+    candidates = list(_GLOBAL_NAMES) + [t.format(i=i) for i in range(n_layer) for t in _LAYER_TEMPLATES]
+    inverse: dict[str, str] = {}
+    for hf in candidates:
+        gg = name_map.get_name(key=hf, try_suffixes=(".weight", ".bias"))
+        if gg is not None:
+            inverse.setdefault(gg, hf)
+    heads: dict[str, int] = {}
+    hf_name: dict[str, str] = {}
+    n_head, n_head_kv = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
+    for t in g.tensors:
+        if t.name not in inverse:
+            raise CheckpointError(f"{g.path}: tensor {t.name!r} has no transformers counterpart for {arch!r}")
+        hf = inverse[t.name]
+        hf_name[t.name] = hf
+        if permuted and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            heads[t.name] = n_head
+        elif permuted and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            heads[t.name] = n_head_kv
+    return HFTensorMap(hf_name, heads)
+
+
+def read_tensor_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """One GGUF tensor as float32 of its numpy-order shape, dequantized with quant.dequantize."""
+    raw = g.tensor_data(t)
+    out = dequantize(raw, t.qtype, t.shape or (1,)).reshape(t.shape)
+    return out.copy() if np.shares_memory(out, raw) else out  # never hand out a view of the mapped file
+
+
+def iter_hf_tensors(g: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, float32 array) for each GGUF tensor, one at a time (bounded memory), Q/K un-permuted."""
+    tmap = hf_tensor_map(g, config)
+    for t in g.tensors:
+        arr = read_tensor_f32(g, t)
+        if t.name in tmap.unpermute_heads:
+            arr = unpermute_qk(arr, tmap.unpermute_heads[t.name], tmap.unpermute_heads[t.name])
+        yield tmap.hf_name[t.name], arr
+
+
+def gguf_to_hf(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Convenience for small models: (transformers config dict, full float32 HF state dict) of a GGUF file."""
+    with read_gguf(Path(path)) as g:
+        cfg = hf_config_from_gguf(g)
+        return cfg, dict(iter_hf_tensors(g, cfg))

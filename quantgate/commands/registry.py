@@ -1,0 +1,219 @@
+"""Registry and audit commands: models list|show|download, register, promote, audit verify|export, report."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import typer
+
+from quantgate.cli_app import app, console, err_console, fail, handle_errors
+
+F = TypeVar("F", bound=Callable)
+models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, show, download.")
+audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit trail: verify, export.")
+app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")
+
+
+def _registry_errors(fn: F) -> F:
+    """handle_errors, plus MLflow's own exceptions (unreachable server, bad URI) as one line and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if type(e).__module__.startswith("mlflow"):
+                fail(f"MLflow: {e}")
+            raise
+
+    return handle_errors(wrapper)  # type: ignore[return-value]
+
+
+def _settings():
+    from registry.config import RegistrySettings
+
+    return RegistrySettings.from_env()
+
+
+def _parse_reports(values: list[str]) -> dict[str, Path]:
+    from quant.errors import QuantGateError
+    from registry.store import REPORT_ROLES
+
+    out = {}
+    for v in values:
+        role, sep, path = v.partition("=")
+        if not sep or role not in REPORT_ROLES or not path:
+            raise QuantGateError(f"--report expects ROLE=PATH with ROLE one of {', '.join(REPORT_ROLES)}; got {v!r}")
+        out[role] = Path(path)
+    return out
+
+
+def _load_artifact(path: Path):
+    from quantgate.records import QuantizedArtifact, Recipe
+
+    d = json.loads(path.read_text(encoding="utf-8"))
+    r = dict(d["recipe"])
+    r["tensor_type_overrides"] = tuple(tuple(x) for x in r.get("tensor_type_overrides", ()))
+    return QuantizedArtifact(**{**d, "recipe": Recipe(**r)})
+
+
+@app.command()
+@_registry_errors
+def register(
+    gguf: Path = typer.Argument(..., help="GGUF file to register"),
+    verdict: Optional[Path] = typer.Option(None, "--verdict", help="Validation verdict JSON (absent: unvalidated)"),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="Artifact record JSON (`quantize --json`)"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model (default: source + sha)"),
+    source_name: Optional[str] = typer.Option(None, "--source-name", help="Source model name for the default"),
+    report: list[str] = typer.Option([], "--report", help="ROLE=PATH report to attach (validation_json, "
+                                                          "validation_html, junit, diff, profile, audit, imatrix)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON"),
+) -> None:
+    """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one."""
+    from registry.store import load_verdict, register_gguf
+
+    rv = register_gguf(gguf, settings=_settings(), verdict=load_verdict(verdict) if verdict else None,
+                       artifact=_load_artifact(artifact) if artifact else None, reports=_parse_reports(report),
+                       model_name=model_name, source_name=source_name)
+    if as_json:
+        print(json.dumps(rv.to_dict(), indent=2, sort_keys=True))
+        return
+    what = "registered" if rv.created else "already registered"
+    console.print(f"{what}: {rv.model_name} v{rv.version} ({rv.verdict}) sha256 {rv.artifact_sha256[:16]} "
+                  f"run {rv.run_id}", highlight=False)
+
+
+@app.command()
+@_registry_errors
+def promote(
+    model: str = typer.Argument(..., help="Registered model name"),
+    version: str = typer.Argument(..., help="Model version number"),
+    alias: str = typer.Argument(..., help="Alias: validated, production, or a mix name like q4_k_m"),
+    reason: str = typer.Option("", "--reason", help="Why (kept in the audit trail)"),
+) -> None:
+    """Point an alias at a version whose validation passed; refuse (exit 1, audited) failed or unvalidated ones."""
+    from registry.store import PromotionRefused
+    from registry.store import promote as do_promote
+
+    try:
+        mv = do_promote(model, version, alias, settings=_settings(), reason=reason)
+    except PromotionRefused as e:
+        fail(str(e), 1)
+        return
+    console.print(f"{model}@{alias} -> v{mv.version} (aliases now: {', '.join(mv.aliases)})", highlight=False)
+
+
+@models_app.command("list")
+@_registry_errors
+def models_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
+    """List registered models with their version counts and aliases."""
+    from rich.table import Table
+
+    from registry.store import list_models
+
+    rows = list_models(_settings())
+    if as_json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    t = Table("model", "versions", "aliases", "source sha256")
+    for r in rows:
+        t.add_row(r["name"], str(r["versions"]), ", ".join(f"{a}->v{v}" for a, v in sorted(r["aliases"].items())),
+                  r["source_sha256"][:16])
+    console.print(t)
+
+
+@models_app.command("show")
+@_registry_errors
+def models_show(
+    model: str = typer.Argument(..., help="Registered model name"),
+    version: Optional[str] = typer.Argument(None, help="Version (default: all versions)"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Show a model's versions (or one version) with verdict, aliases, SHA-256 and tags."""
+    from rich.table import Table
+
+    from registry.store import show
+
+    rows = show(model, version, settings=_settings())
+    if as_json:
+        print(json.dumps(rows, indent=2, sort_keys=True, default=str))
+        return
+    t = Table("version", "verdict", "aliases", "precision", "bpw", "sha256", "job key")
+    for r in rows:
+        tg = r["tags"]
+        t.add_row(r["version"], tg.get("verdict", "") + (" (rejected)" if tg.get("rejected") == "true" else ""),
+                  ", ".join(r["aliases"]), tg.get("precision", ""), tg.get("bits_per_weight", ""),
+                  tg.get("sha256", "")[:16], tg.get("job_key", "")[:16])
+    console.print(t)
+    if version is not None:
+        for k, v in sorted(rows[0]["tags"].items()):
+            console.print(f"  {k}: {v}", highlight=False)
+
+
+@models_app.command("download")
+@_registry_errors
+def models_download(
+    ref: str = typer.Argument(..., help="MODEL@ALIAS (or MODEL/VERSION)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the GGUF into"),
+) -> None:
+    """Download a version's GGUF, check its SHA-256 against the registry, and audit the download."""
+    from registry.store import download
+
+    path = download(ref, out, settings=_settings())
+    console.print(f"downloaded {ref} to {path}", highlight=False)
+
+
+@audit_app.command("verify")
+@_registry_errors
+def audit_verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
+    """Recompute the audit chain; list every edited, deleted, inserted or reordered event; exit 1 if tampered."""
+    from registry.audit import AuditLog
+
+    with AuditLog(_settings().audit_db_url) as log:
+        rep = log.verify()
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2, sort_keys=True))
+    else:
+        for p in rep.problems:
+            err_console.print(f"[red]{p.kind}[/] at position {p.position}: {p.message}", highlight=False,
+                              soft_wrap=True)
+        console.print(rep.summary(), highlight=False)
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@audit_app.command("export")
+@_registry_errors
+def audit_export(
+    model: str = typer.Option(..., "--model", help="Registered model name"),
+    version: Optional[str] = typer.Option(None, "--version", help="One version (with its artifact's events)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSONL file (default: ./audit-MODEL[-vN].jsonl)"),
+    attach: bool = typer.Option(True, "--attach/--no-attach", help="Attach to the version's MLflow run"),
+) -> None:
+    """Write a model's (or one version's) audit events as JSON lines and attach them to the version in MLflow."""
+    from registry.store import export_events
+
+    path, n = export_events(model, version, out, settings=_settings(), attach=attach)
+    console.print(f"wrote {n} events to {path}", highlight=False)
+
+
+@app.command()
+@_registry_errors
+def report(
+    model: str = typer.Argument(..., help="Registered model name"),
+    version: str = typer.Argument(..., help="Model version"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the report into"),
+    fmt: str = typer.Option("html", "--format", "-f", help="html | md | json"),
+    attach: bool = typer.Option(True, "--attach/--no-attach", help="Store the report beside the version in MLflow"),
+) -> None:
+    """Write a version's compliance report: lineage, gates, plots, environment, audit chain verification."""
+    from registry.compliance import write_report
+
+    path = write_report(model, version, out, fmt, settings=_settings(), attach=attach)
+    console.print(f"wrote {path}", highlight=False)

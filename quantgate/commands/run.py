@@ -1,0 +1,293 @@
+"""Pipeline runners: `run` (in-process), `submit` / `status` / `worker` (Celery + Redis), and `stage ...` (DVC)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from quantgate.cli_app import app, console, err_console, fail, handle_errors
+
+stage_app = typer.Typer(no_args_is_help=True, help="One DVC stage each (dvc.yaml calls these): prepare, quantize, "
+                                                   "validate, register, plots.")
+app.add_typer(stage_app, name="stage")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """params.yaml as a dict ({} when the file is absent)."""
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workdir: Optional[Path],
+               validate: Optional[bool], register: Optional[bool], model_name: Optional[str]):
+    """A JobSpec from params.yaml with CLI flags on top (flags win)."""
+    from quantgate.config import load_settings
+    from quantgate.jobs import JobSpec
+
+    p = read_params(params_file)
+    m = p.get("model") or {}
+    model_path = model or (Path(m["path"]) if m.get("path") else None)
+    if model_path is None:
+        fail("no model: pass --model or set model.path in params.yaml")
+    chosen = tuple(mixes) or tuple(p.get("mixes") or ())
+    if not chosen:
+        fail("no mixes: pass --mix (repeatable) or set mixes in params.yaml")
+    settings = load_settings(workdir=workdir)
+    gates = p.get("gates") if (validate if validate is not None else bool(p.get("gates"))) else None
+    ev = p.get("eval") or {}
+    return JobSpec(model=str(model_path), mixes=chosen, workdir=str(settings.workdir), gates=gates,
+                   dataset=ev.get("dataset"), register=bool(register) if register is not None else False,
+                   model_name=model_name or m.get("name"), profile=False,
+                   options={k: v for k, v in ev.items() if k != "dataset"})
+
+
+def _use_broker(broker: Optional[str]) -> None:
+    """CLI flag over environment: the Celery app reads QUANTGATE_BROKER_URL when tasks.app is first imported."""
+    if broker is not None:
+        os.environ["QUANTGATE_BROKER_URL"] = broker
+
+
+def _results_table(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from quantgate.jobs import summarize
+
+    t = Table("mix", "MiB", "bpw", "verdict", "version", "job key", "sha256")
+    for r in summarize(result["results"]):
+        verdict = "-" if r["passed"] is None else ("passed" if r["passed"] else "FAILED")
+        t.add_row(r["mix"], f"{r['nbytes'] / 2**20:.2f}", f"{r['bits_per_weight']:.3f}", verdict,
+                  r["version"] or "-", r["job_key"][:12], r["sha256"][:12])
+    console.print(t)
+
+
+_SPEC_HELP = dict(
+    params=typer.Option(Path("params.yaml"), "--params", help="params.yaml to read model/mixes/gates from"),
+    model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder or GGUF); default: params model.path"),
+    mix=typer.Option([], "--mix", help="Mix to produce (repeatable); default: params mixes"),
+    workdir=typer.Option(None, "--workdir", help="Where job folders go (default: settings workdir, out/jobs)"),
+    validate=typer.Option(None, "--validate/--no-validate", help="Run the gates (default: when params has gates)"),
+    register=typer.Option(None, "--register/--no-register", help="Register each artifact (default: no)"),
+    model_name=typer.Option(None, "--model-name", help="Registered model name (default: params model.name)"),
+)
+
+
+@app.command()
+@handle_errors
+def run(
+    params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
+    mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
+    validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
+    model_name: Optional[str] = _SPEC_HELP["model_name"],
+    as_json: bool = typer.Option(False, "--json", help="Print the job result as JSON"),
+) -> None:
+    """Run the pipeline for one model over its mixes in this process (no broker); reruns reuse finished work."""
+    from quantgate.jobs import run_job
+
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name)
+    result = run_job(spec)
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        _results_table(result)
+
+
+@app.command()
+@handle_errors
+def submit(
+    params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
+    mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
+    validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
+    model_name: Optional[str] = _SPEC_HELP["model_name"],
+    broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: QUANTGATE_BROKER_URL)"),
+) -> None:
+    """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it)."""
+    _use_broker(broker)
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name)
+    spec = type(spec).from_dict({**spec.to_dict(), "model": str(Path(spec.model).resolve()),
+                                 "workdir": str(Path(spec.workdir).resolve())})
+    from tasks.tasks import submit as send
+
+    print(send(spec))
+
+
+def _render_tasks(st: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table("task", "state", "progress", "error")
+    for name, info in st["tasks"].items():
+        prog = f"{info['percent']:.0f}%" if "percent" in info else ""
+        t.add_row(name, info["state"], prog, info.get("error", ""))
+    console.print(t)
+
+
+@app.command()
+@handle_errors
+def status(
+    job: str = typer.Argument(..., help="Job id printed by `quantgate submit`"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the job with a live progress bar until it ends"),
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between polls with --watch"),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON"),
+    broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: QUANTGATE_BROKER_URL)"),
+) -> None:
+    """Show a submitted job's state and progress; exit 0 when it succeeded, 1 when it failed, 3 while running."""
+    _use_broker(broker)
+    from tasks.tasks import job_status
+
+    st = job_status(job)
+    if watch and st["state"] not in ("SUCCESS", "FAILURE"):
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("[bold]{task.fields[job]}[/]"), BarColumn(), TaskProgressColumn(),
+                      TimeElapsedColumn(), TextColumn("{task.description}"), console=err_console,
+                      transient=False) as progress:
+            bar = progress.add_task(st["stage"], total=100.0, job=job[:12])
+            while True:
+                progress.update(bar, completed=st["percent"], description=f"{st['stage']} ({st['done']}/"
+                                                                           f"{st['total']} tasks)")
+                if st["state"] in ("SUCCESS", "FAILURE"):
+                    break
+                time.sleep(interval)
+                st = job_status(job)
+    if as_json:
+        print(json.dumps(st, indent=2, sort_keys=True, default=str))
+    else:
+        console.print(f"job {job}: [bold]{st['state']}[/] {st['percent']:.1f}% ({st['done']}/{st['total']} tasks) "
+                      f"{st['stage']}", highlight=False)
+        _render_tasks(st)
+        if st["result"]:
+            _results_table(st["result"])
+    raise typer.Exit({"SUCCESS": 0, "FAILURE": 1}.get(st["state"], 3))
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(0, "--concurrency", "-c", help="Pool processes (0: settings, default 2)"),
+    pidfile: Optional[Path] = typer.Option(None, "--pidfile", help="Write the main process id here"),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="DEBUG INFO WARNING ERROR"),
+    hostname: Optional[str] = typer.Option(None, "--hostname", "-n", help="Node name (default: quantgate@%h)"),
+    logfile: Optional[Path] = typer.Option(None, "--logfile", help="Log to this file instead of stderr"),
+    broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: QUANTGATE_BROKER_URL)"),
+) -> None:
+    """Start a Celery worker on quantgate's app (acks late, prefetch 1, requeue on crash); Ctrl-C stops it."""
+    from quantgate.config import load_settings
+
+    _use_broker(broker)
+    s = load_settings()
+    if s.embedded:
+        fail("no broker configured (QUANTGATE_BROKER_URL is empty or memory://): a worker needs Redis")
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", "quantgate",
+            "--concurrency", str(concurrency or s.worker_concurrency), "--loglevel", loglevel,
+            "--hostname", hostname or "quantgate@%h", "--without-gossip", "--without-mingle"]
+    if pidfile is not None:
+        argv += ["--pidfile", str(pidfile)]
+    if logfile is not None:
+        argv += ["--logfile", str(logfile)]
+    os.execv(sys.executable, argv)
+
+
+# ---------------------------------------------------------------------------------------------- DVC stages
+
+
+@stage_app.command("prepare")
+@handle_errors
+def stage_prepare(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder or GGUF"),
+    out: Path = typer.Option(..., "--out", "-o", help="JSON file for the source identity"),
+) -> None:
+    """Check the source model loads and record its identity (path, kind, SHA-256)."""
+    from quantgate.jobs import prepare_step
+
+    ident = prepare_step(model, out)
+    console.print(f"{model}: {ident['kind']}, sha256 {ident['sha256'][:16]}", highlight=False)
+
+
+@stage_app.command("quantize")
+@handle_errors
+def stage_quantize(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder or GGUF"),
+    mix: str = typer.Option(..., "--mix", help="llama.cpp mix, e.g. Q4_K_M"),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for model-<MIX>.gguf and artifact.json"),
+    metrics: Optional[Path] = typer.Option(None, "--metrics", help="Also write size/bpw/weight-error metrics JSON"),
+    tensor_errors: Optional[Path] = typer.Option(None, "--tensor-errors", help="Also write per-tensor errors JSON"),
+) -> None:
+    """Quantize with one mix into out_dir (GGUF written atomically, then its artifact record) and its metrics."""
+    from quant.atomic import atomic_write_text
+    from quantgate.dvc_report import quantize_metrics, tensor_error_rows
+    from quantgate.jobs import quantize_step
+
+    art = quantize_step(model, mix, out_dir=out_dir, name="model")
+    errs = tensor_error_rows(model, art["path"]) if (metrics or tensor_errors) else None
+    for path, obj in ((tensor_errors, errs), (metrics, quantize_metrics(art, errs))):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    console.print(f"{mix}: {art['path']} {art['nbytes'] / 2**20:.2f} MiB {art['bits_per_weight']:.3f} bpw",
+                  highlight=False)
+
+
+@stage_app.command("validate")
+@handle_errors
+def stage_validate(
+    artifact: Path = typer.Option(..., "--artifact", help="artifact.json of the quantize stage"),
+    baseline: Path = typer.Option(..., "--baseline", help="The source model"),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml (gates, eval)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Verdict JSON"),
+    metrics: Optional[Path] = typer.Option(None, "--metrics", help="Also write PPL ratio/KLD/accuracy-drop JSON"),
+) -> None:
+    """Run the validation gate (thresholds from params.yaml `gates`) and write the verdict (and its metrics)."""
+    from quant.atomic import atomic_write_text
+    from quantgate.dvc_report import validate_metrics
+    from quantgate.jobs import validate_step
+
+    p = read_params(params)
+    ev = dict(p.get("eval") or {})
+    rec = json.loads(artifact.read_text(encoding="utf-8"))
+    v = validate_step(rec, baseline=baseline, gates=p.get("gates") or {}, dataset=ev.pop("dataset", None),
+                      options=ev, out=out)
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(metrics, json.dumps(validate_metrics(v), indent=2, sort_keys=True) + "\n")
+    console.print(f"{rec['recipe']['precision']}: {'passed' if v.get('passed') else 'FAILED'}", highlight=False)
+
+
+@stage_app.command("register")
+@handle_errors
+def stage_register(
+    artifact: Path = typer.Option(..., "--artifact", help="artifact.json of the quantize stage"),
+    verdict: Optional[Path] = typer.Option(None, "--verdict", help="Verdict JSON of the validate stage"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model name"),
+    out: Path = typer.Option(..., "--out", "-o", help="JSON record of the registered version"),
+) -> None:
+    """Register the artifact (+ verdict) in the model registry (idempotent) and record the version."""
+    from quant.atomic import atomic_write_text
+    from quantgate.jobs import register_step
+
+    rec = json.loads(artifact.read_text(encoding="utf-8"))
+    v = json.loads(verdict.read_text(encoding="utf-8")) if verdict else None
+    rv = register_step(rec, v, model_name=model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(rv, indent=2, sort_keys=True) + "\n")
+    console.print(f"{rv['model_name']} v{rv['version']} ({rv['verdict']})", highlight=False)
+
+
+@stage_app.command("plots")
+@handle_errors
+def stage_plots(
+    metrics: list[Path] = typer.Option(..., "--metrics", help="A mix's metrics folder or JSON file (repeatable)"),
+    tensor_errors: list[Path] = typer.Option([], "--tensor-errors", help="A mix's per-tensor errors JSON"),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the PNG plots"),
+) -> None:
+    """Render the pipeline's plots offline as PNGs: bits/weight vs KL divergence (or weight error), per-tensor
+    error by layer."""
+    from quantgate.dvc_report import render_plots
+
+    for p in render_plots(metrics, tensor_errors, out_dir):
+        console.print(f"wrote {p}", highlight=False)

@@ -1,0 +1,92 @@
+"""quantgate's one settings object: defaults < params.yaml (its `settings:` section) < QUANTGATE_* < CLI flags.
+
+The defaults run everything on one machine: the broker URL points at a local Redis for `submit`/`worker`, and an
+empty (or `memory://`) broker URL makes Celery run the tasks in-process (eager), which is what `quantgate run` does.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+#: Broker URLs that mean "no broker: run the tasks in this process".
+EMBEDDED_BROKERS = ("", "none", "memory://", "eager")
+
+
+def _params_file() -> Path:
+    return Path(os.environ.get("QUANTGATE_PARAMS", "params.yaml"))
+
+
+class _ParamsYamlSource(PydanticBaseSettingsSource):
+    """The `settings:` mapping of params.yaml (the same file DVC reads), when the file exists."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _params_file()
+        if not path.is_file():
+            return {}
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        section = data.get("settings") if isinstance(data, dict) else None
+        return {k: v for k, v in (section or {}).items() if k in self.settings_cls.model_fields}
+
+
+def _default_cache_dir() -> Path:
+    from quant.hashing import cache_dir
+
+    return cache_dir()
+
+
+class Settings(BaseSettings):
+    """Runtime configuration shared by the CLI, DVC stages and Celery workers (see the module docstring)."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANTGATE_", extra="ignore")
+
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: Optional[str] = None        # None: the broker URL (Redis keeps results too)
+    workdir: Path = Path("out/jobs")            # where job artifacts land, one folder per job key
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    mlflow_uri: Optional[str] = None            # passed through to the registry as QUANTGATE_MLFLOW_URI
+    visibility_timeout: int = 6 * 3600          # must exceed the longest job, else Redis redelivers running tasks
+    soft_time_limit: int = 4 * 3600             # a task gets SoftTimeLimitExceeded after this many seconds
+    time_limit: int = 4 * 3600 + 300            # ... and is killed after this many
+    max_retries: int = 5                        # transient-error retries (broker/MLflow unreachable)
+    retry_backoff_max: int = 300
+    worker_concurrency: int = 2
+    result_expires: int = 7 * 24 * 3600
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _ParamsYamlSource(settings_cls))
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: tasks run eagerly in the calling process."""
+        return self.broker_url.strip().lower() in EMBEDDED_BROKERS
+
+    @property
+    def backend_url(self) -> str:
+        """The result backend: the configured one, else the broker itself."""
+        return self.result_backend or self.broker_url
+
+    def export_env(self) -> None:
+        """Make child code that reads the environment (registry, hashing cache) see these settings."""
+        os.environ["QUANTGATE_CACHE_DIR"] = str(self.cache_dir)
+        if self.mlflow_uri:
+            os.environ["QUANTGATE_MLFLOW_URI"] = self.mlflow_uri
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Resolve the settings; `overrides` are CLI flags (None values are ignored so absent flags do not win)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+__all__ = ["Settings", "load_settings", "DEFAULT_BROKER_URL", "EMBEDDED_BROKERS"]

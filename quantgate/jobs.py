@@ -1,0 +1,295 @@
+"""One model over several mixes, as plain functions: prepare -> profile -> quantize -> validate -> register.
+
+Every step is idempotent by job key (SHA-256 of source SHA-256 + recipe key + tool version): a step whose output
+already exists returns it instead of redoing it, so retries, redelivered Celery messages and reruns are safe.
+Records returned are JSON-ready dicts (what Celery results carry); files live under `workdir/<job key>/`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from quant.atomic import atomic_write_text
+from quant.errors import QuantGateError
+from quantgate.records import QuantizedArtifact, Recipe, job_key
+
+ProgressFn = Callable[[int, int, str], None]  # (done, total, stage)
+ARTIFACT_JSON = "artifact.json"
+VERDICT_JSON = "verdict.json"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to do for one model: which mixes, where to put files, which gates, whether to register."""
+
+    model: str
+    mixes: tuple[str, ...]
+    workdir: str = "out/jobs"
+    gates: Mapping[str, Any] | None = None   # thresholds for the validation gate; None skips validation
+    dataset: str | None = None               # eval JSONL for validation (None: the gate's default)
+    register: bool = False
+    model_name: str | None = None
+    profile: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)  # extra keyword arguments for validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mixes"] = list(self.mixes)
+        d["gates"] = dict(self.gates) if self.gates is not None else None
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
+        """The inverse of to_dict (what crosses Redis)."""
+        return cls(**{**d, "mixes": tuple(d["mixes"]), "options": dict(d.get("options") or {})})
+
+
+def step_available(step: str) -> bool:
+    """Whether a step's implementation is installed (profile: quant.sensitivity, validate: validation.gate)."""
+    module = {"profile": "quant.sensitivity.profile", "validate": "validation.gate", "register": "registry.store",
+              "quantize": "quantgate.pipeline", "prepare": "quant.loaders"}[step]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+def source_identity(model: "str | os.PathLike[str]") -> dict[str, Any]:
+    """Open a checkpoint (fails fast with CheckpointError when missing or corrupt) and return its identity."""
+    from quant.hashing import checkpoint_sha256
+    from quant.loaders import open_checkpoint
+
+    path = Path(model)
+    with open_checkpoint(path, allow_requantize=True) as ckpt:
+        return {"path": str(path), "kind": ckpt.kind, "sha256": checkpoint_sha256(ckpt.files),
+                "files": sorted(str(Path(f).name) for f in ckpt.files)}
+
+
+def mix_recipe(mix: str) -> Recipe:
+    """The recipe `quantize_model` builds for a plain named mix (UnsupportedTypeError for an unknown name)."""
+    from quant.mixes import get_mix
+
+    return Recipe(precision=get_mix(mix).name)
+
+
+def mix_job_key(source_sha256: str, mix: str) -> str:
+    """The job key of quantizing that source with that mix, known before any work is done."""
+    from quantgate import __version__
+
+    return job_key(source_sha256, mix_recipe(mix), __version__)
+
+
+def artifact_from_dict(d: Mapping[str, Any]) -> QuantizedArtifact:
+    """A QuantizedArtifact from its JSON form."""
+    r = dict(d["recipe"])
+    r["tensor_type_overrides"] = tuple(tuple(x) for x in r.get("tensor_type_overrides", ()))
+    return QuantizedArtifact(**{**d, "recipe": Recipe(**r)})
+
+
+# ---------------------------------------------------------------------------------------------- locking
+
+
+@contextlib.contextmanager
+def job_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on a lock file beside `folder` (.<name>.lock, outside it so a DVC output folder holds only
+    results): one writer per job key at a time, released by the kernel when its process dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove_orphan_temps(folder: Path) -> list[str]:
+    """Temp files left by a writer that died (we hold the lock, so no live writer owns them)."""
+    removed = []
+    for p in folder.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _finished_artifact(folder: Path) -> dict[str, Any] | None:
+    """The artifact record of a finished quantization in `folder`, if its GGUF is there with the recorded size."""
+    rec = _read_json(folder / ARTIFACT_JSON)
+    if not rec:
+        return None
+    gguf = Path(rec.get("path", ""))
+    try:
+        if gguf.stat().st_size == rec["nbytes"]:
+            return rec
+    except (OSError, KeyError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def prepare_step(model: "str | os.PathLike[str]", out: "str | os.PathLike[str] | None" = None) -> dict[str, Any]:
+    """Check that the source model loads and record its identity (path, kind, SHA-256) as JSON."""
+    ident = source_identity(model)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(ident, indent=2, sort_keys=True) + "\n")
+    return ident
+
+
+def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | os.PathLike[str]" = "out/jobs",
+                  out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
+                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Quantize `model` with `mix` into out_dir (default workdir/<job key>), or return the finished artifact.
+
+    Holds the job's lock while working, so a redelivered copy of the same job waits and then returns the first
+    copy's artifact; temp files of a writer that died are removed; the GGUF appears only complete (atomic rename).
+    """
+    from quantgate.pipeline import QuantizeRequest, quantize_model
+
+    ident = source_identity(model)
+    recipe = mix_recipe(mix)
+    key = mix_job_key(ident["sha256"], mix)
+    folder = Path(out_dir) if out_dir is not None else Path(workdir) / key
+    with job_lock(folder):
+        done = _finished_artifact(folder)
+        if done is not None and done.get("job_key") == key:
+            return {**done, "reused": True}
+        _remove_orphan_temps(folder)
+        stem = name or Path(ident["path"]).name.removesuffix(".gguf") or "model"
+        out = folder / f"{stem}-{recipe.precision}.gguf"
+        cb = None
+        if on_progress is not None:
+            def cb(i: int, n: int, _tensor: str) -> None:
+                on_progress(i, n, "quantize")
+        art = quantize_model(QuantizeRequest(source=Path(model), out=out, precision=recipe.precision), on_tensor=cb)
+        if art.job_key != key:  # the pipeline's recipe drifted from mix_recipe(): a bug, not bad input
+            raise RuntimeError(f"job key mismatch for {mix}: planned {key[:12]}, pipeline {art.job_key[:12]}")
+        rec = art.to_dict()
+        atomic_write_text(folder / ARTIFACT_JSON, json.dumps(rec, indent=2, sort_keys=True) + "\n")
+        return {**rec, "reused": False}
+
+
+def gate_set_key(gates: Mapping[str, Any], dataset: str | None, options: Mapping[str, Any] | None = None) -> str:
+    """Content key of a gate configuration: same thresholds + dataset + options -> same verdict file."""
+    from quantgate.records import canonical_json, sha256_text
+
+    return sha256_text(canonical_json({"gates": dict(gates), "dataset": dataset, "options": dict(options or {})}))
+
+
+def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[str]", gates: Mapping[str, Any],
+                  dataset: str | None = None, options: Mapping[str, Any] | None = None,
+                  out: "str | os.PathLike[str] | None" = None,
+                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run the validation gate on an artifact against its baseline; the verdict JSON is kept beside the GGUF
+    (named by gate set), so the same artifact + gates returns the stored verdict."""
+    if not step_available("validate"):
+        raise QuantGateError("the validate step needs validation/gate.py (issue 5), which is not installed")
+    from validation import gate as gate_mod  # type: ignore[attr-defined]
+
+    gkey = gate_set_key(gates, dataset, options)
+    gguf = Path(artifact["path"])
+    target = Path(out) if out is not None else gguf.parent / f"verdict-{gkey[:16]}.json"
+    prev = _read_json(target)
+    if out is None and prev and prev.get("artifact_sha256") == artifact["sha256"]:
+        return {**prev, "reused": True}
+    kwargs: dict[str, Any] = dict(options or {})
+    if dataset is not None:
+        kwargs["dataset"] = dataset
+    if on_progress is not None:
+        kwargs["progress"] = lambda d, t: on_progress(d, t, "validate")
+    verdict = gate_mod.validate(gguf, baseline=Path(baseline), gates=dict(gates), **kwargs)
+    rec = verdict.to_dict()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    return {**rec, "reused": False}
+
+
+def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None = None, *,
+                  model_name: str | None = None) -> dict[str, Any]:
+    """Register the artifact (with its verdict) in the model registry; idempotent per artifact + job key."""
+    from registry.store import register_gguf, verdict_from_dict
+
+    v = verdict_from_dict({k: x for k, x in verdict.items() if k != "reused"}) if verdict else None
+    art = artifact_from_dict({k: x for k, x in artifact.items() if k != "reused"})
+    rv = register_gguf(art.path, verdict=v, artifact=art, model_name=model_name)
+    return rv.to_dict()
+
+
+def profile_step(model: "str | os.PathLike[str]", *, workdir: "str | os.PathLike[str]" = "out/jobs",
+                 out: "str | os.PathLike[str] | None" = None) -> dict[str, Any]:
+    """Per-tensor sensitivity profile of the source model (quant.sensitivity, issue 4), cached by source SHA-256."""
+    if not step_available("profile"):
+        raise QuantGateError("the profile step needs quant/sensitivity/profile.py (issue 4), which is not installed")
+    from quant.sensitivity import profile as prof  # type: ignore[attr-defined]
+
+    ident = source_identity(model)
+    target = Path(out) if out is not None else Path(workdir) / f"profile-{ident['sha256'][:16]}.json"
+    prev = _read_json(target)
+    if out is None and prev is not None:
+        return prev
+    result = prof.profile_model(Path(model))  # type: ignore[attr-defined]
+    rec = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def run_mix(spec: JobSpec, mix: str, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """quantize -> validate -> register for one mix of a job; returns {mix, job_key, artifact, verdict, version}."""
+    art = quantize_step(spec.model, mix, workdir=spec.workdir, name=spec.model_name, on_progress=on_progress)
+    verdict = None
+    if spec.gates is not None:
+        verdict = validate_step(art, baseline=spec.model, gates=spec.gates, dataset=spec.dataset,
+                                options=spec.options, on_progress=on_progress)
+    version = register_step(art, verdict, model_name=spec.model_name) if spec.register else None
+    return {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": verdict, "version": version}
+
+
+def run_job(spec: JobSpec | Mapping[str, Any], on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """The whole pipeline for one model over its mixes, in this process; safe to rerun (nothing is redone)."""
+    if not isinstance(spec, JobSpec):
+        spec = JobSpec.from_dict(spec)
+    if not spec.mixes:
+        raise QuantGateError("a job needs at least one mix")
+    for m in spec.mixes:
+        mix_recipe(m)  # unknown mix: fail before any work
+    ident = source_identity(spec.model)
+    profile = profile_step(spec.model, workdir=spec.workdir) if spec.profile else None
+    results = [run_mix(spec, m, on_progress) for m in spec.mixes]
+    return {"model": spec.model, "source_sha256": ident["sha256"], "profile": profile is not None,
+            "results": results}
+
+
+def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One comparable row per mix: what must be identical whichever runner produced it."""
+    rows = []
+    for r in results:
+        a = r["artifact"]
+        rows.append({"mix": r["mix"], "job_key": r["job_key"], "sha256": a["sha256"], "nbytes": a["nbytes"],
+                     "bits_per_weight": a["bits_per_weight"],
+                     "passed": None if not r.get("verdict") else r["verdict"].get("passed"),
+                     "version": None if not r.get("version") else r["version"].get("version")})
+    return rows

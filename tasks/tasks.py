@@ -1,0 +1,296 @@
+"""Thin Celery wrappers over quantgate.jobs: profile, quantize, validate, register, and the per-model pipeline.
+
+Tasks only move JSON records (never tensors or file contents); files live on storage every worker sees.
+Transient failures (broker, Redis, MLflow or database unreachable) are retried with exponential backoff; bad
+input (QuantGateError) fails at once with its message in the task state and is never retried.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any, Iterator, Mapping
+
+from celery import Task, chain, chord, group
+
+from quant.errors import QuantGateError
+from quantgate import jobs
+from tasks.app import app
+
+STAGES = ("quantize", "validate", "register")
+_log = logging.getLogger(__name__)
+_MANIFEST = "quantgate-job-{}"
+
+
+class TransientError(ConnectionError):
+    """A failure worth retrying: a service was unreachable (wraps the original exception)."""
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "a service is unreachable", not "the input is bad".
+
+    Only the connection-level subclasses of OSError: FileNotFoundError, PermissionError etc. are bad input."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import redis.exceptions as rx
+
+        types += [rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError]
+    except ImportError:  # pragma: no cover - redis is a celery[redis] dependency
+        pass
+    try:
+        from kombu.exceptions import OperationalError
+
+        types.append(OperationalError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import requests.exceptions as qx
+
+        types += [qx.ConnectionError, qx.Timeout]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+TRANSIENT = _transient_types()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` (or an exception it was raised from) is a connection failure; never for bad input."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        if isinstance(e, QuantGateError):
+            return False
+        if isinstance(e, TRANSIENT):
+            return True
+        if type(e).__name__ == "OperationalError" and type(e).__module__.startswith("sqlalchemy"):
+            return True  # database locked or unreachable
+        msg = str(e)
+        if type(e).__module__.startswith("mlflow") and any(
+                s in msg for s in ("Max retries exceeded", "Connection refused", "TEMPORARILY_UNAVAILABLE")):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+@contextlib.contextmanager
+def transient_guard() -> Iterator[None]:
+    """Re-raise connection-level failures as TransientError (which autoretry retries); everything else as is."""
+    try:
+        yield
+    except (QuantGateError, TransientError):
+        raise
+    except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"{type(e).__name__}: {e}") from e
+        raise
+
+
+class QuantgateTask(Task):
+    """Base task: autoretry transient errors with backoff, never bad input; throttled PROGRESS reports."""
+
+    autoretry_for = (TransientError,)
+    dont_autoretry_for = (QuantGateError,)
+    retry_backoff = 2
+    retry_backoff_max = 300
+    retry_jitter = True
+    max_retries = 5
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def progress_fn(self, stage: str, min_interval: float = 0.5):
+        """A (done, total, stage) callback that records PROGRESS meta at most every `min_interval` seconds."""
+        last = [0.0]
+
+        def report(done: int, total: int, sub: str = stage) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < min_interval:
+                return
+            last[0] = now
+            self.report(stage, done, total)
+
+        return report
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        """update_state(PROGRESS) with {done, total, percent, stage} (skipped when there is no task id)."""
+        if not self.request.id:
+            return
+        pct = 100.0 * done / total if total else 0.0
+        try:
+            self.update_state(state="PROGRESS", meta={"done": done, "total": total, "percent": round(pct, 1),
+                                                      "stage": stage})
+        except Exception as e:  # noqa: BLE001 - progress is best effort: a Redis blip must not fail the work
+            _log.warning("progress report failed (%s: %s); continuing", type(e).__name__, e)
+
+
+@app.task(bind=True, base=QuantgateTask, name="quantgate.profile")
+def profile(self: QuantgateTask, model: str, workdir: str) -> dict[str, Any]:
+    """Sensitivity profile of the source model (cached by its SHA-256)."""
+    self.report("profile", 0, 1)
+    with transient_guard():
+        return jobs.profile_step(model, workdir=workdir)
+
+
+@app.task(bind=True, base=QuantgateTask, name="quantgate.quantize")
+def quantize(self: QuantgateTask, model: str, mix: str, workdir: str, name: str | None = None) -> dict[str, Any]:
+    """Quantize one model with one mix (idempotent by job key); returns {mix, job_key, artifact}."""
+    self.report("quantize", 0, 1)
+    with transient_guard():
+        art = jobs.quantize_step(model, mix, workdir=workdir, name=name, on_progress=self.progress_fn("quantize"))
+    return {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": None, "version": None}
+
+
+@app.task(bind=True, base=QuantgateTask, name="quantgate.validate")
+def validate(self: QuantgateTask, record: dict[str, Any], baseline: str, gates: Mapping[str, Any],
+             dataset: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the validation gate on the record's artifact; returns the record with its verdict."""
+    self.report("validate", 0, 1)
+    with transient_guard():
+        verdict = jobs.validate_step(record["artifact"], baseline=baseline, gates=gates, dataset=dataset,
+                                     options=options, on_progress=self.progress_fn("validate"))
+    return {**record, "verdict": verdict}
+
+
+@app.task(bind=True, base=QuantgateTask, name="quantgate.register")
+def register(self: QuantgateTask, record: dict[str, Any], model_name: str | None = None) -> dict[str, Any]:
+    """Register the record's artifact (and verdict) in the model registry; idempotent."""
+    self.report("register", 0, 1)
+    with transient_guard():
+        version = jobs.register_step(record["artifact"], record.get("verdict"), model_name=model_name)
+    return {**record, "version": version}
+
+
+@app.task(bind=True, base=QuantgateTask, name="quantgate.collect")
+def collect(self: QuantgateTask, records: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Chord callback: the job's result, in the same shape as jobs.run_job's."""
+    with transient_guard():
+        ident = jobs.source_identity(model)
+    return {"model": model, "source_sha256": ident["sha256"], "results": list(records)}
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def stage_list(spec: jobs.JobSpec) -> list[str]:
+    """The per-mix stages this spec runs."""
+    return ["quantize"] + (["validate"] if spec.gates is not None else []) + (["register"] if spec.register else [])
+
+
+def task_id(job_id: str, mix: str, stage: str) -> str:
+    """Deterministic task ids, so `status` can find every task of a job from its id alone."""
+    return f"{job_id}.{mix}.{stage}"
+
+
+def pipeline(spec: jobs.JobSpec, job_id: str) -> Any:
+    """The job as a Celery canvas: [profile ->] chord(one chain per mix: quantize -> validate -> register)(collect)."""
+    chains = []
+    for mix in spec.mixes:
+        steps = [quantize.si(spec.model, mix, spec.workdir, spec.model_name).set(task_id=task_id(job_id, mix,
+                                                                                                   "quantize"))]
+        if spec.gates is not None:
+            steps.append(validate.s(spec.model, dict(spec.gates), spec.dataset, dict(spec.options)).set(
+                task_id=task_id(job_id, mix, "validate")))
+        if spec.register:
+            steps.append(register.s(spec.model_name).set(task_id=task_id(job_id, mix, "register")))
+        chains.append(chain(*steps))
+    body = chord(group(chains), collect.s(spec.model).set(task_id=job_id))
+    if spec.profile:
+        return chain(profile.si(spec.model, spec.workdir).set(task_id=f"{job_id}.profile"), body)
+    return body
+
+
+def submit(spec: jobs.JobSpec, job_id: str | None = None) -> str:
+    """Send a job to the workers; returns its id (the id of its final task). The manifest lets `status` find
+    the per-mix tasks later from the id alone."""
+    job_id = job_id or uuid.uuid4().hex
+    manifest = {"job_id": job_id, "spec": spec.to_dict(), "stages": stage_list(spec), "submitted_at": time.time()}
+    import json
+
+    app.backend.set(_MANIFEST.format(job_id), json.dumps(manifest))
+    _release(pipeline(spec, job_id).apply_async())
+    return job_id
+
+
+def _release(result: Any) -> None:
+    """Unsubscribe from the sent tasks' result channels now: `status` reads state by id, and an AsyncResult left
+    to the garbage collector would try to unsubscribe later, perhaps after Redis went away."""
+    todo, seen = [result], set()
+    while todo:
+        r = todo.pop()
+        if r is None or id(r) in seen:
+            continue
+        seen.add(id(r))
+        todo += [getattr(r, "parent", None)] + list(getattr(r, "results", None) or [])
+        if type(r).__name__ == "AsyncResult" and r.backend is not None:
+            with contextlib.suppress(Exception):
+                r.backend.remove_pending_result(r)
+            r.backend = None
+
+
+def load_manifest(job_id: str) -> dict[str, Any] | None:
+    """The manifest `submit` stored for a job, or None for an unknown id."""
+    import json
+
+    raw = app.backend.get(_MANIFEST.format(job_id))
+    return json.loads(raw) if raw else None
+
+
+def _meta(tid: str) -> dict[str, Any]:
+    """A task's stored state without an AsyncResult (which subscribes to Redis pub/sub and lingers)."""
+    meta = app.backend.get_task_meta(tid)
+    if meta.get("status") in ("FAILURE", "RETRY", "REVOKED"):
+        exc = app.backend.exception_to_python(meta.get("result"))
+        meta["error"] = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+    return meta
+
+
+def job_status(job_id: str) -> dict[str, Any]:
+    """The job's state with overall progress {done, total, percent, stage} and every task's state and error."""
+    manifest = load_manifest(job_id)
+    if manifest is None:
+        raise QuantGateError(f"unknown job {job_id!r} (no manifest in the result backend; expired, lost with a "
+                             f"restarted non-persistent Redis, or never submitted)")
+    spec = manifest["spec"]
+    stages = manifest["stages"]
+    tasks: dict[str, dict[str, Any]] = {}
+    frac = 0.0
+    current = "queued"
+    errors = []
+    for mix in spec["mixes"]:
+        for st in stages:
+            meta = _meta(task_id(job_id, mix, st))
+            state = meta.get("status", "PENDING")
+            info: dict[str, Any] = {"state": state, "retries": meta.get("retries") or 0}
+            if state == "SUCCESS":
+                frac += 1.0
+            elif state == "PROGRESS" and isinstance(meta.get("result"), dict):
+                frac += float(meta["result"].get("percent", 0.0)) / 100.0
+                info.update(meta["result"])
+                current = f"{mix}:{st}"
+            elif state == "STARTED":
+                current = f"{mix}:{st}"
+            elif state in ("FAILURE", "REVOKED"):
+                info["error"] = meta["error"]
+                errors.append(f"{mix}:{st}: {meta['error']}")
+            elif state == "RETRY":
+                info["error"] = meta["error"]
+                current = f"{mix}:{st} (retrying)"
+            tasks[f"{mix}:{st}"] = info
+    total = len(spec["mixes"]) * len(stages)
+    final = _meta(job_id)
+    if final.get("status") == "SUCCESS":
+        state, current = "SUCCESS", "done"
+    elif errors:
+        state = "FAILURE"
+    elif frac > 0 or current != "queued":
+        state = "PROGRESS"
+    else:
+        state = "PENDING"
+    done = sum(1 for t in tasks.values() if t["state"] == "SUCCESS")
+    return {"job_id": job_id, "state": state, "done": done, "total": total,
+            "percent": round(100.0 * frac / total, 1) if total else 100.0, "stage": current, "tasks": tasks,
+            "errors": errors, "result": final.get("result") if state == "SUCCESS" else None,
+            "date_done": final.get("date_done") if state == "SUCCESS" else None}

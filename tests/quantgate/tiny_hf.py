@@ -1,0 +1,119 @@
+"""Tiny, deterministic HF checkpoints with real tokenizers for the convert / llama.cpp runtime tests:
+random Llama / Mistral / Qwen2 models (transformers, saved as float16 safetensors) plus a SentencePiece model
+(Llama/Mistral style, byte fallback) or a byte-level BPE tokenizer.json (Qwen2 style) trained on a small corpus."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                     r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+_WORDS = ("the a model quantized weights tensor llama runs fast on small machines with every layer and block "
+          "numbers like 42 and 3.14 appear; people write code, tests, notes. Why? Because bytes matter! "
+          "gguf ggml file format header alignment token vocabulary merge score type river mountain cloud "
+          "bright quiet green seven eleven hundred thousand café naïve über Ünïcödé 東京 ✅ 🚀").split()
+
+EVAL_TEXTS = (
+    "The model runs fast on small machines, and every layer matters.",
+    "Quantized weights: 42 tensors with 3.14 bits each? Bytes matter!",
+    "A quiet river under the bright green mountain; seven clouds.",
+    "gguf files have a header, an alignment and tensor data. Café über 東京 ✅",
+)
+
+
+def corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English lines to train the tiny tokenizers on."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))) for _ in range(n_lines)]
+    return lines + list(EVAL_TEXTS)
+
+
+def write_sentencepiece(model_dir: Path, vocab_size: int = 512) -> None:
+    """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization) into the folder, with
+    tokenizer_config.json as Llama checkpoints ship it."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        split_digits=True, num_threads=1, minloglevel=2)
+    (model_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "tokenizer_class": "LlamaTokenizer", "legacy": False, "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+
+
+def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
+    """Train a Qwen2-style byte-level BPE tokenizer.json (Qwen2's split regex, <|endoftext|> etc. as specials) and
+    save it with transformers so tokenizer_config.json is what HF writes; returns the id of <|im_end|> (eos)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(model_dir)
+    return tok.token_to_id("<|im_end|>")
+
+
+def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
+    """Write a random tiny HF model (`arch`: llama | mistral | qwen2; hidden 256, GQA 4/2 heads, vocab 512) in
+    float16 with its tokenizer; returns the folder."""
+    import torch
+    import transformers as tf
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    common = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=n_layer,
+                  vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=init)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(intermediate_size=512, bos_token_id=1, eos_token_id=2, **common)
+        cls = tf.LlamaForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(intermediate_size=768, bos_token_id=1, eos_token_id=2, sliding_window=None,
+                               rope_theta=100000.0, **common)
+        cls = tf.MistralForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(intermediate_size=768, tie_word_embeddings=True, bos_token_id=None,
+                             **common)
+        cls = tf.Qwen2ForCausalLM
+    else:
+        raise ValueError(arch)
+    if arch == "qwen2":
+        cfg.eos_token_id = write_bpe(model_dir)
+    else:
+        write_sentencepiece(model_dir)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random biases so the Qwen2 q/k/v bias path is exercised
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, init)
+    model.to(torch.float16).save_pretrained(model_dir)
+    return model_dir
+
+
+def hf_logits(model_dir: Path, ids: list[int]):
+    """transformers' float32 forward of the saved (float16) weights: logits for every position, as numpy."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()

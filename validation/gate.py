@@ -1,0 +1,193 @@
+"""The validation gate: structural gates, then expectation suites, then evaluation + metric gates -> one Verdict.
+
+Order (cheapest first): structural gates on the file; if any fails, nothing else runs (the rest are recorded as
+skipped). Then the dataset suite (before spending time on models), the evaluation, the per-tensor suite (it needs
+the evaluation's per-tensor errors) and the metric gates. Exit codes: 0 every gate passed, 1 a gate failed,
+2 the inputs are unusable (missing, corrupt, truncated, mismatched model, bad dataset or gate file): then the report
+folder holds only error.json. Reports: validation.reports.publish (layout in docs/VALIDATION.md).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from quant.errors import QuantGateError
+from quantgate.records import GateResult, Verdict
+from validation.gates import GateSet, evaluate_gates, expand
+
+EXIT_PASSED, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+ProgressFn = Callable[[str], None]
+
+
+class UnusableInput(QuantGateError):
+    """The inputs cannot be validated at all (exit 2); `error_path` is the error record written, if any."""
+
+    def __init__(self, message: str, error_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.error_path = error_path
+
+
+@dataclass
+class Validation:
+    """Everything one validation run produced: the verdict and the material its reports are made from."""
+
+    verdict: Verdict
+    gate_set: GateSet
+    baseline: str
+    baseline_sha256: str
+    facts: Any                                   # validation.structural.CandidateFacts
+    eval_report: Any = None                      # validation.report.EvalReport, None when evaluation was skipped
+    dataset_path: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def exit_code(verdict: Verdict) -> int:
+    """0 when every gate passed, else 1 (unusable inputs raise UnusableInput -> 2 before a verdict exists)."""
+    return EXIT_PASSED if verdict.passed else EXIT_FAILED
+
+
+def _skipped(gates: GateSet, why: str) -> list[GateResult]:
+    return [GateResult(name=g.name, kind="metric", metric=g.metric, comparator=g.comparator, threshold=g.threshold,
+                       category=g.category, skipped=True, detail=f"skipped: {why}") for g in expand(gates, [])]
+
+
+def _model_tensor_names(baseline: Path) -> list[str]:
+    from quant.loaders import open_checkpoint
+    from quant.model_plan import plan_model
+
+    with open_checkpoint(baseline, allow_requantize=True) as ckpt:
+        return [t.name for t in plan_model(ckpt).tensors]
+
+
+def run_validation(
+    baseline: "str | os.PathLike[str]",
+    candidate: "str | os.PathLike[str]",
+    gates: GateSet,
+    *,
+    dataset: "str | os.PathLike[str] | None" = None,
+    calibration: "str | os.PathLike[str] | None" = None,
+    backend: str = "torch",
+    max_tokens: int = 256,
+    batch_size: int = 8,
+    cache_dir: "str | os.PathLike[str] | None" = None,
+    manifest: "str | os.PathLike[str] | None" = None,
+    expect_sha256: str | None = None,
+    expectations: bool = True,
+    suites_dirs: Iterable["str | os.PathLike[str]"] = (),
+    docs_dir: "str | os.PathLike[str] | None" = None,
+    progress: ProgressFn | None = None,
+) -> Validation:
+    """Run every gate on `candidate` and return the Validation (no files written except GX Data Docs into
+    `docs_dir`); raises QuantGateError when an input is unusable."""
+    from validation.datasets import DEFAULT_CALIBRATION, DEFAULT_EVAL, load_dataset
+    from validation.evaluate import evaluate, model_sha256
+    from validation.structural import structural_gates
+
+    say = progress or (lambda _msg: None)
+    baseline, candidate = Path(baseline), Path(candidate)
+    if not baseline.exists():
+        raise QuantGateError(f"baseline not found: {baseline}")
+    ds_path = Path(dataset) if dataset is not None else DEFAULT_EVAL
+    cal_path = Path(calibration) if calibration is not None else (
+        DEFAULT_CALIBRATION if dataset is None and DEFAULT_CALIBRATION.exists() else None)
+    say("structural gates")
+    base_sha = model_sha256(baseline)
+    facts, results = structural_gates(candidate, baseline=baseline, baseline_sha256=base_sha, manifest=manifest,
+                                      expected_sha=expect_sha256)
+    eval_ds = load_dataset(ds_path)
+    cal_ds = load_dataset(cal_path) if cal_path is not None else None
+    suites = []
+    if expectations:
+        from validation.expectations import find_suites
+
+        suites = find_suites(suites_dirs)
+    v = Validation(verdict=Verdict(facts.sha256, False, [], gates.label), gate_set=gates, baseline=str(baseline),
+                   baseline_sha256=base_sha, facts=facts, dataset_path=str(ds_path))
+    if not all(r.passed for r in results):
+        why = "a structural gate failed"
+        results += [GateResult(name=f"expectation:{s.name}", kind="expectation", skipped=True,
+                               detail=f"skipped: {why}") for s in suites]
+        results += _skipped(gates, why)
+        return _finish(v, results)
+    params = {"allowed_categories": sorted({"code", "chat", "math"} | set(eval_ds.categories())),
+              "min_chars": 1, "max_chars": 8000}
+    if suites:
+        from validation.expectations import dataset_table, run_suites
+
+        say("dataset expectations")
+        results += run_suites({"dataset": dataset_table(eval_ds, cal_ds)}, suites, params, docs_dir=docs_dir)
+    say("evaluation")
+    report = evaluate(baseline, candidate, eval_ds, backend=backend, max_tokens=max_tokens, batch_size=batch_size,
+                      cache_dir=cache_dir)
+    v.eval_report = report
+    if suites:
+        from validation.expectations import run_suites, tensor_table
+
+        say("tensor expectations")
+        names = _model_tensor_names(baseline)
+        results += run_suites({"tensors": tensor_table(report.per_tensor)}, suites,
+                              {**params, "n_model_tensors": len(names), "model_tensor_names": names},
+                              docs_dir=docs_dir)
+    results += evaluate_gates(gates, report)
+    return _finish(v, results)
+
+
+def _finish(v: Validation, results: list[GateResult]) -> Validation:
+    v.verdict.gates = results
+    v.verdict.passed = bool(results) and all(r.passed and not r.skipped for r in results)
+    v.verdict.created_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if v.eval_report is not None:
+        m = v.eval_report.overall.to_dict()
+        v.verdict.metrics = {k: float(x) for k, x in m.items() if isinstance(x, (int, float))}
+    v.verdict.metrics["gates_failed"] = float(sum(1 for r in results if not r.passed))
+    return v
+
+
+def validate(
+    baseline: "str | os.PathLike[str]",
+    candidate: "str | os.PathLike[str]",
+    gates: GateSet,
+    *,
+    report_dir: "str | os.PathLike[str] | None" = None,
+    junit: "str | os.PathLike[str] | None" = None,
+    data_docs: bool = True,
+    **kwargs: Any,
+) -> Verdict:
+    """Validate `candidate` against `baseline` with `gates` and write the reports (validation.json/.md/.html,
+    verdict.json, junit.xml, gx/ Data Docs) atomically into report_dir/<artifact sha256>/ (default
+    <candidate>.reports/); returns the Verdict (report paths filled in). Unusable inputs: error.json only, then
+    UnusableInput. kwargs: see run_validation."""
+    from validation import reports
+
+    candidate = Path(candidate)
+    root = Path(report_dir) if report_dir is not None else reports.default_report_root(candidate)
+    key = reports.artifact_key(candidate)
+    staging = reports.Staging(root, key)
+    try:
+        with staging:
+            try:
+                v = run_validation(baseline, candidate, gates,
+                                   docs_dir=staging.path / "gx" if data_docs and kwargs.get("expectations", True)
+                                   else None, **kwargs)
+            except QuantGateError as e:
+                staging.reset()
+                reports.write_error(staging.path, e, candidate=candidate, baseline=Path(baseline), sha256=key)
+                staging.publish()
+                if junit is not None:
+                    from quant.atomic import atomic_write_text
+                    from validation.junit import error_junit_xml
+
+                    atomic_write_text(junit, error_junit_xml(str(e)))
+                raise UnusableInput(str(e), staging.final / "error.json") from e
+            reports.write_reports(staging.path, v, final=staging.final, junit_copy=junit)
+            staging.publish()
+            return v.verdict
+    finally:
+        staging.cleanup()
+
+
+__all__ = ["EXIT_PASSED", "EXIT_FAILED", "EXIT_UNUSABLE", "UnusableInput", "Validation", "exit_code",
+           "run_validation", "validate"]

@@ -1,0 +1,270 @@
+"""Structural gates: checks on the candidate GGUF file itself, run before any model is loaded.
+
+A file that cannot be parsed at all (missing, not GGUF, truncated, corrupt tensor table) is *unusable*:
+`inspect_candidate` raises and the caller exits 2. Everything else becomes a GateResult (kind "structural"):
+  structural:verify        quant.verify.verify_gguf finds no spec / llama.cpp problem (values are checked below)
+  structural:finite        no NaN or Inf in any dequantized tensor
+  structural:file_type     general.file_type agrees with the tensor types present (and quantgate.* provenance)
+  structural:sha256        the file's SHA-256 equals the expected one (manifest / registry record), when given
+  structural:derived_from  quantgate.source_sha256 equals the baseline's checkpoint SHA-256, when a baseline is given
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quant.errors import CheckpointError, GGUFFormatError, QuantGateError
+from quantgate.records import GateResult
+
+_CHUNK_ELEMENTS = 1 << 22          # dequantize at most this many values at a time (16 MiB of float32)
+_HEX64 = re.compile(r"\b[0-9a-fA-F]{64}\b")
+
+
+@dataclass
+class CandidateFacts:
+    """What the structural gates learned about a GGUF: identity, file type, provenance, tensors."""
+
+    path: str
+    sha256: str
+    nbytes: int
+    file_type: int | None
+    precision: str | None                   # quantgate.precision, when quantgate wrote the file
+    source_sha256: str | None               # quantgate.source_sha256, when quantgate wrote the file
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    tensor_shapes: dict[str, list[int]] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def inspect_candidate(path: "str | os.PathLike[str]") -> CandidateFacts:
+    """Hash and parse the candidate strictly; raise QuantGateError (-> exit 2) when it is missing or unparseable."""
+    from quant.gguf_reader import read_gguf
+    from quant.hashing import file_sha256
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"candidate not found: {p}")
+    if not p.is_file():
+        raise CheckpointError(f"candidate is not a file: {p}")
+    try:
+        g = read_gguf(p, strict=True)
+    except GGUFFormatError as e:
+        msg = str(e)
+        raise GGUFFormatError(msg if str(p) in msg else f"{p}: {msg}") from None
+    with g:
+        ft = g.value("general.file_type")
+        return CandidateFacts(
+            path=str(p), sha256=file_sha256(p), nbytes=p.stat().st_size,
+            file_type=int(ft) if isinstance(ft, (int, np.integer)) else None,
+            precision=_str_or_none(g.value("quantgate.precision")),
+            source_sha256=_str_or_none(g.value("quantgate.source_sha256")),
+            tensor_types={t.name: t.qtype for t in g.tensors},
+            tensor_shapes={t.name: list(t.shape) for t in g.tensors},
+            tensor_bytes={t.name: t.nbytes for t in g.tensors},
+        )
+
+
+def _str_or_none(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def verify_gate(path: "str | os.PathLike[str]") -> GateResult:
+    """structural:verify: the file passes verify_gguf (structure, metadata, padding; values are the finite gate's)."""
+    from quant.verify import verify_gguf
+
+    rep = verify_gguf(path, check_values=False)
+    detail = "no problems" if rep.ok else "; ".join(rep.problems[:5]) + (
+        f" (+{len(rep.problems) - 5} more)" if len(rep.problems) > 5 else "")
+    return GateResult(name="structural:verify", kind="structural", value=float(len(rep.problems)),
+                      comparator="==", threshold=0.0, passed=rep.ok, detail=detail)
+
+
+def count_non_finite(path: "str | os.PathLike[str]") -> dict[str, tuple[int, int]]:
+    """{tensor: (n_nan, n_inf)} for every tensor holding NaN or Inf once dequantized, reading rows in chunks."""
+    from quant.api import dequantize
+    from quant.formats import QTYPES
+    from quant.gguf_reader import read_gguf
+
+    bad: dict[str, tuple[int, int]] = {}
+    with read_gguf(path) as g:
+        for t in g.tensors:
+            if not t.nbytes or t.qtype not in QTYPES:
+                continue
+            cols = t.shape[-1] if t.shape else 1
+            row_bytes = QTYPES[t.qtype].row_bytes(cols)
+            rows = t.nbytes // row_bytes
+            raw = g.tensor_data(t)
+            step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+            n_nan = n_inf = 0
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
+                x = dequantize(raw[r * row_bytes:(r + n) * row_bytes], t.qtype, (n, cols))
+                n_nan += int(np.isnan(x).sum())
+                n_inf += int(np.isinf(x).sum())
+            if n_nan or n_inf:
+                bad[t.name] = (n_nan, n_inf)
+    return bad
+
+
+def finite_gate(path: "str | os.PathLike[str]") -> GateResult:
+    """structural:finite: no NaN/Inf anywhere in the dequantized weights."""
+    bad = count_non_finite(path)
+    n = sum(a + b for a, b in bad.values())
+    detail = "all dequantized values are finite" if not bad else "; ".join(
+        f"{name}: {a} NaN, {b} Inf" for name, (a, b) in list(bad.items())[:5])
+    return GateResult(name="structural:finite", kind="structural", value=float(n), comparator="==",
+                      threshold=0.0, passed=not bad, detail=detail)
+
+
+def _expected_types(file_type: int) -> set[str] | None:
+    from quant.mixes import PRECISIONS, _FALLBACK
+
+    for mix in PRECISIONS.values():
+        if mix.llama_ftype == file_type:
+            d = mix.default_type
+            return {d, _FALLBACK[d]} if d in _FALLBACK else {d}
+    return None
+
+
+def file_type_gate(facts: CandidateFacts, metadata: dict[str, Any]) -> GateResult:
+    """structural:file_type: general.file_type's main type (or its ggml fallback) is present, no float file holds
+    quantized tensors, and quantgate.precision / quantgate.tensor_type_counts (when present) match the file."""
+    from quant.mixes import PRECISIONS
+    from quant.verify import LLAMA_FTYPES, UNQUANTIZED_TYPES
+
+    problems: list[str] = []
+    counts = Counter(facts.tensor_types.values())
+    ft = facts.file_type
+    quantized = {q for q in counts if q not in UNQUANTIZED_TYPES}
+    if ft is None:
+        if quantized:
+            problems.append("general.file_type is missing but the file holds quantized tensors")
+    else:
+        name = LLAMA_FTYPES.get(ft, f"unknown({ft})")
+        want = _expected_types(ft)
+        if want is None:
+            problems.append(f"general.file_type {ft} ({name}) is not a file type quantgate can check")
+        elif want <= {"F32", "F16", "BF16"}:
+            if quantized:
+                problems.append(f"general.file_type is {name} but tensors are {', '.join(sorted(quantized))}")
+        elif not (want & set(counts)):
+            problems.append(f"general.file_type is {name} but no tensor is {' or '.join(sorted(want))} "
+                            f"(types present: {', '.join(sorted(counts))})")
+        if facts.precision is not None:
+            mix = PRECISIONS.get(facts.precision.upper())
+            if mix is None or mix.llama_ftype != ft:
+                problems.append(f"quantgate.precision {facts.precision} does not match general.file_type {ft} ({name})")
+    recorded = metadata.get("quantgate.tensor_type_counts")
+    if isinstance(recorded, str):
+        try:
+            rec = {str(k): int(v) for k, v in json.loads(recorded).items()}
+        except (ValueError, AttributeError, TypeError):
+            problems.append("quantgate.tensor_type_counts is not a JSON object of counts")
+        else:
+            if rec != dict(counts):
+                problems.append(f"quantgate.tensor_type_counts {rec} differs from the tensors' types {dict(counts)}")
+    detail = "; ".join(problems) if problems else (
+        f"general.file_type {ft} ({LLAMA_FTYPES.get(ft, '?') if ft is not None else 'absent'}); types "
+        + ", ".join(f"{q}x{n}" for q, n in sorted(counts.items())))
+    return GateResult(name="structural:file_type", kind="structural", passed=not problems, detail=detail,
+                      value=float(len(problems)), comparator="==", threshold=0.0)
+
+
+def expected_sha256(manifest: "str | os.PathLike[str]", artifact_name: str) -> str:
+    """The SHA-256 a manifest expects: a JSON record (QuantizedArtifact, registry record, verdict: `sha256` or
+    `artifact_sha256` key) or a `sha256sum` text file (the line naming `artifact_name`, else its only hash)."""
+    p = Path(manifest)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise QuantGateError(f"cannot read manifest {p}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        for scope in [data] + [data[k] for k in ("artifact", "verdict") if isinstance(data.get(k), dict)]:
+            for key in ("sha256", "artifact_sha256"):
+                v = scope.get(key)
+                if isinstance(v, str) and _HEX64.fullmatch(v):
+                    return v.lower()
+        raise QuantGateError(f"manifest {p} has no 'sha256' or 'artifact_sha256' field")
+    hits = [(m.group(0).lower(), line) for line in text.splitlines() if (m := _HEX64.search(line))]
+    named = [h for h, line in hits if line.rstrip().endswith(artifact_name)]
+    if named:
+        return named[0]
+    if len(hits) == 1:
+        return hits[0][0]
+    raise QuantGateError(f"manifest {p} has no SHA-256 line for {artifact_name}")
+
+
+def sha256_gate(facts: CandidateFacts, expected: str, source: str) -> GateResult:
+    """structural:sha256: the artifact is byte-for-byte the one a manifest / registry record names."""
+    ok = facts.sha256 == expected.lower()
+    return GateResult(name="structural:sha256", kind="structural", passed=ok,
+                      detail=f"sha256 {facts.sha256[:16]} {'matches' if ok else 'differs from'} {expected[:16]} "
+                             f"expected by {source}")
+
+
+def derived_from_gate(facts: CandidateFacts, baseline: "str | os.PathLike[str]", baseline_sha256: str) -> GateResult:
+    """structural:derived_from: the candidate records the baseline's checkpoint SHA-256 as its source; a file
+    without quantgate provenance passes only when every tensor exists in the baseline with the same shape."""
+    res = GateResult(name="structural:derived_from", kind="structural")
+    if facts.source_sha256 is not None:
+        res.passed = facts.source_sha256 == baseline_sha256
+        res.detail = (f"quantgate.source_sha256 {facts.source_sha256[:16]} "
+                      f"{'matches' if res.passed else 'differs from'} the baseline's {baseline_sha256[:16]}")
+        return res
+    from quant.loaders import open_checkpoint
+    from quant.model_plan import plan_model
+
+    with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt:
+        planned = {t.name: list(t.shape) for t in plan_model(ckpt).tensors}
+    missing = [n for n, s in facts.tensor_shapes.items() if planned.get(n) != s]
+    res.passed = not missing
+    res.detail = ("no quantgate.source_sha256 in the file; every tensor matches a baseline tensor's name and shape"
+                  if res.passed else f"no quantgate.source_sha256, and {len(missing)} tensors do not match the "
+                                     f"baseline by name and shape (first: {missing[0]})")
+    return res
+
+
+def read_metadata(path: "str | os.PathLike[str]") -> dict[str, Any]:
+    """The GGUF's KVs as {key: value} (arrays as lists)."""
+    from quant.gguf_reader import read_gguf
+
+    with read_gguf(path) as g:
+        return {kv.key: (kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value) for kv in g.kv}
+
+
+def structural_gates(candidate: "str | os.PathLike[str]", *, baseline: "str | os.PathLike[str] | None" = None,
+                     baseline_sha256: str | None = None, manifest: "str | os.PathLike[str] | None" = None,
+                     expected_sha: str | None = None) -> tuple[CandidateFacts, list[GateResult]]:
+    """Run every structural gate on `candidate`; raises QuantGateError (exit 2) only when it is unusable."""
+    facts = inspect_candidate(candidate)
+    meta = read_metadata(candidate)
+    gates = [verify_gate(candidate), finite_gate(candidate), file_type_gate(facts, meta)]
+    if manifest is not None:
+        gates.append(sha256_gate(facts, expected_sha256(manifest, Path(candidate).name), str(manifest)))
+    elif expected_sha is not None:
+        gates.append(sha256_gate(facts, expected_sha, "--expect-sha256"))
+    if baseline is not None:
+        if baseline_sha256 is None:
+            from validation.evaluate import model_sha256
+
+            baseline_sha256 = model_sha256(baseline)
+        gates.append(derived_from_gate(facts, baseline, baseline_sha256))
+    return facts, gates
+
+
+__all__ = ["CandidateFacts", "inspect_candidate", "verify_gate", "count_non_finite", "finite_gate",
+           "file_type_gate", "expected_sha256", "sha256_gate", "derived_from_gate", "read_metadata",
+           "structural_gates"]
