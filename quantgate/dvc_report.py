@@ -54,6 +54,11 @@ def render_plots(metric_files: Iterable[Path], tensor_error_files: Iterable[Path
     from quant.atomic import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    metric_files = [p for f in metric_files for p in (sorted(x for x in Path(f).iterdir() if x.is_dir())
+                                                      if Path(f).is_dir() and not any(Path(f).glob("*.json"))
+                                                      else [Path(f)])]
+    tensor_error_files = [p for f in tensor_error_files for p in (sorted(Path(f).glob("*.json"))
+                                                                  if Path(f).is_dir() else [Path(f)])]
     rows = []
     for f in metric_files:
         d: dict[str, Any] = {}

@@ -189,14 +189,15 @@ def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | 
         return {**rec, "reused": False}
 
 
-def gate_set_key(gates: Mapping[str, Any], dataset: str | None, options: Mapping[str, Any] | None = None) -> str:
+def gate_set_key(gates: Any, dataset: str | None, options: Mapping[str, Any] | None = None) -> str:
     """Content key of a gate configuration: same thresholds + dataset + options -> same verdict file."""
     from quantgate.records import canonical_json, sha256_text
 
-    return sha256_text(canonical_json({"gates": dict(gates), "dataset": dataset, "options": dict(options or {})}))
+    g = dict(gates) if isinstance(gates, Mapping) else list(gates)
+    return sha256_text(canonical_json({"gates": g, "dataset": dataset, "options": dict(options or {})}))
 
 
-def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[str]", gates: Mapping[str, Any],
+def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[str]", gates: Any,
                   dataset: str | None = None, options: Mapping[str, Any] | None = None,
                   out: "str | os.PathLike[str] | None" = None,
                   on_progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -212,12 +213,16 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
     prev = _read_json(target)
     if out is None and prev and prev.get("artifact_sha256") == artifact["sha256"]:
         return {**prev, "reused": True}
+    from validation.gates import gates_from_config
+
+    gate_set = gates_from_config(dict(gates) if isinstance(gates, Mapping) else {"gates": list(gates)})
     kwargs: dict[str, Any] = dict(options or {})
     if dataset is not None:
         kwargs["dataset"] = dataset
     if on_progress is not None:
-        kwargs["progress"] = lambda d, t: on_progress(d, t, "validate")
-    verdict = gate_mod.validate(gguf, baseline=Path(baseline), gates=dict(gates), **kwargs)
+        kwargs["progress"] = lambda msg: on_progress(0, 1, f"validate: {msg}")
+    kwargs.setdefault("data_docs", False)
+    verdict = gate_mod.validate(Path(baseline), gguf, gate_set, report_dir=target.parent / "reports", **kwargs)
     rec = verdict.to_dict()
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(rec, indent=2, sort_keys=True) + "\n")
@@ -236,25 +241,22 @@ def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None
 
 
 def profile_step(model: "str | os.PathLike[str]", *, workdir: "str | os.PathLike[str]" = "out/jobs",
-                 out: "str | os.PathLike[str] | None" = None) -> dict[str, Any]:
+                 out: "str | os.PathLike[str] | None" = None, calib: str | None = None) -> dict[str, Any]:
     """Per-tensor sensitivity profile of the source model (quant.sensitivity, issue 4), cached by source SHA-256."""
     if not step_available("profile"):
         raise QuantGateError("the profile step needs quant/sensitivity/profile.py (issue 4), which is not installed")
-    from quant.sensitivity import profile as prof  # type: ignore[attr-defined]
+    from quant.sensitivity.profile import build_profile
+    from validation.datasets import DEFAULT_CALIBRATION
 
     ident = source_identity(model)
     target = Path(out) if out is not None else Path(workdir) / f"profile-{ident['sha256'][:16]}.json"
     prev = _read_json(target)
     if out is None and prev is not None:
-        return prev
-    result = prof.profile_model(Path(model))  # type: ignore[attr-defined]
-    rec = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        return {"path": str(target), "reused": True}
+    prof = build_profile(Path(model), Path(calib or DEFAULT_CALIBRATION))
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target, json.dumps(rec, indent=2, sort_keys=True) + "\n")
-    return rec
-
-
-# ---------------------------------------------------------------------------------------------- the job
+    prof.save(target)
+    return {"path": str(target), "reused": False}
 
 
 def run_mix(spec: JobSpec, mix: str, on_progress: ProgressFn | None = None) -> dict[str, Any]:

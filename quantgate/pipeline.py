@@ -103,8 +103,19 @@ def _explicit_types(plan, type_map: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None) -> QuantizedArtifact:
-    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record."""
+def audit(action: str, **fields) -> None:
+    """Append an event to the hash-chained audit trail (registry.audit; database from QUANTGATE_AUDIT_DB_URL or
+    beside the MLflow store). Every pipeline action goes through here, whichever runner called it."""
+    from registry.audit import record_event
+
+    record_event(action, **fields)
+
+
+def quantize_model(
+    req: QuantizeRequest, *, on_tensor: ProgressFn | None = None, record: bool = True
+) -> QuantizedArtifact:
+    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record
+    and (record=True) appends a "quantize" audit event."""
     from quant.gguf_writer import TensorSpec, write_gguf
     from quant.hashing import checkpoint_sha256, file_sha256
     from quant.loaders import open_checkpoint
@@ -184,7 +195,7 @@ def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None)
     n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
     tensor_bytes = {s.name: get_qtype(s.qtype).nbytes(s.shape) for s in specs}
     total = sum(tensor_bytes.values())
-    return QuantizedArtifact(
+    art = QuantizedArtifact(
         path=str(result.path),
         sha256=result.sha256,
         nbytes=result.nbytes,
@@ -201,6 +212,38 @@ def quantize_model(req: QuantizeRequest, *, on_tensor: ProgressFn | None = None)
         seconds=t_write - t0,
         timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
     )
+    if record:
+        inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
+        if req.imatrix is not None:
+            inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
+        audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,
+              outputs=[{"role": "gguf", "path": art.path, "sha256": art.sha256}],
+              config={"recipe": recipe.__dict__, "bits_per_weight": art.bits_per_weight, "nbytes": art.nbytes})
+    return art
+
+
+def validate_artifact(baseline: Path, candidate: Path, gates, *, record: bool = True, **kwargs):
+    """Run the gate (validation.gate.validate: structural gates, expectation suites, metric gates, reports) and
+    append a "validate" audit event with the verdict; unusable inputs are recorded too, then re-raised."""
+    from validation.gate import UnusableInput
+    from validation.gate import validate as run_gate
+
+    try:
+        verdict = run_gate(baseline, candidate, gates, **kwargs)
+    except UnusableInput as e:
+        if record:
+            audit("validate", inputs=[{"role": "baseline", "path": str(baseline)},
+                                      {"role": "candidate", "path": str(candidate)}],
+                  config={"gate_set": gates.name}, verdict="unusable", detail=str(e))
+        raise
+    if record:
+        audit("validate", artifact_sha256=verdict.artifact_sha256,
+              inputs=[{"role": "baseline", "path": str(baseline)},
+                      {"role": "candidate", "path": str(candidate), "sha256": verdict.artifact_sha256}],
+              outputs=[{"role": "verdict", "path": verdict.report_paths["verdict"]}] if "verdict" in verdict.report_paths else [],
+              config={"gate_set": verdict.gate_set, "metrics": verdict.metrics},
+              verdict="passed" if verdict.passed else "failed")
+    return verdict
 
 
 def artifact_json(a: QuantizedArtifact) -> str:

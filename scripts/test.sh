@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --oracle --browser
 export QUANTGATE_REQUIRE_ORACLE=1
+# The Celery tests start their own redis-server; `quantgate submit/worker` default to one on 6379.
+if command -v redis-server >/dev/null && ! redis-cli ping >/dev/null 2>&1; then
+  redis-server --port 6379 --bind 127.0.0.1 --daemonize yes --save '' --appendonly no
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -13,6 +13,22 @@ def oracle_required() -> bool:
     return os.environ.get("QUANTGATE_REQUIRE_ORACLE", "") not in ("", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_store(tmp_path_factory):
+    """Every test session gets its own MLflow store, audit DB and cache: tests never touch the user's."""
+    root = tmp_path_factory.mktemp("qg-store")
+    saved = {k: os.environ.get(k) for k in ("QUANTGATE_STORE_DIR", "QUANTGATE_AUDIT_DB_URL", "QUANTGATE_CACHE_DIR")}
+    os.environ["QUANTGATE_STORE_DIR"] = str(root / "store")
+    os.environ["QUANTGATE_AUDIT_DB_URL"] = f"sqlite:///{root / 'audit.db'}"
+    os.environ.setdefault("QUANTGATE_CACHE_DIR", str(root / "cache"))
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def require_oracle():
     """Skip (locally) or fail (CI) when llama-cpp-python's libggml is not importable."""

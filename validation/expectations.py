@@ -148,7 +148,7 @@ def _detail(r: Any, index_column: str | None, parameters: dict[str, Any]) -> tup
     if r.exception_info and r.exception_info.get("raised_exception"):
         return f"expectation raised: {r.exception_info.get('exception_message')}", None
     ov = res.get("observed_value")
-    if "missing_count" in res and "_set" in r.expectation_config.type:  # set expectations (GX 1.24): values missing from / unexpected in the set
+    if "missing_count" in res and "distinct_values" in r.expectation_config.type:  # set expectations (GX 1.24): values missing from / unexpected in the set
         missing, extra = res.get("partial_missing_list") or [], res.get("partial_unexpected_list") or []
         n = (res.get("missing_count") or 0) + (res.get("unexpected_count") or 0)
         return f"missing {_short(missing)}; unexpected {_short(extra)}", float(n)

@@ -42,8 +42,8 @@ def validate(
 ) -> None:
     """Gate a quantized GGUF: structural gates, expectation suites, then quality metrics vs the baseline.
     Exit 0 passed, 1 a gate failed, 2 unusable inputs. The last line printed is the verdict."""
+    from quantgate.pipeline import validate_artifact as run
     from validation.gate import UnusableInput, exit_code
-    from validation.gate import validate as run
     from validation.gates import default_gates, load_gates
     from validation.reports import gate_line, summary_line
 

@@ -2,6 +2,7 @@
 a free port (--save '', so killing and restarting it is safe) and workers via `quantgate worker`."""
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -121,6 +122,7 @@ def redis_server(tmp_path_factory):
     srv = RedisServer(tmp_path_factory.mktemp("redis"))
     srv.start()
     yield srv
+    gc.collect()
     srv.stop()
 
 
@@ -153,6 +155,7 @@ def cluster(redis_server, tmp_path, monkeypatch):
             return w
 
     yield Cluster()
+    gc.collect()  # AsyncResults made while sending unsubscribe in __del__: let them do it while Redis is up
     for w in workers:
         w.stop()
     if redis_server.ping():

@@ -41,7 +41,7 @@ def test_tensor_and_dataset_suites(tmp_path):
     ]
     names = [t.name for t in per_tensor[:3]] + ["output.weight"]   # the model has a tensor the table lacks
     ev = _ds([("e1", "code", "def f(): pass"), ("e2", "chat", "User: hi"), ("e3", "poetry", "roses"),
-              ("e4", "math", "1 + 1 = 2"), ("e5", "math", "User:   hi")])
+              ("e4", "math", "1 + 1 = 2"), ("e5", "math", "User:   hi"), ("e6", "math", "3 * 3 = 9")])
     cal = _ds([("c1", "code", "def f():  pass"), ("c2", "math", "2 + 2 = 4")])
     user = tmp_path / "suites"
     user.mkdir()
