@@ -18,7 +18,7 @@ from gguf.constants import GGUFValueType
 from quant.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.loaders.base import Checkpoint, SourceTensor
-from quant.tokenizer_gguf import TokenizerExport, tokenizer_kvs
+from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, tokenizer_kvs
 
 GENERIC_ARCH = "quantgate-generic"
 MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
@@ -237,7 +237,7 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: in
     if spec.llama_extras:
         w.add_vocab_size(cfg["vocab_size"])
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    kvs = [KV(k, v.value, v.type, v.sub_type) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
+    kvs = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
     return kvs, file_type_index
 
 

@@ -358,11 +358,12 @@ def tokenizer_kvs(model_dir: Path, arch: str, hparams: dict[str, Any], *,
             _set_sentencepiece(w, model_dir, vocab_size, exp)
         except FileNotFoundError:
             _set_gpt2(w, model_dir, vocab_size, tokenizer_pre, exp)
-    exp.kv = [_kv(k, v) for k, v in w.kv_data[0].items() if k != "general.architecture"]
+    exp.kv = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k != "general.architecture"]
     return exp
 
 
-def _kv(key: str, v: Any) -> KV:
+def kv_from_writer(key: str, v: Any) -> KV:
+    """A gguf.GGUFWriter entry as a KV, with the array element type GGUFWriter would infer when writing."""
     sub = v.sub_type
     if v.type == gguf.GGUFValueType.ARRAY and sub is None and len(v.value):
         sub = gguf.GGUFValueType.get_type(v.value[0])  # what GGUFWriter._pack_val infers when writing

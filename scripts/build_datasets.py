@@ -600,7 +600,7 @@ eval.jsonl
 
 - Math and chat are templated: held-out samples are new instances (different numbers, names, combinations), not new
   templates, so perplexity on them measures in-distribution fit. Code held out by whole file is the harder test.
-- All text is English and Python; it is sized for a ~6M-parameter test model, not for judging large models.
+- All text is English and Python; it is sized for a ~5M-parameter test model, not for judging large models.
 """
 
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="dvc metrics/params diff need git")
+pytestmark = [pytest.mark.skipif(shutil.which("git") is None, reason="dvc metrics/params diff need git"),
+              pytest.mark.slow]  # ~2 min on 2 busy cores: 21 stage runs, each a fresh `quantgate` process
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -41,7 +42,8 @@ def repo(tmp_path_factory):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     make_tiny_model(repo / "models" / "tiny")
-    write_samples(repo / "data" / "eval.jsonl") if (repo / "data").mkdir() is None else None
+    (repo / "data").mkdir()
+    write_samples(repo / "data" / "eval.jsonl")
     write_samples(repo / "data" / "calib.jsonl", seed=7, n=3)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = {"path": "models/tiny", "name": "tiny"}

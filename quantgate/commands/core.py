@@ -52,6 +52,11 @@ def quantize(
 
     if precision.strip().upper() == "AUTO":
         from quant.sensitivity.auto import auto_request
+
+        if pure or tensor_type or output_tensor_type or token_embedding_type or allow_requantize or generic:
+            raise QuantGateError("--precision auto chooses every tensor's type: use --overrides (YAML regex -> type) "
+                                 "instead of --pure/--tensor-type/--output-tensor-type/--token-embedding-type; "
+                                 "--allow-requantize and --generic are not supported with it")
         from quant.sensitivity.policy import load_overrides
 
         with auto_request(model, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,

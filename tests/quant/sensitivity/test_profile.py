@@ -221,3 +221,6 @@ def test_cli_imatrix_profile_and_quantize_auto_within_a_target_size(tiny_model, 
     r = run(app, ["quantize", "--model", str(tiny_model), "--precision", "Q4_K_M", "--target-bpw", "4",
                   "--out", str(tmp_path / "x.gguf")])
     assert r.exit_code == 2 and "--precision auto" in r.output
+    r = run(app, ["quantize", "--model", str(tiny_model), "--precision", "auto", "--profile", str(tmp_path / "p.json"),
+                  "--tensor-type", "ffn=Q8_0", "--out", str(tmp_path / "y.gguf")])
+    assert r.exit_code == 2 and "--overrides" in r.output
