@@ -23,6 +23,16 @@ if ! ls "$DEST"/llama_cpp_python-*.whl >/dev/null 2>&1; then
       "llama-cpp-python==$VERSION" -w "$tmp" >&2
   rm -rf "$DEST"; mv "$tmp" "$DEST"
 fi
+# The pinned llama.cpp source itself (the sdist vendors it): the converter-comparison tests run its
+# convert_hf_to_gguf.py. Kept beside the wheels.
+SRC_ROOT="$(dirname "$ROOT")/src"
+if [ ! -d "$SRC_ROOT/llama_cpp_python-$VERSION/vendor/llama.cpp" ]; then
+  tmp="$SRC_ROOT.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+  "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp" >&2
+  tar xzf "$tmp"/llama_cpp_python-$VERSION.tar.gz -C "$tmp"
+  mkdir -p "$SRC_ROOT"; rm -rf "$SRC_ROOT/llama_cpp_python-$VERSION"
+  mv "$tmp/llama_cpp_python-$VERSION" "$SRC_ROOT/"; rm -rf "$tmp"
+fi
 if [ "${2:-}" = "--install" ]; then
   "$PY" -m pip install -q --force-reinstall --no-deps "$DEST"/llama_cpp_python-*.whl >&2
   "$PY" -m pip install -q "diskcache>=5.6" "jinja2>=2.11" "typing-extensions>=4.5" >&2

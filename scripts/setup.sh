@@ -25,9 +25,9 @@ fi
 for arg in "$@"; do
   case "$arg" in
     --oracle)
-      if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
-        bash scripts/build_oracle.sh nofma --install "$VPY" >/dev/null
-      fi ;;
+      install=--install
+      "$VPY" -c "import llama_cpp" 2>/dev/null && install=""
+      bash scripts/build_oracle.sh nofma "$install" "$VPY" >/dev/null ;;
     --browser)
       if ! command -v chromium >/dev/null 2>&1; then
         echo "setup: installing Debian's chromium for the headless report tests" >&2

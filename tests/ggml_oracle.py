@@ -15,6 +15,17 @@ from gguf.constants import GGMLQuantizationType
 
 from quant.formats import get_qtype
 
+ORACLE_VERSION = "0.3.36"
+
+
+def llamacpp_src() -> Path:
+    """The pinned llama.cpp source tree (scripts/build_oracle.sh extracts it; QUANTGATE_LLAMACPP_SRC overrides)."""
+    env = os.environ.get("QUANTGATE_LLAMACPP_SRC")
+    if env:
+        return Path(env)
+    root = Path(os.environ.get("QUANTGATE_WHEEL_CACHE", Path.home() / ".cache/quantgate/wheels")).parent
+    return root / "src" / f"llama_cpp_python-{ORACLE_VERSION}" / "vendor" / "llama.cpp"
+
 
 def ggml_lib_path() -> Path | None:
     """Path of the libggml-base shared library to use, or None when no oracle is installed."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quant.hashing import checkpoint_sha256, file_sha256
 

@@ -13,7 +13,13 @@ from quant.formats import get_qtype
 from quant.kernels import kquants
 from quant.kernels.common import fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_int
 from tests.quant.kernel_cases import (
-    FAMILIES, IMATRIX, assert_blocks_equal, gguf_dequant, make_family, make_imatrix, same_floats,
+    FAMILIES,
+    IMATRIX,
+    assert_blocks_equal,
+    gguf_dequant,
+    make_family,
+    make_imatrix,
+    same_floats,
 )
 
 TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")

@@ -11,7 +11,13 @@ import quant
 from quant.formats import get_qtype
 from quant.kernels import legacy
 from tests.quant.kernel_cases import (
-    FAMILIES, IMATRIX, assert_blocks_equal, gguf_dequant, make_family, make_imatrix, same_floats,
+    FAMILIES,
+    IMATRIX,
+    assert_blocks_equal,
+    gguf_dequant,
+    make_family,
+    make_imatrix,
+    same_floats,
 )
 
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")

@@ -11,12 +11,19 @@ import pytest
 
 from quant.errors import CheckpointError
 from quant.tokenizer_gguf import (
-    CHKTXT, KNOWN_PRE_HASHES, PRE_BY_SPLIT_REGEX, bpe_pre, does_token_look_special, sentencepiece_vocab,
+    CHKTXT,
+    KNOWN_PRE_HASHES,
+    PRE_BY_SPLIT_REGEX,
+    bpe_pre,
+    does_token_look_special,
+    sentencepiece_vocab,
     tokenizer_kvs,
 )
+from tests import ggml_oracle
+from tests.conftest import oracle_required
 from tests.quantgate.tiny_hf import QWEN2_SPLIT_REGEX, write_sentencepiece
 
-LLAMACPP_SRC = Path(os.environ.get("QUANTGATE_LLAMACPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+LLAMACPP_SRC = ggml_oracle.llamacpp_src()
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,10 @@ def spm_dir(tmp_path_factory) -> Path:
 def test_known_hashes_and_probe_text_are_the_pinned_converters():
     src_file = LLAMACPP_SRC / "conversion" / "base.py"
     if not src_file.is_file():
-        pytest.skip(f"pinned llama.cpp source not found at {LLAMACPP_SRC} (set QUANTGATE_LLAMACPP_SRC)")
+        msg = f"pinned llama.cpp source not found at {LLAMACPP_SRC} (scripts/build_oracle.sh extracts it)"
+        if oracle_required():
+            pytest.fail(msg)
+        pytest.skip(msg)
     src = src_file.read_text(encoding="utf-8")
     body = src[src.index("# Marker: Start get_vocab_base_pre"):src.index("# Marker: End get_vocab_base_pre")]
     pairs = re.findall(r'if chkhsh == "([0-9a-f]{64})":\n(?:\s*#[^\n]*\n)*\s*res = "([^"]+)"', body)

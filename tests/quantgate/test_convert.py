@@ -16,9 +16,11 @@ from quant.errors import CheckpointError
 from quantgate.cli import app
 from quantgate.convert import convert_model, converted_type
 from quantgate.pipeline import QuantizeRequest, quantize_model
+from tests import ggml_oracle
+from tests.conftest import oracle_required
 from tests.quantgate.tiny_hf import make_tiny_model
 
-LLAMACPP_SRC = Path(os.environ.get("QUANTGATE_LLAMACPP_SRC", "/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+LLAMACPP_SRC = ggml_oracle.llamacpp_src()
 # Runs the pinned converter; for our tiny BPE tokenizer (unknown chkhsh) it answers "qwen2" like our regex rule.
 _RUN_CONVERTER = """
 import runpy, sys
@@ -62,7 +64,10 @@ def _kv(path: Path, key: str):
 def test_same_file_as_convert_hf_to_gguf(models, tmp_path, arch, outtype, pre):
     script = LLAMACPP_SRC / "convert_hf_to_gguf.py"
     if not script.is_file():
-        pytest.skip(f"pinned llama.cpp source not found at {LLAMACPP_SRC} (set QUANTGATE_LLAMACPP_SRC)")
+        msg = f"pinned llama.cpp source not found at {LLAMACPP_SRC} (scripts/build_oracle.sh extracts it)"
+        if oracle_required():
+            pytest.fail(msg)
+        pytest.skip(msg)
     ref = tmp_path / "ref.gguf"
     subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), pre, str(models[arch]),
                     "--outfile", str(ref), "--outtype", outtype], check=True, capture_output=True)
@@ -154,10 +159,24 @@ def test_reference_model_same_file_as_convert_hf_to_gguf(tmp_path):
     if not (reference / "model.safetensors").is_file():
         pytest.skip("models/reference/ not built yet (scripts/train_reference_model.py)")
     if not script.is_file():
-        pytest.skip(f"pinned llama.cpp source not found at {LLAMACPP_SRC} (set QUANTGATE_LLAMACPP_SRC)")
+        msg = f"pinned llama.cpp source not found at {LLAMACPP_SRC} (scripts/build_oracle.sh extracts it)"
+        if oracle_required():
+            pytest.fail(msg)
+        pytest.skip(msg)
     ref = tmp_path / "ref.gguf"
     subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(reference),
                     "--outfile", str(ref), "--outtype", "f16"], check=True, capture_output=True)
     ours = tmp_path / "ours.gguf"
     convert_model(reference, ours, "f16")
     assert _gguf(ours) == _gguf(ref)
+
+
+def test_model_card_metadata_arrays(models, tmp_path):
+    src = tmp_path / "carded"
+    src.mkdir()
+    for f in models["llama"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "README.md").write_text("---\nlicense: mit\nlanguage:\n- en\ntags:\n- tiny\n- test\n---\n# tiny\n")
+    convert_model(src, tmp_path / "m.gguf")
+    assert _kv(tmp_path / "m.gguf", "general.tags") == ["tiny", "test"]
+    assert _kv(tmp_path / "m.gguf", "general.languages") == ["en"]

@@ -12,7 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from registry.audit import AuditLog, event_hash
-from registry.store import PromotionRefused, RegistryError, mlflow_client, promote, register_gguf
+from registry.store import (
+    PromotionRefused,
+    RegistryError,
+    mlflow_client,
+    promote,
+    register_gguf,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

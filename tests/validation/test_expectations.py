@@ -10,7 +10,14 @@ import sys
 import pytest
 
 from validation.datasets import Dataset, Sample
-from validation.expectations import SuiteError, dataset_table, find_suites, load_suite, run_suites, tensor_table
+from validation.expectations import (
+    SuiteError,
+    dataset_table,
+    find_suites,
+    load_suite,
+    run_suites,
+    tensor_table,
+)
 from validation.tensor_error import TensorError
 
 PARAMS = {"allowed_categories": ["chat", "code", "math"], "min_chars": 1, "max_chars": 8000}

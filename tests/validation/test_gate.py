@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.validation._gate_fixtures import gate_env, other_model_gguf, run_validate, verdicts  # noqa: F401
+from tests.validation._gate_fixtures import (  # noqa: F401
+    gate_env,
+    other_model_gguf,
+    run_validate,
+    verdicts,
+)
 from validation.gate import EXIT_FAILED, EXIT_PASSED, UnusableInput, exit_code
 
 

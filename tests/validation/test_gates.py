@@ -5,8 +5,14 @@ import math
 
 import pytest
 
-from validation.gates import (GateSpecError, default_gates, evaluate_gates, gates_from_config, load_gates,
-                              parse_gate)
+from validation.gates import (
+    GateSpecError,
+    default_gates,
+    evaluate_gates,
+    gates_from_config,
+    load_gates,
+    parse_gate,
+)
 from validation.metrics import Metrics
 
 

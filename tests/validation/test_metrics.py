@@ -9,8 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from validation.metrics import (Metrics, MetricsAccumulator, kl_per_token, log_softmax, median, percentile,
-                                renormalize, storage_log_probs)
+from validation.metrics import (
+    Metrics,
+    MetricsAccumulator,
+    kl_per_token,
+    log_softmax,
+    median,
+    percentile,
+    renormalize,
+    storage_log_probs,
+)
 
 
 def test_kl_hand_computed():

@@ -22,7 +22,7 @@ def test_json_schema_and_round_trip(verdicts):  # noqa: F811
     assert {"code", "chat", "math"} == set(d["per_category"]) and d["per_tensor"]
     assert eval_report_of(d).overall.kl_mean == v.metrics["kl_mean"]
     verdict = json.loads(Path(v.report_paths["verdict"]).read_text())
-    from registry.store import verdict_from_dict   # the registry reads verdict.json back
+    from registry.store import verdict_from_dict  # the registry reads verdict.json back
 
     assert verdict_from_dict(verdict).passed is False
 

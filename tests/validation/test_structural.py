@@ -10,8 +10,13 @@ import pytest
 from quant.errors import QuantGateError
 from quant.gguf_reader import read_gguf
 from tests.validation._gate_fixtures import gate_env, other_model_gguf  # noqa: F401  (fixtures)
-from validation.structural import (CandidateFacts, expected_sha256, file_type_gate, inspect_candidate,
-                                   structural_gates)
+from validation.structural import (
+    CandidateFacts,
+    expected_sha256,
+    file_type_gate,
+    inspect_candidate,
+    structural_gates,
+)
 
 
 def _by_name(gates):

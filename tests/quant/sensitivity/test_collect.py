@@ -58,7 +58,12 @@ def test_values_are_mean_squared_inputs_of_the_matmul(collected, tiny_model, cal
 
 
 def test_gguf_and_legacy_files_round_trip(collected, tmp_path):
-    from quant.imatrix import legacy_to_raw, load_imatrix, save_imatrix_gguf, save_imatrix_legacy
+    from quant.imatrix import (
+        legacy_to_raw,
+        load_imatrix,
+        save_imatrix_gguf,
+        save_imatrix_legacy,
+    )
 
     save_imatrix_gguf(collected, tmp_path / "i.gguf")
     back = load_imatrix(tmp_path / "i.gguf")

@@ -8,8 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant.sensitivity.policy import (BudgetPolicy, Item, Option, PolicyError, ThresholdPolicy, choose_budget,
-                                      choose_threshold, load_overrides, override_choices, parse_size)
+from quant.sensitivity.policy import (
+    BudgetPolicy,
+    Item,
+    Option,
+    PolicyError,
+    ThresholdPolicy,
+    choose_budget,
+    choose_threshold,
+    load_overrides,
+    override_choices,
+    parse_size,
+)
 
 TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")
 
