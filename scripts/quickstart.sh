@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Set up .venv and run the main job: quantize the llama-shaped sample checkpoint to Q4_K_M, verify it and
-# print its inspect table.
+# The main job on a fresh clone: set up .venv, then run the whole pipeline on the bundled reference model with
+# `dvc repro` (prepare -> profile -> quantize -> validate -> register, one branch per mix in params.yaml),
+# print the evaluation table per mix and where to look next.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-QG=.venv/bin/quantgate
-mkdir -p out
-[ -f out/sample-llama/config.json ] || "$QG" sample --out out/sample-llama
-"$QG" quantize --model out/sample-llama --precision Q4_K_M --out out/sample-llama-Q4_K_M.gguf
-"$QG" verify out/sample-llama-Q4_K_M.gguf
-"$QG" inspect out/sample-llama-Q4_K_M.gguf
+export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
+dvc repro
+echo
+echo "== evaluation per mix (dvc metrics show) =="
+dvc metrics show
+echo
+quantgate models list
+quantgate audit verify
+cat <<MSG
+
+Where to look:
+  reports (validation.md/.html, JUnit, GX Data Docs): out/pipeline/validate/<mix>/
+  quantized GGUFs and their records:                 out/pipeline/quantize/<mix>/
+  plots:                                             out/pipeline/plots/*.png
+  MLflow UI (registered versions, aliases, runs):
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui \\
+        --backend-store-uri sqlite:///mlruns-store/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+    then open http://127.0.0.1:5000/#/models
+MSG

@@ -25,7 +25,7 @@ TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")
 
 
 def _item(name: str, sizes: list[int], errors: list[float]) -> Item:
-    return Item(name, tuple(Option(t, s, e) for t, s, e in zip(TYPES, sizes, errors)))
+    return Item(name, tuple(Option(t, s, e) for t, s, e in zip(TYPES[:len(sizes)], sizes, errors, strict=True)))
 
 
 @st.composite

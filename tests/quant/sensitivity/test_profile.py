@@ -131,8 +131,6 @@ def test_auto_file_has_the_chosen_types_closest_file_type_and_policy(tiny_profil
     assert hashlib.sha256((tmp_path / "chosen.json").read_bytes()).hexdigest() == pol["profile_sha256"]
     assert kv["quantgate.imatrix_sha256"] == a.recipe.imatrix_sha256
     # the written profile reproduces the file without naming the policy again
-    from quant.sensitivity.profile import Profile
-
     with auto_request(tiny_model, tmp_path / "again.gguf", profile=tmp_path / "chosen.json",
                       cache_dir=cache_dir) as (req, _):
         assert quantize_model(req).sha256 == a.sha256
