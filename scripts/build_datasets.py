@@ -23,6 +23,9 @@ from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from validation.datasets import Sample  # noqa: E402  (the shipped JSONL schema)
+
 STDLIB_DIR = Path("/root/.pyenv/versions/3.11.7/lib/python3.11")
 STDLIB_EXCLUDE = {"this.py", "_sysconfigdata__linux_x86_64-linux-gnu.py", "__hello__.py", "antigravity.py"}
 SEED = 1234
@@ -31,16 +34,6 @@ CALIB_COUNTS = {"code": 43, "chat": 43, "math": 42}
 EVAL_COUNTS = {"code": 34, "chat": 33, "math": 33}
 HELD_OUT_CODE_FILES = 8  # per held-out split
 UNIT_SEP = "\n\n"  # math and chat units never contain a blank line
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One held-out sample in the shipped JSONL schema."""
-
-    id: str
-    category: str
-    text: str
-    source: str
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,17 @@ from tests import ggml_oracle
 def oracle_required() -> bool:
     """CI sets QUANTGATE_REQUIRE_ORACLE=1: a missing oracle is then a failure, never a silent skip."""
     return os.environ.get("QUANTGATE_REQUIRE_ORACLE", "") not in ("", "0")
+
+
+def require_llamacpp_src() -> "Path":
+    """The pinned llama.cpp source tree (for its convert_hf_to_gguf.py); skip locally, fail in CI, when absent."""
+    src = ggml_oracle.llamacpp_src()
+    if not (src / "convert_hf_to_gguf.py").is_file():
+        msg = f"pinned llama.cpp source not found at {src} (scripts/build_oracle.sh extracts it)"
+        if oracle_required():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return src
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,6 +5,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -112,23 +113,27 @@ def shards_from_index(index: Path) -> tuple[list[Path], set[str]]:
     return [shards[k] for k in sorted(shards)], set(weight_map)
 
 
-def open_safetensors_checkpoint(path: "str | os.PathLike[str]") -> Checkpoint:
-    """Open a .safetensors file, or an HF folder with model.safetensors or a sharded index, lazily (no tensor data
-    is read); config.json (if present) becomes Checkpoint.config. Shards are read in name order."""
+def collect_sharded(
+    path: "str | os.PathLike[str]", single_name: str, index_name: str,
+    read_tensors: "Callable[[Path], Iterable[SourceTensor]]",
+) -> tuple[Path, list[Path], list[SourceTensor]]:
+    """Resolve a checkpoint file, or a folder with `single_name` or a sharded `index_name`, into its files and
+    their tensors (via `read_tensors(file)`); refuses a tensor in two shards and an index that disagrees with
+    its shards. Returns (folder holding config.json, files, tensors)."""
     p = Path(path)
     if p.is_file():
         files, folder, expected = [p], p.parent, None
-    elif (p / INDEX_NAME).is_file():
+    elif (p / index_name).is_file():
         folder = p
-        files, expected = shards_from_index(p / INDEX_NAME)
-    elif (p / SINGLE_NAME).is_file():
-        files, folder, expected = [p / SINGLE_NAME], p, None
+        files, expected = shards_from_index(p / index_name)
+    elif (p / single_name).is_file():
+        files, folder, expected = [p / single_name], p, None
     else:
-        raise CheckpointError(f"{p}: no model.safetensors or {INDEX_NAME} in this folder")
+        raise CheckpointError(f"{p}: no {single_name} or {index_name} in this folder")
     tensors: list[SourceTensor] = []
     seen: dict[str, Path] = {}
     for f in files:
-        for t in read_safetensors_header(f):
+        for t in read_tensors(f):
             if t.name in seen:
                 raise CheckpointError(f"tensor {t.name!r} appears in both {seen[t.name].name} and {f.name}")
             seen[t.name] = f
@@ -138,5 +143,12 @@ def open_safetensors_checkpoint(path: "str | os.PathLike[str]") -> Checkpoint:
         extra = sorted(set(seen) - expected)[:5]
         raise CheckpointError(
             f"{p}: index and shards disagree (missing from shards: {missing}, not in index: {extra})")
+    return folder, files, tensors
+
+
+def open_safetensors_checkpoint(path: "str | os.PathLike[str]") -> Checkpoint:
+    """Open a .safetensors file, or an HF folder with model.safetensors or a sharded index, lazily (no tensor data
+    is read); config.json (if present) becomes Checkpoint.config. Shards are read in name order."""
+    folder, files, tensors = collect_sharded(path, SINGLE_NAME, INDEX_NAME, read_safetensors_header)
     config = load_config(folder)  # a lone .safetensors file uses the config.json beside it, if any
-    return Checkpoint(path=p, kind="safetensors", files=files, tensors=tensors, config=config)
+    return Checkpoint(path=Path(path), kind="safetensors", files=files, tensors=tensors, config=config)

@@ -11,7 +11,7 @@ import torch
 
 from quant.errors import CheckpointError, UnsafeCheckpointError
 from quant.loaders.base import Checkpoint, SourceTensor
-from quant.loaders.safetensors_src import load_config, shards_from_index
+from quant.loaders.safetensors_src import collect_sharded, load_config
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_NAME = "pytorch_model.bin"
@@ -61,27 +61,6 @@ def _tensors_of(path: Path, sd: dict) -> list[SourceTensor]:
 def open_torch_checkpoint(path: "str | os.PathLike[str]") -> Checkpoint:
     """Open a PyTorch state dict file, or an HF folder with pytorch_model.bin or a sharded index; pickles that
     would execute code raise UnsafeCheckpointError without running anything. Tensors keep state-dict order."""
-    p = Path(path)
-    if p.is_file():
-        files, folder, expected = [p], p.parent, None
-    elif (p / INDEX_NAME).is_file():
-        folder = p
-        files, expected = shards_from_index(p / INDEX_NAME)
-    elif (p / SINGLE_NAME).is_file():
-        files, folder, expected = [p / SINGLE_NAME], p, None
-    else:
-        raise CheckpointError(f"{p}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
-    tensors: list[SourceTensor] = []
-    seen: dict[str, Path] = {}
-    for f in files:
-        for t in _tensors_of(f, _load_state_dict(f)):
-            if t.name in seen:
-                raise CheckpointError(f"tensor {t.name!r} appears in both {seen[t.name].name} and {f.name}")
-            seen[t.name] = f
-            tensors.append(t)
-    if expected is not None and expected != set(seen):
-        missing = sorted(expected - set(seen))[:5]
-        extra = sorted(set(seen) - expected)[:5]
-        raise CheckpointError(
-            f"{p}: index and shards disagree (missing from shards: {missing}, not in index: {extra})")
-    return Checkpoint(path=p, kind="torch", files=files, tensors=tensors, config=load_config(folder))
+    folder, files, tensors = collect_sharded(path, SINGLE_NAME, INDEX_NAME,
+                                             lambda f: _tensors_of(f, _load_state_dict(f)))
+    return Checkpoint(path=Path(path), kind="torch", files=files, tensors=tensors, config=load_config(folder))

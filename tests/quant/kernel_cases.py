@@ -101,3 +101,15 @@ def same_floats(a: np.ndarray, b: np.ndarray) -> bool:
 def gguf_dequant(raw: np.ndarray, qtype: str) -> np.ndarray:
     """The gguf package's dequantizer (the independent reference for ours)."""
     return gguf_quants.dequantize(raw, GGMLQuantizationType[qtype])
+
+
+def assert_matches_ggml(oracle, x: np.ndarray, qtype: str, imatrix: np.ndarray | None, what: str) -> None:
+    """quant.quantize and ggml_quantize_chunk give the same bytes for x (float warnings silenced: the extreme
+    families overflow on purpose)."""
+    import quant
+    from quant.formats import get_qtype
+
+    with np.errstate(all="ignore"):
+        ours = quant.quantize(x, qtype, imatrix=imatrix)
+        ref = oracle.ggml_quantize(x, qtype, imatrix)
+    assert_blocks_equal(ours, ref, get_qtype(qtype).type_size, what)

@@ -15,7 +15,7 @@ from quant.kernels.common import fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_i
 from tests.quant.kernel_cases import (
     FAMILIES,
     IMATRIX,
-    assert_blocks_equal,
+    assert_matches_ggml,
     gguf_dequant,
     make_family,
     make_imatrix,
@@ -36,10 +36,7 @@ FP16_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2)
 def test_matches_ggml(require_oracle, qtype, family, imatrix_kind):
     x = make_family(family, ROWS, COLS, seed=IMATRIX.index(imatrix_kind))
     w = make_imatrix(imatrix_kind, COLS)
-    with np.errstate(all="ignore"):
-        ours = quant.quantize(x, qtype, imatrix=w)
-        ref = require_oracle.ggml_quantize(x, qtype, w)
-    assert_blocks_equal(ours, ref, get_qtype(qtype).type_size, f"{qtype}/{family}/imatrix={imatrix_kind}")
+    assert_matches_ggml(require_oracle, x, qtype, w, f"{qtype}/{family}/imatrix={imatrix_kind}")
 
 
 @pytest.mark.oracle
@@ -51,10 +48,7 @@ def test_odd_shapes_and_imatrix_extremes_match_ggml(require_oracle, qtype):
         x = rng.standard_normal((rows, cols)).astype(np.float32)
         for w in (None, rng.uniform(0, 2, cols).astype(np.float32), np.zeros(cols, np.float32),
                   np.full(cols, 1e30, np.float32)):
-            with np.errstate(all="ignore"):
-                ours = quant.quantize(x, qtype, imatrix=w)
-                ref = require_oracle.ggml_quantize(x, qtype, w)
-            assert_blocks_equal(ours, ref, get_qtype(qtype).type_size, f"{qtype} {rows}x{cols}")
+            assert_matches_ggml(require_oracle, x, qtype, w, f"{qtype} {rows}x{cols}")
 
 
 @pytest.mark.parametrize("finite_scales", [True, False])

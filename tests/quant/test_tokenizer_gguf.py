@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from hashlib import sha256
 from pathlib import Path
@@ -19,11 +18,8 @@ from quant.tokenizer_gguf import (
     sentencepiece_vocab,
     tokenizer_kvs,
 )
-from tests import ggml_oracle
-from tests.conftest import oracle_required
+from tests.conftest import require_llamacpp_src
 from tests.quantgate.tiny_hf import QWEN2_SPLIT_REGEX, write_sentencepiece
-
-LLAMACPP_SRC = ggml_oracle.llamacpp_src()
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +30,7 @@ def spm_dir(tmp_path_factory) -> Path:
 
 
 def test_known_hashes_and_probe_text_are_the_pinned_converters():
-    src_file = LLAMACPP_SRC / "conversion" / "base.py"
-    if not src_file.is_file():
-        msg = f"pinned llama.cpp source not found at {LLAMACPP_SRC} (scripts/build_oracle.sh extracts it)"
-        if oracle_required():
-            pytest.fail(msg)
-        pytest.skip(msg)
-    src = src_file.read_text(encoding="utf-8")
+    src = (require_llamacpp_src() / "conversion" / "base.py").read_text(encoding="utf-8")
     body = src[src.index("# Marker: Start get_vocab_base_pre"):src.index("# Marker: End get_vocab_base_pre")]
     pairs = re.findall(r'if chkhsh == "([0-9a-f]{64})":\n(?:\s*#[^\n]*\n)*\s*res = "([^"]+)"', body)
     assert len(pairs) == body.count("if chkhsh ==")
@@ -50,10 +40,7 @@ def test_known_hashes_and_probe_text_are_the_pinned_converters():
 
 
 def test_split_regexes_are_llama_cpps_originals():
-    src_file = LLAMACPP_SRC / "src" / "llama-vocab.cpp"
-    if not src_file.is_file():
-        pytest.skip(f"pinned llama.cpp source not found at {LLAMACPP_SRC}")
-    src = src_file.read_text(encoding="utf-8")
+    src = (require_llamacpp_src() / "src" / "llama-vocab.cpp").read_text(encoding="utf-8")
     for regex in PRE_BY_SPLIT_REGEX:
         as_cpp = regex.replace("\\", "\\\\")
         assert f'"{as_cpp}"' in src, regex

@@ -3,7 +3,6 @@ llama.cpp convert_hf_to_gguf.py, plus the command line, errors, --generic and th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,9 @@ from quant.errors import CheckpointError
 from quantgate.cli import app
 from quantgate.convert import convert_model, converted_type
 from quantgate.pipeline import QuantizeRequest, quantize_model
-from tests import ggml_oracle
-from tests.conftest import oracle_required
+from tests.conftest import require_llamacpp_src
 from tests.quantgate.tiny_hf import make_tiny_model
 
-LLAMACPP_SRC = ggml_oracle.llamacpp_src()
 # Runs the pinned converter; for our tiny BPE tokenizer (unknown chkhsh) it answers "qwen2" like our regex rule.
 _RUN_CONVERTER = """
 import runpy, sys
@@ -62,12 +59,7 @@ def _kv(path: Path, key: str):
 @pytest.mark.parametrize("arch,outtype,pre", [("llama", "f16", ""), ("qwen2", "f16", "qwen2"),
                                               ("llama", "bf16", "")])
 def test_same_file_as_convert_hf_to_gguf(models, tmp_path, arch, outtype, pre):
-    script = LLAMACPP_SRC / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        msg = f"pinned llama.cpp source not found at {LLAMACPP_SRC} (scripts/build_oracle.sh extracts it)"
-        if oracle_required():
-            pytest.fail(msg)
-        pytest.skip(msg)
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
     ref = tmp_path / "ref.gguf"
     subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), pre, str(models[arch]),
                     "--outfile", str(ref), "--outtype", outtype], check=True, capture_output=True)
@@ -155,14 +147,7 @@ def test_gguf_source_and_unknown_bpe_are_refused(models, tmp_path):
 @pytest.mark.slow
 def test_reference_model_same_file_as_convert_hf_to_gguf(tmp_path):
     reference = Path(__file__).resolve().parents[2] / "models" / "reference"
-    script = LLAMACPP_SRC / "convert_hf_to_gguf.py"
-    if not (reference / "model.safetensors").is_file():
-        pytest.skip("models/reference/ not built yet (scripts/train_reference_model.py)")
-    if not script.is_file():
-        msg = f"pinned llama.cpp source not found at {LLAMACPP_SRC} (scripts/build_oracle.sh extracts it)"
-        if oracle_required():
-            pytest.fail(msg)
-        pytest.skip(msg)
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
     ref = tmp_path / "ref.gguf"
     subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(reference),
                     "--outfile", str(ref), "--outtype", "f16"], check=True, capture_output=True)
