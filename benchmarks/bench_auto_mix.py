@@ -45,7 +45,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--auto-bpw", default=",".join(map(str, AUTO_BPW)))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from <out-dir>/results.json")
     args = ap.parse_args()
+    if args.replot:
+        _plot(json.loads((args.out_dir / "results.json").read_text())["rows"], args.plot, args.model.name)
+        return
 
     from quant.sensitivity.auto import auto_request
     from quantgate.pipeline import QuantizeRequest, quantize_model
@@ -131,6 +135,10 @@ def _plot(rows: list[dict], path: Path, model: str) -> None:
         if kind == "mix":
             for x, y, lab in pts:
                 ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    same = next((r for r in rows if r["kind"] == "auto" and r["label"].startswith("auto size")), None)
+    if same is not None:
+        ax.plot([same["bpw"]], [same["kld_mean"]], "*", color="crimson", markersize=14, zorder=5,
+                label="auto, file size <= Q4_K_M")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (whole file's tensor data)")
     ax.set_ylabel("mean KL divergence vs F16 (nats/token), held-out eval set")

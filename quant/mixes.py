@@ -95,7 +95,7 @@ def _is_attn_v(cat: str) -> bool:
     return cat in ("attn_v", "attn_qkv", "attn_kv_b")
 
 
-def _allows_quantization(name: str, shape: tuple[int, ...], arch: str) -> bool:
+def allows_quantization(name: str, shape: tuple[int, ...], arch: str) -> bool:
     """tensor_allows_quantization (quantize_output_tensor=true, only_copy=false)."""
     if _n_dims(shape) < 2 or not name.endswith("weight"):
         return False
@@ -287,7 +287,7 @@ def tensor_types(plan: ModelPlan, precision: str, *, pure: bool = False, output_
         cur = current_type(plan, t)
         cat = _category(t.name)
         ne = _ne(t.shape)
-        if not _allows_quantization(t.name, t.shape, plan.arch):
+        if not allows_quantization(t.name, t.shape, plan.arch):
             new_type = cur
         elif emb_t is not None and cat == "token_embd" and not (
                 t.name == "per_layer_token_embd.weight" and any(p.search(t.name) for p, _ in patterns)):

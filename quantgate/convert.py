@@ -79,7 +79,7 @@ def convert_model(
             KV("quantgate.source_sha256", source_sha, s),
             KV("quantgate.source_format", ckpt.kind, s),
             KV("quantgate.precision", recipe.precision, s),
-            KV("quantgate.recipe", canonical_json(recipe.__dict__), s),
+            KV("quantgate.recipe", canonical_json(recipe.as_dict()), s),
             KV("quantgate.recipe_sha256", recipe.key(), s),
             KV("quantgate.job_key", key, s),
         ]

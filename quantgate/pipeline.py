@@ -79,7 +79,7 @@ def _explicit_types(plan, type_map: dict[str, str]) -> dict[str, str]:
     """Types for precision AUTO: the map's type for every tensor llama.cpp may quantize (each must be listed,
     with a type whose block divides the row), the converted float type for the others."""
     from quant.errors import UnsupportedTypeError
-    from quant.mixes import _allows_quantization, current_type
+    from quant.mixes import allows_quantization, current_type
 
     names = {t.name for t in plan.tensors}
     extra = sorted(set(type_map) - names)
@@ -87,7 +87,7 @@ def _explicit_types(plan, type_map: dict[str, str]) -> dict[str, str]:
         raise UnsupportedTypeError(f"type map names tensors the model does not have: {', '.join(extra[:5])}")
     out = {}
     for t in plan.tensors:
-        if not _allows_quantization(t.name, tuple(t.shape), plan.arch):
+        if not allows_quantization(t.name, tuple(t.shape), plan.arch):
             cur = current_type(plan, t)
             if type_map.get(t.name, cur) != cur:
                 raise UnsupportedTypeError(f"{t.name} cannot be quantized in llama.cpp; it stays {cur}")
@@ -218,7 +218,7 @@ def quantize_model(
             inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
         audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,
               outputs=[{"role": "gguf", "path": art.path, "sha256": art.sha256}],
-              config={"recipe": recipe.__dict__, "bits_per_weight": art.bits_per_weight, "nbytes": art.nbytes})
+              config={"recipe": recipe.as_dict(), "bits_per_weight": art.bits_per_weight, "nbytes": art.nbytes})
     return art
 
 

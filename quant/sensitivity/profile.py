@@ -259,7 +259,7 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
     `cache` when present there, so a second run of the same model + calibration set does no forward pass."""
     from quant.hashing import checkpoint_sha256
     from quant.loaders import open_checkpoint
-    from quant.mixes import _allows_quantization, current_type
+    from quant.mixes import allows_quantization, current_type
     from quant.model_plan import plan_model
     from quantgate import __version__
     from validation.datasets import load_dataset
@@ -274,7 +274,7 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         weights_sha = checkpoint_sha256(ckpt.files)
         plan = plan_model(ckpt)
         tensors = [(t.name, tuple(int(d) for d in t.shape), current_type(plan, t),
-                    _allows_quantization(t.name, tuple(t.shape), plan.arch)) for t in plan.tensors]
+                    allows_quantization(t.name, tuple(t.shape), plan.arch)) for t in plan.tensors]
         arch = plan.arch
     ds = load_dataset(calib)
     texts = [s.text for s in ds.usable()]
