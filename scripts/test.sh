@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --oracle --browser
 export QUANTGATE_REQUIRE_ORACLE=1
 # The Celery tests start their own redis-server; `quantgate submit/worker` default to one on 6379.
-if command -v redis-server >/dev/null && ! redis-cli ping >/dev/null 2>&1; then
+if ! command -v redis-server >/dev/null; then
+  echo "test: installing Debian's redis-server (the Celery tests need a real Redis)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null
+fi
+if ! redis-cli ping >/dev/null 2>&1; then
   redis-server --port 6379 --bind 127.0.0.1 --daemonize yes --save '' --appendonly no
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
