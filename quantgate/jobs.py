@@ -22,6 +22,9 @@ from quantgate.records import QuantizedArtifact, Recipe, job_key
 ProgressFn = Callable[[int, int, str], None]  # (done, total, stage)
 ARTIFACT_JSON = "artifact.json"
 VERDICT_JSON = "verdict.json"
+AUTO_MIX = "AUTO"            # a mix name meaning `--precision auto` from the job's sensitivity profile
+DEFAULT_AUTO_TARGET = "Q4_K_M"  # the AUTO mix's budget: no more tensor data than this llama.cpp mix
+PROFILE_OPTIONS = ("calib", "chunk_size", "measure_seqs", "measure_len")
 
 
 @dataclass(frozen=True)
@@ -31,24 +34,43 @@ class JobSpec:
     model: str
     mixes: tuple[str, ...]
     workdir: str = "out/jobs"
-    gates: Mapping[str, Any] | None = None   # thresholds for the validation gate; None skips validation
+    gates: Mapping[str, Any] | Sequence[str] | None = None  # thresholds for the validation gate; None skips validation
     dataset: str | None = None               # eval JSONL for validation (None: the gate's default)
     register: bool = False
     model_name: str | None = None
-    profile: bool = False
+    profile: bool = False                    # build the sensitivity profile (implied by an AUTO mix)
     options: Mapping[str, Any] = field(default_factory=dict)  # extra keyword arguments for validate()
+    profile_options: Mapping[str, Any] = field(default_factory=dict)  # calib, chunk_size, measure_seqs, measure_len
+    auto_target: str = DEFAULT_AUTO_TARGET   # AUTO budget: a mix name, bits per weight ("4.5") or size ("3.9GB")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mixes"] = list(self.mixes)
-        d["gates"] = dict(self.gates) if self.gates is not None else None
+        d["gates"] = _plain(self.gates) if self.gates is not None else None
         d["options"] = dict(self.options)
+        d["profile_options"] = dict(self.profile_options)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
         """The inverse of to_dict (what crosses Redis)."""
-        return cls(**{**d, "mixes": tuple(d["mixes"]), "options": dict(d.get("options") or {})})
+        return cls(**{**d, "mixes": tuple(d["mixes"]), "options": dict(d.get("options") or {}),
+                      "profile_options": dict(d.get("profile_options") or {})})
+
+    @property
+    def needs_profile(self) -> bool:
+        """Whether the job builds the profile: asked for, or needed by an AUTO mix."""
+        return self.profile or any(is_auto(m) for m in self.mixes)
+
+
+def _plain(gates: Any) -> Any:
+    """Gates as JSON-ready data: a mapping stays a dict, a list of "metric <= x" strings stays a list."""
+    return dict(gates) if isinstance(gates, Mapping) else list(gates)
+
+
+def is_auto(mix: str) -> bool:
+    """True for the AUTO mix (case-insensitive): `--precision auto` from the job's profile."""
+    return str(mix).strip().upper() == AUTO_MIX
 
 
 def step_available(step: str) -> bool:
@@ -91,9 +113,12 @@ def mix_job_key(source_sha256: str, mix: str) -> str:
 
 def artifact_from_dict(d: Mapping[str, Any]) -> QuantizedArtifact:
     """A QuantizedArtifact from its JSON form."""
+    from dataclasses import fields
+
     r = dict(d["recipe"])
     r["tensor_type_overrides"] = tuple(tuple(x) for x in r.get("tensor_type_overrides", ()))
-    return QuantizedArtifact(**{**d, "recipe": Recipe(**r)})
+    known = {f.name for f in fields(QuantizedArtifact)}  # job records add keys (reused, plan_key, auto)
+    return QuantizedArtifact(**{**{k: v for k, v in d.items() if k in known}, "recipe": Recipe(**r)})
 
 
 # ---------------------------------------------------------------------------------------------- locking
@@ -104,7 +129,14 @@ def job_lock(folder: Path) -> Iterator[None]:
     """An exclusive flock on a lock file beside `folder` (.<name>.lock, outside it so a DVC output folder holds only
     results): one writer per job key at a time, released by the kernel when its process dies."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    with _flock(folder.parent / f".{folder.name}.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(lockfile: Path) -> Iterator[None]:
+    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lockfile, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -201,28 +233,31 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
                   dataset: str | None = None, options: Mapping[str, Any] | None = None,
                   out: "str | os.PathLike[str] | None" = None,
                   on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run the validation gate on an artifact against its baseline; the verdict JSON is kept beside the GGUF
-    (named by gate set), so the same artifact + gates returns the stored verdict."""
+    """Run the validation gate on an artifact against its baseline (quantgate.pipeline.validate_artifact, which
+    also appends the "validate" audit event). The verdict JSON is kept beside the GGUF as verdict-<gate key>.json
+    with its reports (validation.json/.md/.html, junit.xml) under reports-<gate key>/<artifact sha256>/, so the
+    same artifact + gates returns the stored verdict and another gate set never overwrites it. A failed gate is
+    a result (passed: false), not an error."""
     if not step_available("validate"):
         raise QuantGateError("the validate step needs validation/gate.py (issue 5), which is not installed")
-    from validation import gate as gate_mod  # type: ignore[attr-defined]
+    from quantgate.pipeline import validate_artifact
+    from validation.gates import gates_from_config
 
     gkey = gate_set_key(gates, dataset, options)
     gguf = Path(artifact["path"])
     target = Path(out) if out is not None else gguf.parent / f"verdict-{gkey[:16]}.json"
+    report_dir = target.parent / ("reports" if out is not None else f"reports-{gkey[:16]}")
     prev = _read_json(target)
     if out is None and prev and prev.get("artifact_sha256") == artifact["sha256"]:
         return {**prev, "reused": True}
-    from validation.gates import gates_from_config
-
-    gate_set = gates_from_config(dict(gates) if isinstance(gates, Mapping) else {"gates": list(gates)})
+    gate_set = gates_from_config(_plain(gates) if isinstance(gates, Mapping) else {"gates": list(gates)})
     kwargs: dict[str, Any] = dict(options or {})
     if dataset is not None:
         kwargs["dataset"] = dataset
     if on_progress is not None:
         kwargs["progress"] = lambda msg: on_progress(0, 1, f"validate: {msg}")
     kwargs.setdefault("data_docs", False)
-    verdict = gate_mod.validate(Path(baseline), gguf, gate_set, report_dir=target.parent / "reports", **kwargs)
+    verdict = validate_artifact(Path(baseline), gguf, gate_set, report_dir=report_dir, **kwargs)
     rec = verdict.to_dict()
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(rec, indent=2, sort_keys=True) + "\n")
@@ -240,28 +275,125 @@ def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None
     return rv.to_dict()
 
 
+def profile_key(source_sha256: str, options: Mapping[str, Any] | None = None) -> str:
+    """Content key of a profile: same source + profile options (calibration file content included) -> same file."""
+    from quant.hashing import file_sha256
+    from quantgate.records import canonical_json, sha256_text
+
+    opts = dict(options or {})
+    calib = opts.get("calib")
+    if calib is not None and Path(calib).is_file():
+        opts["calib_sha256"] = file_sha256(calib)
+    return sha256_text(canonical_json({"source": source_sha256, "options": opts}))
+
+
 def profile_step(model: "str | os.PathLike[str]", *, workdir: "str | os.PathLike[str]" = "out/jobs",
-                 out: "str | os.PathLike[str] | None" = None, calib: str | None = None) -> dict[str, Any]:
-    """Per-tensor sensitivity profile of the source model (quant.sensitivity, issue 4), cached by source SHA-256."""
+                 out: "str | os.PathLike[str] | None" = None, calib: str | None = None,
+                 options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Per-tensor sensitivity profile of the source model (quant.sensitivity, issue 4), cached by source SHA-256
+    and profile options as workdir/profile-<key>.json. options: calib, chunk_size, measure_seqs, measure_len."""
     if not step_available("profile"):
         raise QuantGateError("the profile step needs quant/sensitivity/profile.py (issue 4), which is not installed")
     from quant.sensitivity.profile import build_profile
     from validation.datasets import DEFAULT_CALIBRATION
 
+    opts = {k: v for k, v in dict(options or {}).items() if k in PROFILE_OPTIONS and v is not None}
+    if calib is not None:
+        opts["calib"] = calib
+    unknown = set(dict(options or {})) - set(PROFILE_OPTIONS)
+    if unknown:
+        raise QuantGateError(f"unknown profile option(s) {sorted(unknown)} (known: {', '.join(PROFILE_OPTIONS)})")
     ident = source_identity(model)
-    target = Path(out) if out is not None else Path(workdir) / f"profile-{ident['sha256'][:16]}.json"
-    prev = _read_json(target)
-    if out is None and prev is not None:
-        return {"path": str(target), "reused": True}
-    prof = build_profile(Path(model), Path(calib or DEFAULT_CALIBRATION))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prof.save(target)
-    return {"path": str(target), "reused": False}
+    key = profile_key(ident["sha256"], opts)
+    target = Path(out) if out is not None else Path(workdir) / f"profile-{key[:16]}.json"
+    with _flock(target.parent / f".{target.name}.lock"):
+        if out is None and _read_json(target) is not None:
+            return {"path": str(target), "key": key, "reused": True}
+        kw = {k: int(opts[k]) for k in ("chunk_size", "measure_seqs", "measure_len") if k in opts}
+        prof = build_profile(Path(model), Path(opts.get("calib") or DEFAULT_CALIBRATION), **kw)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(target)
+    return {"path": str(target), "key": key, "reused": False}
+
+
+def auto_budget(model: "str | os.PathLike[str]", target: str, n_params: int) -> dict[str, Any]:
+    """The AUTO mix's budget as auto_request keywords: a llama.cpp mix name -> that mix's bits per weight on this
+    model (so the auto file holds no more tensor data than the mix would); a bare number -> bits per weight;
+    anything else -> a file size ("3.9GB", "500MiB")."""
+    from quant.sensitivity.auto import mix_sizes
+
+    t = str(target).strip()
+    sizes = mix_sizes(model)
+    if t.upper() in sizes:
+        return {"target_bpw": 8.0 * sizes[t.upper()] / max(n_params, 1)}
+    try:
+        return {"target_bpw": float(t)}
+    except ValueError:
+        return {"target_size": t}
+
+
+def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathLike[str]", *,
+                       target: str = DEFAULT_AUTO_TARGET, workdir: "str | os.PathLike[str]" = "out/jobs",
+                       out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
+                       on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """`quantize --precision auto --profile P --policy budget` for one model, idempotent like quantize_step.
+
+    The job key of an auto file depends on the types the policy picks, known only after planning, so the folder
+    is workdir/auto-<plan key> (source SHA-256 + profile SHA-256 + target + tool version); artifact.json inside
+    records the file's real job key."""
+    from quant.hashing import file_sha256
+    from quant.sensitivity.auto import auto_request
+    from quant.sensitivity.profile import Profile
+    from quantgate import __version__
+    from quantgate.pipeline import quantize_model
+    from quantgate.records import canonical_json, sha256_text
+
+    ident = source_identity(model)
+    plan_key = sha256_text(canonical_json({"source": ident["sha256"], "profile": file_sha256(profile),
+                                           "target": str(target), "tool": __version__}))
+    folder = Path(out_dir) if out_dir is not None else Path(workdir) / f"auto-{plan_key[:32]}"
+    with job_lock(folder):
+        done = _finished_artifact(folder)
+        if done is not None and done.get("plan_key") == plan_key:
+            return {**done, "reused": True}
+        _remove_orphan_temps(folder)
+        budget = auto_budget(model, target, int(Profile.load(profile).model["n_params"]))
+        stem = name or Path(ident["path"]).name.removesuffix(".gguf") or "model"
+        cb = None
+        if on_progress is not None:
+            def cb(i: int, n: int, _tensor: str) -> None:
+                on_progress(i, n, "quantize")
+        with auto_request(model, folder / f"{stem}-AUTO.gguf", profile=profile, policy="budget",
+                          **budget) as (req, plan):
+            art = quantize_model(req, on_tensor=cb)
+        rec = {**art.to_dict(), "plan_key": plan_key, "auto": {"target": str(target), **budget,
+                                                               "file_type_mix": plan.file_type_mix,
+                                                               "profile": str(profile)}}
+        atomic_write_text(folder / ARTIFACT_JSON, json.dumps(rec, indent=2, sort_keys=True) + "\n")
+        return {**rec, "reused": False}
+
+
+def quantize_for(spec: "JobSpec", mix: str, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Quantize one mix of a job: a named llama.cpp mix, or AUTO from the job's (cached) profile."""
+    if is_auto(mix):
+        prof = profile_step(spec.model, workdir=spec.workdir, options=spec.profile_options)
+        return quantize_auto_step(spec.model, prof["path"], target=spec.auto_target, workdir=spec.workdir,
+                                  name=spec.model_name, on_progress=on_progress)
+    return quantize_step(spec.model, mix, workdir=spec.workdir, name=spec.model_name, on_progress=on_progress)
+
+
+def check_mixes(spec: "JobSpec") -> None:
+    """Fail before any work on an empty or unknown mix list (AUTO is known)."""
+    if not spec.mixes:
+        raise QuantGateError("a job needs at least one mix")
+    for m in spec.mixes:
+        if not is_auto(m):
+            mix_recipe(m)
 
 
 def run_mix(spec: JobSpec, mix: str, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """quantize -> validate -> register for one mix of a job; returns {mix, job_key, artifact, verdict, version}."""
-    art = quantize_step(spec.model, mix, workdir=spec.workdir, name=spec.model_name, on_progress=on_progress)
+    art = quantize_for(spec, mix, on_progress)
     verdict = None
     if spec.gates is not None:
         verdict = validate_step(art, baseline=spec.model, gates=spec.gates, dataset=spec.dataset,
@@ -274,14 +406,12 @@ def run_job(spec: JobSpec | Mapping[str, Any], on_progress: ProgressFn | None = 
     """The whole pipeline for one model over its mixes, in this process; safe to rerun (nothing is redone)."""
     if not isinstance(spec, JobSpec):
         spec = JobSpec.from_dict(spec)
-    if not spec.mixes:
-        raise QuantGateError("a job needs at least one mix")
-    for m in spec.mixes:
-        mix_recipe(m)  # unknown mix: fail before any work
+    check_mixes(spec)
     ident = source_identity(spec.model)
-    profile = profile_step(spec.model, workdir=spec.workdir) if spec.profile else None
+    profile = profile_step(spec.model, workdir=spec.workdir, options=spec.profile_options) \
+        if spec.needs_profile else None
     results = [run_mix(spec, m, on_progress) for m in spec.mixes]
-    return {"model": spec.model, "source_sha256": ident["sha256"], "profile": profile is not None,
+    return {"model": spec.model, "source_sha256": ident["sha256"], "profile": profile["path"] if profile else None,
             "results": results}
 
 

@@ -127,24 +127,31 @@ class QuantgateTask(Task):
 
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.profile")
-def profile(self: QuantgateTask, model: str, workdir: str) -> dict[str, Any]:
-    """Sensitivity profile of the source model (cached by its SHA-256)."""
+def profile(self: QuantgateTask, model: str, workdir: str, options: Mapping[str, Any] | None = None
+            ) -> dict[str, Any]:
+    """Sensitivity profile of the source model (cached by its SHA-256 and the profile options)."""
     self.report("profile", 0, 1)
     with transient_guard():
-        return jobs.profile_step(model, workdir=workdir)
+        return jobs.profile_step(model, workdir=workdir, options=options)
 
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.quantize")
-def quantize(self: QuantgateTask, model: str, mix: str, workdir: str, name: str | None = None) -> dict[str, Any]:
-    """Quantize one model with one mix (idempotent by job key); returns {mix, job_key, artifact}."""
+def quantize(self: QuantgateTask, model: str, mix: str, workdir: str, name: str | None = None,
+             auto: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Quantize one model with one mix (idempotent by job key); AUTO uses the job's profile (auto: its
+    profile_options and auto_target); returns {mix, job_key, artifact}."""
     self.report("quantize", 0, 1)
+    a = dict(auto or {})
+    spec = jobs.JobSpec(model=model, mixes=(mix,), workdir=workdir, model_name=name,
+                        profile_options=dict(a.get("profile_options") or {}),
+                        auto_target=a.get("auto_target") or jobs.DEFAULT_AUTO_TARGET)
     with transient_guard():
-        art = jobs.quantize_step(model, mix, workdir=workdir, name=name, on_progress=self.progress_fn("quantize"))
+        art = jobs.quantize_for(spec, mix, on_progress=self.progress_fn("quantize"))
     return {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": None, "version": None}
 
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.validate")
-def validate(self: QuantgateTask, record: dict[str, Any], baseline: str, gates: Mapping[str, Any],
+def validate(self: QuantgateTask, record: dict[str, Any], baseline: str, gates: Any,
              dataset: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the validation gate on the record's artifact; returns the record with its verdict."""
     self.report("validate", 0, 1)
@@ -187,18 +194,21 @@ def task_id(job_id: str, mix: str, stage: str) -> str:
 def pipeline(spec: jobs.JobSpec, job_id: str) -> Any:
     """The job as a Celery canvas: [profile ->] chord(one chain per mix: quantize -> validate -> register)(collect)."""
     chains = []
+    d = spec.to_dict()
+    auto = {"profile_options": d["profile_options"], "auto_target": spec.auto_target}
     for mix in spec.mixes:
-        steps = [quantize.si(spec.model, mix, spec.workdir, spec.model_name).set(task_id=task_id(job_id, mix,
-                                                                                                   "quantize"))]
+        steps = [quantize.si(spec.model, mix, spec.workdir, spec.model_name, auto if jobs.is_auto(mix) else None)
+                 .set(task_id=task_id(job_id, mix, "quantize"))]
         if spec.gates is not None:
-            steps.append(validate.s(spec.model, dict(spec.gates), spec.dataset, dict(spec.options)).set(
+            steps.append(validate.s(spec.model, d["gates"], spec.dataset, d["options"]).set(
                 task_id=task_id(job_id, mix, "validate")))
         if spec.register:
             steps.append(register.s(spec.model_name).set(task_id=task_id(job_id, mix, "register")))
         chains.append(chain(*steps))
     body = chord(group(chains), collect.s(spec.model).set(task_id=job_id))
-    if spec.profile:
-        return chain(profile.si(spec.model, spec.workdir).set(task_id=f"{job_id}.profile"), body)
+    if spec.needs_profile:
+        return chain(profile.si(spec.model, spec.workdir, d["profile_options"]).set(task_id=f"{job_id}.profile"),
+                     body)
     return body
 
 
@@ -259,27 +269,29 @@ def job_status(job_id: str) -> dict[str, Any]:
     frac = 0.0
     current = "queued"
     errors = []
-    for mix in spec["mixes"]:
-        for st in stages:
-            meta = _meta(task_id(job_id, mix, st))
-            state = meta.get("status", "PENDING")
-            info: dict[str, Any] = {"state": state, "retries": meta.get("retries") or 0}
-            if state == "SUCCESS":
-                frac += 1.0
-            elif state == "PROGRESS" and isinstance(meta.get("result"), dict):
-                frac += float(meta["result"].get("percent", 0.0)) / 100.0
-                info.update(meta["result"])
-                current = f"{mix}:{st}"
-            elif state == "STARTED":
-                current = f"{mix}:{st}"
-            elif state in ("FAILURE", "REVOKED"):
-                info["error"] = meta["error"]
-                errors.append(f"{mix}:{st}: {meta['error']}")
-            elif state == "RETRY":
-                info["error"] = meta["error"]
-                current = f"{mix}:{st} (retrying)"
-            tasks[f"{mix}:{st}"] = info
-    total = len(spec["mixes"]) * len(stages)
+    names = [(f"{mix}:{st}", task_id(job_id, mix, st)) for mix in spec["mixes"] for st in stages]
+    if jobs.JobSpec.from_dict(spec).needs_profile:
+        names.insert(0, ("profile", f"{job_id}.profile"))
+    for name, tid in names:
+        meta = _meta(tid)
+        state = meta.get("status", "PENDING")
+        info: dict[str, Any] = {"state": state, "retries": meta.get("retries") or 0}
+        if state == "SUCCESS":
+            frac += 1.0
+        elif state == "PROGRESS" and isinstance(meta.get("result"), dict):
+            frac += float(meta["result"].get("percent", 0.0)) / 100.0
+            info.update(meta["result"])
+            current = name
+        elif state == "STARTED":
+            current = name
+        elif state in ("FAILURE", "REVOKED"):
+            info["error"] = meta["error"]
+            errors.append(f"{name}: {meta['error']}")
+        elif state == "RETRY":
+            info["error"] = meta["error"]
+            current = f"{name} (retrying)"
+        tasks[name] = info
+    total = len(names)
     final = _meta(job_id)
     if final.get("status") == "SUCCESS":
         state, current = "SUCCESS", "done"

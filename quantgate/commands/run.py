@@ -27,10 +27,11 @@ def read_params(path: Path) -> dict[str, Any]:
 
 
 def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workdir: Optional[Path],
-               validate: Optional[bool], register: Optional[bool], model_name: Optional[str]):
-    """A JobSpec from params.yaml with CLI flags on top (flags win)."""
+               validate: Optional[bool], register: Optional[bool], model_name: Optional[str],
+               profile: Optional[bool] = None, auto_target: Optional[str] = None):
+    """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step."""
     from quantgate.config import load_settings
-    from quantgate.jobs import JobSpec
+    from quantgate.jobs import DEFAULT_AUTO_TARGET, PROFILE_OPTIONS, JobSpec
 
     p = read_params(params_file)
     m = p.get("model") or {}
@@ -45,8 +46,10 @@ def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workd
     ev = p.get("eval") or {}
     return JobSpec(model=str(model_path), mixes=chosen, workdir=str(settings.workdir), gates=gates,
                    dataset=ev.get("dataset"), register=bool(register) if register is not None else False,
-                   model_name=model_name or m.get("name"), profile=False,
-                   options={k: v for k, v in ev.items() if k != "dataset"})
+                   model_name=model_name or m.get("name"), profile=bool(profile),
+                   options={k: v for k, v in ev.items() if k != "dataset"},
+                   profile_options={k: v for k, v in (p.get("profile") or {}).items() if k in PROFILE_OPTIONS},
+                   auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET))
 
 
 def _use_broker(broker: Optional[str]) -> None:
@@ -76,6 +79,11 @@ _SPEC_HELP = dict(
     validate=typer.Option(None, "--validate/--no-validate", help="Run the gates (default: when params has gates)"),
     register=typer.Option(None, "--register/--no-register", help="Register each artifact (default: no)"),
     model_name=typer.Option(None, "--model-name", help="Registered model name (default: params model.name)"),
+    profile=typer.Option(None, "--profile/--no-profile",
+                         help="Build the sensitivity profile first (params `profile:` options; an AUTO mix implies it)"),
+    auto_target=typer.Option(None, "--auto-target",
+                             help="Budget of the AUTO mix: a mix name (its size, default Q4_K_M), bits per weight "
+                                  "(4.5) or a file size (3.9GB); default: params auto.target"),
 )
 
 
@@ -85,13 +93,14 @@ def run(
     params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
     mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
-    model_name: Optional[str] = _SPEC_HELP["model_name"],
+    model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
+    auto_target: Optional[str] = _SPEC_HELP["auto_target"],
     as_json: bool = typer.Option(False, "--json", help="Print the job result as JSON"),
 ) -> None:
     """Run the pipeline for one model over its mixes in this process (no broker); reruns reuse finished work."""
     from quantgate.jobs import run_job
 
-    spec = build_spec(params, model, mix, workdir, validate, register, model_name)
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target)
     result = run_job(spec)
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -105,14 +114,19 @@ def submit(
     params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
     mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
-    model_name: Optional[str] = _SPEC_HELP["model_name"],
+    model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
+    auto_target: Optional[str] = _SPEC_HELP["auto_target"],
     broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: QUANTGATE_BROKER_URL)"),
 ) -> None:
     """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it)."""
     _use_broker(broker)
-    spec = build_spec(params, model, mix, workdir, validate, register, model_name)
-    spec = type(spec).from_dict({**spec.to_dict(), "model": str(Path(spec.model).resolve()),
-                                 "workdir": str(Path(spec.workdir).resolve())})
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target)
+    d = spec.to_dict()
+    calib = d["profile_options"].get("calib")
+    paths = {"model": str(Path(spec.model).resolve()), "workdir": str(Path(spec.workdir).resolve()),
+             "dataset": str(Path(spec.dataset).resolve()) if spec.dataset else None,
+             "profile_options": {**d["profile_options"], **({"calib": str(Path(calib).resolve())} if calib else {})}}
+    spec = type(spec).from_dict({**d, **paths})  # workers may run elsewhere: absolute paths on shared storage
     from tasks.tasks import submit as send
 
     print(send(spec))
@@ -143,7 +157,13 @@ def status(
 
     st = job_status(job)
     if watch and st["state"] not in ("SUCCESS", "FAILURE"):
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         with Progress(TextColumn("[bold]{task.fields[job]}[/]"), BarColumn(), TaskProgressColumn(),
                       TimeElapsedColumn(), TextColumn("{task.description}"), console=err_console,
@@ -217,13 +237,24 @@ def stage_quantize(
     out_dir: Path = typer.Option(..., "--out-dir", help="Folder for model-<MIX>.gguf and artifact.json"),
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="Also write size/bpw/weight-error metrics JSON"),
     tensor_errors: Optional[Path] = typer.Option(None, "--tensor-errors", help="Also write per-tensor errors JSON"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="AUTO: the sensitivity profile (profile stage)"),
+    auto_target: str = typer.Option("Q4_K_M", "--auto-target",
+                                    help="AUTO budget: a mix name (its size), bits per weight or a file size"),
 ) -> None:
-    """Quantize with one mix into out_dir (GGUF written atomically, then its artifact record) and its metrics."""
+    """Quantize with one mix into out_dir (GGUF written atomically, then its artifact record) and its metrics;
+    --mix AUTO quantizes with `--precision auto` from --profile under a budget policy (--auto-target)."""
     from quant.atomic import atomic_write_text
     from quantgate.dvc_report import quantize_metrics, tensor_error_rows
-    from quantgate.jobs import quantize_step
+    from quantgate.jobs import is_auto, quantize_auto_step, quantize_step
 
-    art = quantize_step(model, mix, out_dir=out_dir, name="model")
+    if is_auto(mix):
+        if profile is None:
+            fail("--mix AUTO needs --profile (the profile stage's output)")
+        art = quantize_auto_step(model, profile, target=auto_target, out_dir=out_dir, name="model")
+    else:
+        if profile is not None:
+            fail("--profile is only used with --mix AUTO")
+        art = quantize_step(model, mix, out_dir=out_dir, name="model")
     errs = tensor_error_rows(model, art["path"]) if (metrics or tensor_errors) else None
     for path, obj in ((tensor_errors, errs), (metrics, quantize_metrics(art, errs))):
         if path is not None:
