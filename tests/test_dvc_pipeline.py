@@ -1,5 +1,6 @@
 """The DVC pipeline (dvc.yaml + params.yaml) on a tiny model in a temporary git repository: a real `dvc repro`,
-then a gate-threshold change re-runs only validate + register, and a new mix runs only that mix's stages."""
+then a gate-threshold change re-runs only validate + register, and a new mix runs only that mix's stages; the AUTO
+mix (quantize_auto) is fed by the profile stage."""
 from __future__ import annotations
 
 import json
@@ -67,9 +68,15 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     repo, env = repo
     dvc = [str(Path(sys.executable).parent / "dvc")]
     out = _run(dvc + ["repro"], repo, env)
-    every = {"prepare", "profile", "plots"} | {f"{s}@{m}" for s in ("quantize", "validate", "register")
-                                                for m in ("Q8_0", "Q4_K_M")}
+    every = {"prepare", "profile", "plots", "quantize_auto", "validate_auto", "register_auto"} | {
+        f"{s}@{m}" for s in ("quantize", "validate", "register") for m in ("Q8_0", "Q4_K_M")}
     assert _ran(out) == every
+    # the profile stage feeds the AUTO mix: --precision auto under params auto.target (Q4_K_M's size)
+    auto = json.loads((repo / "out/pipeline/quantize/AUTO/artifact.json").read_text())
+    q4 = json.loads((repo / "out/pipeline/quantize/Q4_K_M/artifact.json").read_text())
+    assert auto["recipe"]["precision"] == "AUTO" and auto["auto"]["profile"] == "out/pipeline/profile.json"
+    assert sum(auto["tensor_bytes"].values()) <= sum(q4["tensor_bytes"].values())
+    assert (repo / "out/pipeline/register/AUTO.json").is_file()
     assert _ran(_run(dvc + ["repro"], repo, env)) == set()   # nothing changed: nothing runs
     m = json.loads(_run(dvc + ["metrics", "show", "--json"], repo, env))
     flat = json.dumps(m)
@@ -86,7 +93,8 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     params["gates"] = ["ppl_ratio <= 1.0000001", "kl_mean <= 0.5"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(dvc + ["repro"], repo, env)
-    assert _ran(out) == {f"{s}@{m}" for s in ("validate", "register") for m in ("Q8_0", "Q4_K_M")}
+    assert _ran(out) == {f"{s}@{m}" for s in ("validate", "register") for m in ("Q8_0", "Q4_K_M")} | {
+        "validate_auto", "register_auto"}
     verdict = json.loads((repo / "out/pipeline/validate/Q4_K_M/verdict.json").read_text())
     assert verdict["passed"] is False
     assert "gates" in _run(dvc + ["params", "diff"], repo, env)

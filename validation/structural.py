@@ -151,15 +151,25 @@ def file_type_gate(facts: CandidateFacts, metadata: dict[str, Any]) -> GateResul
     else:
         name = LLAMA_FTYPES.get(ft, f"unknown({ft})")
         want = _expected_types(ft)
+        auto = facts.precision is not None and facts.precision.upper() == "AUTO"
         if want is None:
             problems.append(f"general.file_type {ft} ({name}) is not a file type quantgate can check")
         elif want <= {"F32", "F16", "BF16"}:
             if quantized:
                 problems.append(f"general.file_type is {name} but tensors are {', '.join(sorted(quantized))}")
-        elif not (want & set(counts)):
+        elif not auto and not (want & set(counts)):
             problems.append(f"general.file_type is {name} but no tensor is {' or '.join(sorted(want))} "
                             f"(types present: {', '.join(sorted(counts))})")
-        if facts.precision is not None:
+        if auto:  # --precision auto: general.file_type names the closest llama.cpp mix (quantgate.policy)
+            try:
+                fmix = json.loads(metadata.get("quantgate.policy") or "{}").get("file_type_mix")
+            except (ValueError, AttributeError):
+                fmix = None
+            mix = PRECISIONS.get(str(fmix).upper()) if fmix else None
+            if mix is None or mix.llama_ftype != ft:
+                problems.append(f"quantgate.policy file_type_mix {fmix} does not match general.file_type {ft} "
+                                f"({name})")
+        elif facts.precision is not None:
             mix = PRECISIONS.get(facts.precision.upper())
             if mix is None or mix.llama_ftype != ft:
                 problems.append(f"quantgate.precision {facts.precision} does not match general.file_type {ft} ({name})")

@@ -94,3 +94,17 @@ def test_file_type_consistency():
     counts = {"quantgate.tensor_type_counts": json.dumps({"Q8_0": 2})}
     assert not file_type_gate(facts(7, ["Q8_0"]), counts).passed
     assert file_type_gate(facts(7, ["Q8_0", "Q8_0"]), counts).passed
+
+
+def test_file_type_consistency_of_auto_files():
+    """--precision auto files: general.file_type must be the closest mix recorded in quantgate.policy; the mix's
+    main type need not be present (auto picks per tensor)."""
+    def facts(ft, types):
+        return CandidateFacts("x.gguf", "0" * 64, 1, ft, "AUTO", None, dict(enumerate(types)))
+
+    policy = {"quantgate.policy": json.dumps({"file_type_mix": "Q4_K_M", "mode": "budget"})}
+    assert file_type_gate(facts(15, ["F32", "Q5_K", "Q3_K", "Q6_K"]), policy).passed
+    assert not file_type_gate(facts(7, ["F32", "Q5_K", "Q3_K"]), policy).passed           # 7 is not Q4_K_M
+    assert not file_type_gate(facts(15, ["F32", "Q5_K"]), {}).passed                       # no policy recorded
+    bad = {"quantgate.policy": "not json"}
+    assert not file_type_gate(facts(15, ["F32", "Q5_K"]), bad).passed
