@@ -266,13 +266,21 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
 
 def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None = None, *,
                   model_name: str | None = None) -> dict[str, Any]:
-    """Register the artifact (with its verdict) in the model registry; idempotent per artifact + job key."""
-    from registry.store import register_gguf, verdict_from_dict
+    """Register the artifact (with its verdict) in the model registry; idempotent per artifact + job key. A version
+    that passed the gate also gets its mix's alias (e.g. q4_k_m, auto) through registry.store.promote, audited;
+    failed and unvalidated versions stay registered without one. Only the call that creates the version promotes it,
+    so reruns and redelivered tasks append no second promote event."""
+    from registry.store import promote, register_gguf, verdict_from_dict
 
     v = verdict_from_dict({k: x for k, x in verdict.items() if k != "reused"}) if verdict else None
     art = artifact_from_dict({k: x for k, x in artifact.items() if k != "reused"})
     rv = register_gguf(art.path, verdict=v, artifact=art, model_name=model_name)
-    return rv.to_dict()
+    out = rv.to_dict()
+    if v is not None and v.passed and rv.created:  # a rerun finds the version (and its alias) already there
+        alias = art.recipe.precision.lower()
+        promote(rv.model_name, rv.version, alias, reason="pipeline: validated mix")
+        out["alias"] = alias
+    return out
 
 
 def profile_key(source_sha256: str, options: Mapping[str, Any] | None = None) -> str:

@@ -199,3 +199,29 @@ def test_cli_register_with_verdict_and_artifact_json_is_idempotent(store, cli, t
     assert [a.path for a in c.list_artifacts(first["run_id"], "reports/junit")] == ["reports/junit/junit.xml"]
     r = cli("register", art.path, "--report", "bogus=x")
     assert r.exit_code == 2 and "--report expects" in r.output
+
+
+def test_pipeline_register_step_aliases_only_passing_versions(tiny_artifacts, tmp_path, monkeypatch):
+    """quantgate.jobs.register_step: a passing version gets its mix alias (audited promote); a failing one none;
+    registering again promotes nothing more."""
+    from dataclasses import asdict
+
+    from quantgate.jobs import register_step
+    from registry.config import RegistrySettings
+    from registry.store import mlflow_client
+    from tests.registry.conftest import make_verdict
+
+    monkeypatch.setenv("QUANTGATE_STORE_DIR", str(tmp_path / "mlruns-store"))
+    monkeypatch.setenv("QUANTGATE_AUDIT_DB_URL", f"sqlite:///{tmp_path / 'audit.db'}")
+    _, _, q4, q8 = tiny_artifacts
+    ok = register_step(q4.to_dict(), asdict(make_verdict(q4, True)), model_name="aliased")
+    bad = register_step(q8.to_dict(), asdict(make_verdict(q8, False)), model_name="aliased")
+    again = register_step(q4.to_dict(), asdict(make_verdict(q4, True)), model_name="aliased")
+    assert ok["alias"] == "q4_k_m" and "alias" not in bad and "alias" not in again and not again["created"]
+    settings = RegistrySettings.from_env()
+    client = mlflow_client(settings)
+    assert str(client.get_model_version_by_alias("aliased", "q4_k_m").version) == ok["version"]
+    assert {k: str(v) for k, v in client.get_registered_model("aliased").aliases.items()} == {"q4_k_m": ok["version"]}
+    with AuditLog(settings.audit_db_url) as log:
+        assert [e.action for e in log.events() if e.action == "promote"] == ["promote"]
+        assert log.verify().ok
