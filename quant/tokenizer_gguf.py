@@ -282,6 +282,12 @@ def gpt2_vocab(model_dir: Path, vocab_size: int | None, pre_override: str | None
 
 def _set_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None, exp: TokenizerExport) -> None:
     tokens, scores, types = sentencepiece_vocab(model_dir, vocab_size)
+    _write_llama_vocab(w, model_dir, tokens, scores, types, exp)
+
+
+def _write_llama_vocab(w: gguf.GGUFWriter, model_dir: Path, tokens: list, scores: list, types: list,
+                       exp: TokenizerExport) -> None:
+    """The tokenizer.* keys of a SentencePiece-style ("llama") vocabulary, as the converter writes them."""
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -298,13 +304,7 @@ def _set_llama_hf(w: gguf.GGUFWriter, model_dir: Path, exp: TokenizerExport) -> 
         tokens.append(text)
         scores.append(score)
         types.append(toktype)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
-    exp.model, exp.pre, exp.pre_source, exp.n_tokens = "llama", "default", "sentencepiece", len(tokens)
+    _write_llama_vocab(w, model_dir, tokens, scores, types, exp)
 
 
 def _set_gpt2(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None, pre_override: str | None,

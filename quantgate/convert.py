@@ -15,11 +15,11 @@ from quant.errors import CheckpointError, UnsupportedTypeError
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quantgate import __version__
-from quantgate.records import QuantizedArtifact, Recipe, canonical_json, job_key
+from quantgate.pipeline import GGML_QNT_VERSION, identity_kv
+from quantgate.records import QuantizedArtifact, Recipe, job_key
 
 #: --outtype -> (ggml type of the converted weights, general.file_type), as convert_hf_to_gguf's LlamaFileType.
 OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32)}
-GGML_QNT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by the converter too
 
 
 def converted_type(name: str, shape: tuple[int, ...], outtype: str) -> str:
@@ -73,19 +73,10 @@ def convert_model(
                             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32)]
         types = {pt.name: converted_type(pt.name, tuple(pt.shape), outtype) for pt in plan.tensors}
         key = job_key(source_sha, recipe, __version__)
-        s = GGUFValueType.STRING
-        kv += [
-            KV("quantgate.version", __version__, s),
-            KV("quantgate.source_sha256", source_sha, s),
-            KV("quantgate.source_format", ckpt.kind, s),
-            KV("quantgate.precision", recipe.precision, s),
-            KV("quantgate.recipe", canonical_json(recipe.as_dict()), s),
-            KV("quantgate.recipe_sha256", recipe.key(), s),
-            KV("quantgate.job_key", key, s),
-        ]
+        kv += identity_kv(recipe, source_sha, ckpt.kind, key)
         tok = plan.tokenizer
         if tok is not None and tok.pre_source is not None:
-            kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, s))
+            kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             def produce() -> np.ndarray:

@@ -17,6 +17,7 @@ from gguf.constants import GGUFValueType
 import quant
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
+from quant.verify import GGML_QNT_VERSION
 from quantgate import __version__
 from quantgate.records import QuantizedArtifact, Recipe, canonical_json, job_key, sha256_text
 
@@ -24,7 +25,6 @@ ProgressFn = Callable[[int, int, str], None]
 
 #: Keys the pipeline owns in every file it writes; a source's copies of them are replaced.
 _OWNED_KEYS = ("general.file_type", "general.quantization_version")
-GGML_QNT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,10 @@ class QuantizeRequest:
 AUTO_PRECISION = "AUTO"
 
 
-def _provenance_kv(
-    recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str]
-) -> list[KV]:
+def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str) -> list[KV]:
+    """The quantgate.* keys every file we write carries: tool version, source identity, recipe and job key."""
     s = GGUFValueType.STRING
-    kv = [
+    return [
         KV("quantgate.version", __version__, s),
         KV("quantgate.source_sha256", source_sha, s),
         KV("quantgate.source_format", source_kind, s),
@@ -65,8 +64,15 @@ def _provenance_kv(
         KV("quantgate.recipe", canonical_json(recipe.as_dict()), s),
         KV("quantgate.recipe_sha256", recipe.key(), s),
         KV("quantgate.job_key", key, s),
-        KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s),
     ]
+
+
+def _provenance_kv(
+    recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str]
+) -> list[KV]:
+    s = GGUFValueType.STRING
+    kv = identity_kv(recipe, source_sha, source_kind, key)
+    kv.append(KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s))
     if recipe.imatrix_sha256:
         kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
     if recipe.policy is not None:
