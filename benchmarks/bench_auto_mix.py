@@ -51,8 +51,9 @@ def main() -> None:
         _plot(json.loads((args.out_dir / "results.json").read_text())["rows"], args.plot, args.model.name)
         return
 
-    from quant.sensitivity.auto import auto_request
-    from quantgate.pipeline import QuantizeRequest, quantize_model
+    from analyzer.auto import auto_request
+    from core.records import QuantizeRequest
+    from quantgate.pipeline import quantize_model
     from validation.evaluate import evaluate
 
     out = args.out_dir

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 from typing import Iterator
 
 import numpy as np
 
-from quant.errors import NonFiniteError, ShapeError
+from core.errors import NonFiniteError, ShapeError
 from quant.formats import get_qtype
 
 
 @functools.cache
 def _kernels():
-    from quant.kernels import load_kernels
+    from quant.kernels import load_kernels  # lazy: avoids an import cycle
 
     return load_kernels()
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from quant.errors import ShapeError, UnsupportedTypeError
+from core.errors import ShapeError, UnsupportedTypeError
 
 #: Types `quant.quantize` can produce (and `quant.dequantize` can read), in ggml's naming.
 QTYPE_NAMES: tuple[str, ...] = (

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 
-from quant.errors import GGUFFormatError
+from core.errors import GGUFFormatError
 from quant.gguf_kv import KV
 
 GGUF_MAGIC = b"GGUF"

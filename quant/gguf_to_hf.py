@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import gguf
 import numpy as np
 
+from core.errors import CheckpointError
 from quant.api import dequantize
-from quant.errors import CheckpointError
 from quant.gguf_reader import GGUFFile, TensorInfo, read_gguf
 
 #: GGUF architecture -> (HF architecture class name, HF model_type, attention bias by default, Q/K permuted)

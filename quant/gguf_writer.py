@@ -20,12 +20,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from quant.atomic import atomic_write
-from quant.errors import GGUFFormatError
+from core.atomic import atomic_write
+from core.errors import GGUFFormatError
 from quant.gguf_kv import KV
 from quant.gguf_reader import (
-    ALIGNMENT_KEY, GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, NUMPY_DTYPE, encode_str,
-    ggml_type, gguf_pad,
+    ALIGNMENT_KEY,
+    GGML_MAX_DIMS,
+    GGML_MAX_NAME,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    NUMPY_DTYPE,
+    encode_str,
+    ggml_type,
+    gguf_pad,
 )
 
 GGUF_VERSION = 3

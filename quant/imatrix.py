@@ -15,8 +15,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.gguf_writer import GGUFWriter, WriterState
 
-from quant.atomic import atomic_write
-from quant.errors import CheckpointError, GGUFFormatError, QuantGateError
+from core.atomic import atomic_write
+from core.errors import CheckpointError, GGUFFormatError, QuantGateError
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"

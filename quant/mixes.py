@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from quant.errors import CheckpointError, UnsupportedTypeError
+from core.errors import CheckpointError, UnsupportedTypeError
 from quant.formats import get_qtype
 from quant.model_plan import ModelPlan, PlannedTensor
 

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.loaders.base import Checkpoint, SourceTensor
 from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, tokenizer_kvs

@@ -23,7 +23,7 @@ from typing import Any
 
 import gguf
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.gguf_kv import KV
 
 #: The probe text of get_vocab_base_pre (verbatim).

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from quant.errors import GGUFFormatError, UnsupportedTypeError
+from core.errors import GGUFFormatError, UnsupportedTypeError
+from quant.api import dequantize
 from quant.formats import QTYPES
 from quant.gguf_reader import GGML_TYPES, GGUFFile, TensorInfo, gguf_pad, read_gguf
 
@@ -115,7 +116,6 @@ def _count_bad_floats(raw: np.ndarray, qtype: str) -> tuple[int, int, int]:
 
 
 def _count_bad_quantized(raw: np.ndarray, t: TensorInfo) -> tuple[int, int, int]:
-    from quant.api import dequantize
 
     cols = t.shape[-1] if t.shape else 1
     row_bytes = QTYPES[t.qtype].row_bytes(cols)

@@ -1,7 +1,4 @@
 """quantgate: quantize LLM checkpoints to GGUF v3, validate them, register them with a tamper-evident record."""
-from importlib.metadata import PackageNotFoundError, version as _version
+from core.version import __version__
 
-try:
-    __version__ = _version("quantgate")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -7,7 +7,7 @@ from typing import Callable, TypeVar
 import typer
 from rich.console import Console
 
-from quant.errors import QuantGateError
+from core.errors import QuantGateError
 
 app = typer.Typer(
     no_args_is_help=True,

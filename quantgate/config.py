@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from core.hashing import cache_dir
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 #: Broker URLs that mean "no broker: run the tasks in this process".
@@ -39,7 +45,6 @@ class _ParamsYamlSource(PydanticBaseSettingsSource):
 
 
 def _default_cache_dir() -> Path:
-    from quant.hashing import cache_dir
 
     return cache_dir()
 
@@ -77,6 +82,16 @@ class Settings(BaseSettings):
         """The result backend: the configured one, else the broker itself."""
         return self.result_backend or self.broker_url
 
+    def registry(self) -> Any:
+        """The registry's settings (registry.config.RegistrySettings) with this object's mlflow_uri on top of the
+        environment: what every runner (CLI, DVC stages, Celery) hands the registry and the audit trail."""
+        from registry.config import RegistrySettings  # lazy: defers sqlalchemy
+
+        env = dict(os.environ)
+        if self.mlflow_uri:
+            env["QUANTGATE_MLFLOW_URI"] = self.mlflow_uri
+        return RegistrySettings.from_env(env)
+
     def export_env(self) -> None:
         """Make child code that reads the environment (registry, hashing cache) see these settings."""
         os.environ["QUANTGATE_CACHE_DIR"] = str(self.cache_dir)
@@ -84,9 +99,14 @@ class Settings(BaseSettings):
             os.environ["QUANTGATE_MLFLOW_URI"] = self.mlflow_uri
 
 
+def registry_settings() -> Any:
+    """RegistrySettings resolved through the one settings path (params.yaml `settings:` < QUANTGATE_*)."""
+    return load_settings().registry()
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Resolve the settings; `overrides` are CLI flags (None values are ignored so absent flags do not win)."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
-__all__ = ["Settings", "load_settings", "DEFAULT_BROKER_URL", "EMBEDDED_BROKERS"]
+__all__ = ["Settings", "load_settings", "registry_settings", "DEFAULT_BROKER_URL", "EMBEDDED_BROKERS"]

@@ -11,12 +11,16 @@ import numpy as np
 from gguf.constants import GGUFValueType
 
 import quant
-from quant.errors import CheckpointError, UnsupportedTypeError
+from core.errors import CheckpointError, UnsupportedTypeError
+from core.hashing import checkpoint_sha256
+from core.records import QuantizedArtifact, Recipe, job_key
+from core.version import __version__
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
-from quantgate import __version__
+from quant.gguf_writer import TensorSpec, write_gguf
+from quant.loaders import open_checkpoint
+from quant.model_plan import plan_model
 from quantgate.pipeline import GGML_QNT_VERSION, identity_kv
-from quantgate.records import QuantizedArtifact, Recipe, job_key
 
 #: --outtype -> (ggml type of the converted weights, general.file_type), as convert_hf_to_gguf's LlamaFileType.
 OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32)}
@@ -49,10 +53,6 @@ def convert_model(
 ) -> QuantizedArtifact:
     """Convert an HF checkpoint (folder, .safetensors or torch file) to a float GGUF as convert_hf_to_gguf.py
     would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer)."""
-    from quant.gguf_writer import TensorSpec, write_gguf
-    from quant.hashing import checkpoint_sha256
-    from quant.loaders import open_checkpoint
-    from quant.model_plan import plan_model
 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:

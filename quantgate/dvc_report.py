@@ -8,6 +8,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from core.atomic import atomic_write_bytes
+from core.png import png_bytes, pyplot
+from validation.tensor_error import per_tensor_errors
+
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -33,7 +37,6 @@ def validate_metrics(verdict: Mapping[str, Any]) -> dict:
 
 def tensor_error_rows(baseline: "str | os.PathLike[str]", gguf: "str | os.PathLike[str]") -> list[dict]:
     """Per-tensor weight error of a quantized GGUF against its source (validation.tensor_error)."""
-    from validation.tensor_error import per_tensor_errors
 
     return [e.to_dict() for e in per_tensor_errors(baseline, gguf)]
 
@@ -46,13 +49,8 @@ def _layer(name: str) -> int | None:
 def render_plots(metric_files: Iterable[Path], tensor_error_files: Iterable[Path], out_dir: Path) -> list[Path]:
     """Two PNGs: bits/weight vs KL divergence per mix (vs weight error when no validation ran), and the mean
     per-tensor relative RMSE by layer for each mix."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from quant.atomic import atomic_write_bytes
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     metric_files = [p for f in metric_files for p in (sorted(x for x in Path(f).iterdir() if x.is_dir())
                                                       if Path(f).is_dir() and not any(Path(f).glob("*.json"))
@@ -69,12 +67,7 @@ def render_plots(metric_files: Iterable[Path], tensor_error_files: Iterable[Path
     written = []
 
     def save(fig: Any, name: str) -> None:
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-        plt.close(fig)
-        atomic_write_bytes(out_dir / name, buf.getvalue())
+        atomic_write_bytes(out_dir / name, png_bytes(fig, dpi=100, tight=False))
         written.append(out_dir / name)
 
     have_kld = rows and all("kl_mean" in r for r in rows)

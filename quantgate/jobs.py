@@ -13,16 +13,32 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from quant.atomic import atomic_write_text
-from quant.errors import QuantGateError
-from quantgate.records import QuantizedArtifact, Recipe, job_key
+from analyzer.auto import auto_request, mix_sizes
+from analyzer.profile import Profile, build_profile
+from core.atomic import atomic_write_text
+from core.errors import QuantGateError
+from core.hashing import canonical_json, checkpoint_sha256, file_sha256, sha256_text
+from core.progress import ProgressFn
+from core.records import (
+    QuantizedArtifact,
+    QuantizeRequest,
+    Recipe,
+    Verdict,
+    is_auto,
+    job_key,
+)
+from core.version import __version__
+from quant.loaders import open_checkpoint
+from quant.mixes import get_mix
+from quantgate.config import registry_settings
+from quantgate.pipeline import quantize_model, validate_artifact
+from runtime.datasets import DEFAULT_CALIBRATION
+from validation.thresholds import gates_from_config
 
-ProgressFn = Callable[[int, int, str], None]  # (done, total, stage)
 ARTIFACT_JSON = "artifact.json"
 VERDICT_JSON = "verdict.json"
-AUTO_MIX = "AUTO"            # a mix name meaning `--precision auto` from the job's sensitivity profile
 DEFAULT_AUTO_TARGET = "Q4_K_M"  # the AUTO mix's budget: no more tensor data than this llama.cpp mix
 PROFILE_OPTIONS = ("calib", "chunk_size", "measure_seqs", "measure_len")
 
@@ -68,14 +84,9 @@ def _plain(gates: Any) -> Any:
     return dict(gates) if isinstance(gates, Mapping) else list(gates)
 
 
-def is_auto(mix: str) -> bool:
-    """True for the AUTO mix (case-insensitive): `--precision auto` from the job's profile."""
-    return str(mix).strip().upper() == AUTO_MIX
-
-
 def step_available(step: str) -> bool:
-    """Whether a step's implementation is installed (profile: quant.sensitivity, validate: validation.gate)."""
-    module = {"profile": "quant.sensitivity.profile", "validate": "validation.gate", "register": "registry.store",
+    """Whether a step's implementation is installed (profile: analyzer, validate: validation.gate)."""
+    module = {"profile": "analyzer.profile", "validate": "validation.gate", "register": "registry.registration",
               "quantize": "quantgate.pipeline", "prepare": "quant.loaders"}[step]
     try:
         return importlib.util.find_spec(module) is not None
@@ -88,8 +99,6 @@ def step_available(step: str) -> bool:
 
 def source_identity(model: "str | os.PathLike[str]") -> dict[str, Any]:
     """Open a checkpoint (fails fast with CheckpointError when missing or corrupt) and return its identity."""
-    from quant.hashing import checkpoint_sha256
-    from quant.loaders import open_checkpoint
 
     path = Path(model)
     with open_checkpoint(path, allow_requantize=True) as ckpt:
@@ -99,26 +108,14 @@ def source_identity(model: "str | os.PathLike[str]") -> dict[str, Any]:
 
 def mix_recipe(mix: str) -> Recipe:
     """The recipe `quantize_model` builds for a plain named mix (UnsupportedTypeError for an unknown name)."""
-    from quant.mixes import get_mix
 
     return Recipe(precision=get_mix(mix).name)
 
 
 def mix_job_key(source_sha256: str, mix: str) -> str:
     """The job key of quantizing that source with that mix, known before any work is done."""
-    from quantgate import __version__
 
     return job_key(source_sha256, mix_recipe(mix), __version__)
-
-
-def artifact_from_dict(d: Mapping[str, Any]) -> QuantizedArtifact:
-    """A QuantizedArtifact from its JSON form."""
-    from dataclasses import fields
-
-    r = dict(d["recipe"])
-    r["tensor_type_overrides"] = tuple(tuple(x) for x in r.get("tensor_type_overrides", ()))
-    known = {f.name for f in fields(QuantizedArtifact)}  # job records add keys (reused, plan_key, auto)
-    return QuantizedArtifact(**{**{k: v for k, v in d.items() if k in known}, "recipe": Recipe(**r)})
 
 
 # ---------------------------------------------------------------------------------------------- locking
@@ -196,7 +193,6 @@ def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | 
     Holds the job's lock while working, so a redelivered copy of the same job waits and then returns the first
     copy's artifact; temp files of a writer that died are removed; the GGUF appears only complete (atomic rename).
     """
-    from quantgate.pipeline import QuantizeRequest, quantize_model
 
     ident = source_identity(model)
     recipe = mix_recipe(mix)
@@ -223,7 +219,6 @@ def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | 
 
 def gate_set_key(gates: Any, dataset: str | None, options: Mapping[str, Any] | None = None) -> str:
     """Content key of a gate configuration: same thresholds + dataset + options -> same verdict file."""
-    from quantgate.records import canonical_json, sha256_text
 
     g = dict(gates) if isinstance(gates, Mapping) else list(gates)
     return sha256_text(canonical_json({"gates": g, "dataset": dataset, "options": dict(options or {})}))
@@ -240,8 +235,6 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
     a result (passed: false), not an error."""
     if not step_available("validate"):
         raise QuantGateError("the validate step needs validation/gate.py (issue 5), which is not installed")
-    from quantgate.pipeline import validate_artifact
-    from validation.gates import gates_from_config
 
     gkey = gate_set_key(gates, dataset, options)
     gguf = Path(artifact["path"])
@@ -255,7 +248,7 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
     if dataset is not None:
         kwargs["dataset"] = dataset
     if on_progress is not None:
-        kwargs["progress"] = lambda msg: on_progress(0, 1, f"validate: {msg}")
+        kwargs["progress"] = lambda d, n, msg: on_progress(d, n, f"validate: {msg}")
     kwargs.setdefault("data_docs", False)
     verdict = validate_artifact(Path(baseline), gguf, gate_set, report_dir=report_dir, **kwargs)
     rec = verdict.to_dict()
@@ -267,26 +260,28 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
 def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None = None, *,
                   model_name: str | None = None) -> dict[str, Any]:
     """Register the artifact (with its verdict) in the model registry; idempotent per artifact + job key. A version
-    that passed the gate also gets its mix's alias (e.g. q4_k_m, auto) through registry.store.promote, audited;
+    that passed the gate also gets its mix's alias (e.g. q4_k_m, auto) through registry.registration.promote, audited;
     failed and unvalidated versions stay registered without one. Only the call that creates the version promotes it,
     so reruns and redelivered tasks append no second promote event."""
-    from registry.store import promote, register_gguf, verdict_from_dict
+    from registry.registration import (  # lazy: SQLAlchemy/MLflow load at first use (light worker start)
+        promote,
+        register_gguf,
+    )
 
-    v = verdict_from_dict({k: x for k, x in verdict.items() if k != "reused"}) if verdict else None
-    art = artifact_from_dict({k: x for k, x in artifact.items() if k != "reused"})
-    rv = register_gguf(art.path, verdict=v, artifact=art, model_name=model_name)
+    v = Verdict.from_dict(verdict) if verdict else None
+    art = QuantizedArtifact.from_dict(artifact)
+    settings = registry_settings()
+    rv = register_gguf(art.path, settings=settings, verdict=v, artifact=art, model_name=model_name)
     out = rv.to_dict()
     if v is not None and v.passed and rv.created:  # a rerun finds the version (and its alias) already there
         alias = art.recipe.precision.lower()
-        promote(rv.model_name, rv.version, alias, reason="pipeline: validated mix")
+        promote(rv.model_name, rv.version, alias, settings=settings, reason="pipeline: validated mix")
         out["alias"] = alias
     return out
 
 
 def profile_key(source_sha256: str, options: Mapping[str, Any] | None = None) -> str:
     """Content key of a profile: same source + profile options (calibration file content included) -> same file."""
-    from quant.hashing import file_sha256
-    from quantgate.records import canonical_json, sha256_text
 
     opts = dict(options or {})
     calib = opts.get("calib")
@@ -298,12 +293,10 @@ def profile_key(source_sha256: str, options: Mapping[str, Any] | None = None) ->
 def profile_step(model: "str | os.PathLike[str]", *, workdir: "str | os.PathLike[str]" = "out/jobs",
                  out: "str | os.PathLike[str] | None" = None, calib: str | None = None,
                  options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Per-tensor sensitivity profile of the source model (quant.sensitivity, issue 4), cached by source SHA-256
+    """Per-tensor sensitivity profile of the source model (analyzer, issue 4), cached by source SHA-256
     and profile options as workdir/profile-<key>.json. options: calib, chunk_size, measure_seqs, measure_len."""
     if not step_available("profile"):
-        raise QuantGateError("the profile step needs quant/sensitivity/profile.py (issue 4), which is not installed")
-    from quant.sensitivity.profile import build_profile
-    from validation.datasets import DEFAULT_CALIBRATION
+        raise QuantGateError("the profile step needs analyzer/profile.py (issue 4), which is not installed")
 
     opts = {k: v for k, v in dict(options or {}).items() if k in PROFILE_OPTIONS and v is not None}
     if calib is not None:
@@ -328,7 +321,6 @@ def auto_budget(model: "str | os.PathLike[str]", target: str, n_params: int) -> 
     """The AUTO mix's budget as auto_request keywords: a llama.cpp mix name -> that mix's bits per weight on this
     model (so the auto file holds no more tensor data than the mix would); a bare number -> bits per weight;
     anything else -> a file size ("3.9GB", "500MiB")."""
-    from quant.sensitivity.auto import mix_sizes
 
     t = str(target).strip()
     sizes = mix_sizes(model)
@@ -349,12 +341,6 @@ def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathL
     The job key of an auto file depends on the types the policy picks, known only after planning, so the folder
     is workdir/auto-<plan key> (source SHA-256 + profile SHA-256 + target + tool version); artifact.json inside
     records the file's real job key."""
-    from quant.hashing import file_sha256
-    from quant.sensitivity.auto import auto_request
-    from quant.sensitivity.profile import Profile
-    from quantgate import __version__
-    from quantgate.pipeline import quantize_model
-    from quantgate.records import canonical_json, sha256_text
 
     ident = source_identity(model)
     plan_key = sha256_text(canonical_json({"source": ident["sha256"], "profile": file_sha256(profile),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,42 +14,40 @@ import numpy as np
 from gguf.constants import GGUFValueType
 
 import quant
+from analyzer.cache import CalibrationCache
+from core.errors import QuantGateError, UnsupportedTypeError
+from core.hashing import canonical_json, checkpoint_sha256, file_sha256, sha256_text
+from core.progress import ProgressFn
+from core.records import (
+    AUTO,
+    QuantizedArtifact,
+    QuantizeRequest,
+    Recipe,
+    is_auto,
+    job_key,
+)
+from core.version import __version__
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
+from quant.gguf_writer import TensorSpec, write_gguf
+from quant.imatrix import load_imatrix
+from quant.loaders import open_checkpoint
+from quant.mixes import (
+    allows_quantization,
+    current_type,
+    get_mix,
+    llama_quantize_order,
+    tensor_types,
+)
+from quant.model_plan import plan_model
 from quant.verify import GGML_QNT_VERSION
-from quantgate import __version__
-from quantgate.records import QuantizedArtifact, Recipe, canonical_json, job_key, sha256_text
-
-ProgressFn = Callable[[int, int, str], None]
+from quantgate.config import registry_settings
+from validation.gate import UnusableInput, gate_and_report
 
 #: Keys the pipeline owns in every file it writes; a source's copies of them are replaced.
 _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
 
-@dataclass(frozen=True)
-class QuantizeRequest:
-    """A quantization job: where from, where to, and the recipe's knobs."""
-
-    source: Path
-    out: Path
-    precision: str
-    pure: bool = False
-    imatrix: Path | None = None
-    output_tensor_type: str | None = None
-    token_embedding_type: str | None = None
-    tensor_type_overrides: tuple[tuple[str, str], ...] = ()
-    threads: int | None = None
-    allow_requantize: bool = False
-    generic: bool = False
-    #: precision "AUTO": explicit GGUF name -> type for every quantizable tensor (quant.sensitivity.policy)
-    type_map: tuple[tuple[str, str], ...] = ()
-    #: precision "AUTO": the llama.cpp mix whose general.file_type the file carries (the closest one)
-    file_type_mix: str | None = None
-    #: precision "AUTO": how the types were chosen (policy, budget, profile SHA-256), canonical JSON
-    policy: str | None = None
-
-
-AUTO_PRECISION = "AUTO"
 
 
 def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str) -> list[KV]:
@@ -84,8 +81,6 @@ def _provenance_kv(
 def _explicit_types(plan, type_map: dict[str, str]) -> dict[str, str]:
     """Types for precision AUTO: the map's type for every tensor llama.cpp may quantize (each must be listed,
     with a type whose block divides the row), the converted float type for the others."""
-    from quant.errors import UnsupportedTypeError
-    from quant.mixes import allows_quantization, current_type
 
     names = {t.name for t in plan.tensors}
     extra = sorted(set(type_map) - names)
@@ -112,9 +107,28 @@ def _explicit_types(plan, type_map: dict[str, str]) -> dict[str, str]:
 def audit(action: str, **fields) -> None:
     """Append an event to the hash-chained audit trail (registry.audit; database from QUANTGATE_AUDIT_DB_URL or
     beside the MLflow store). Every pipeline action goes through here, whichever runner called it."""
-    from registry.audit import record_event
+    from registry.audit import (
+        record_event,  # lazy: SQLAlchemy/MLflow load at first use (light worker start)
+    )
 
-    record_event(action, **fields)
+    record_event(action, db_url=registry_settings().audit_db_url, **fields)
+
+
+def import_cache(src: Path, cache_dir: "Path | None" = None):
+    """Import a calibration-cache export (analyzer.cache, every entry verified) and record a "cache_import" audit
+    event: imported measurements steer quantization, so where they came from must be traceable."""
+    from registry.audit import (
+        file_ref,  # lazy: SQLAlchemy/MLflow load at first use (light worker start)
+    )
+
+    with CalibrationCache(cache_dir) as cache:
+        result = cache.import_file(src)
+        db_path = cache.path
+    audit("cache_import", inputs=[file_ref(result.source, "cache_export")],
+          config={"cache_db": str(db_path), "entries": result.entries, "added": result.added,
+                  "skipped": result.skipped},
+          detail=f"imported {result.added} of {result.entries} calibration cache entries")
+    return result
 
 
 def quantize_model(
@@ -122,29 +136,22 @@ def quantize_model(
 ) -> QuantizedArtifact:
     """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record
     and (record=True) appends a "quantize" audit event."""
-    from quant.gguf_writer import TensorSpec, write_gguf
-    from quant.hashing import checkpoint_sha256, file_sha256
-    from quant.loaders import open_checkpoint
-    from quant.mixes import get_mix, llama_quantize_order, tensor_types
-    from quant.model_plan import plan_model
 
     t0 = time.perf_counter()
-    auto = str(req.precision).strip().upper() == AUTO_PRECISION
+    auto = is_auto(req.precision)
     if auto and (not req.type_map or req.file_type_mix is None):
-        from quant.errors import QuantGateError
 
-        raise QuantGateError("precision AUTO needs a type map and the closest llama.cpp mix (quant.sensitivity)")
+        raise QuantGateError("precision AUTO needs a type map and the closest llama.cpp mix (analyzer)")
     mix = get_mix(req.file_type_mix if auto else req.precision)
     imat = None
     imatrix_sha = None
     if req.imatrix is not None:
-        from quant.imatrix import load_imatrix
 
         imat = load_imatrix(req.imatrix)
         imatrix_sha = file_sha256(req.imatrix)
     type_map = dict(req.type_map) if auto else {}
     recipe = Recipe(
-        precision=AUTO_PRECISION if auto else mix.name,
+        precision=AUTO if auto else mix.name,
         pure=req.pure,
         imatrix_sha256=imatrix_sha,
         output_tensor_type=req.output_tensor_type.upper() if req.output_tensor_type else None,
@@ -229,13 +236,11 @@ def quantize_model(
 
 
 def validate_artifact(baseline: Path, candidate: Path, gates, *, record: bool = True, **kwargs):
-    """Run the gate (validation.gate.validate: structural gates, expectation suites, metric gates, reports) and
+    """Run the gate (validation.gate.gate_and_report: structural gates, expectation suites, metric gates, reports) and
     append a "validate" audit event with the verdict; unusable inputs are recorded too, then re-raised."""
-    from validation.gate import UnusableInput
-    from validation.gate import validate as run_gate
 
     try:
-        verdict = run_gate(baseline, candidate, gates, **kwargs)
+        verdict = gate_and_report(baseline, candidate, gates, **kwargs)
     except UnusableInput as e:
         if record:
             audit("validate", inputs=[{"role": "baseline", "path": str(baseline)},

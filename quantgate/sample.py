@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quant.atomic import atomic_write_text
+from core.atomic import atomic_write_text
 
 
 @dataclass(frozen=True)

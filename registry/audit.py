@@ -40,7 +40,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from quantgate.records import canonical_json
+from core.hashing import canonical_json, file_sha256
+from registry.config import RegistrySettings
 
 AUDIT_SCHEMA_VERSION = 1
 GENESIS = "0" * 64
@@ -127,7 +128,6 @@ def event_hash(body: Mapping[str, Any]) -> str:
 
 def file_ref(path: "str | os.PathLike[str]", role: str = "") -> dict[str, Any]:
     """An input/output entry for an event: path, role, size and SHA-256 of a file."""
-    from quant.hashing import file_sha256
 
     p = Path(path)
     return {"role": role, "path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)}
@@ -302,8 +302,6 @@ def record_event(action: str, *, db_url: str | None = None, **fields: Any) -> Au
     The database is `db_url`, else QUANTGATE_AUDIT_DB_URL, else the SQLite file beside MLflow's database.
     """
     if db_url is None:
-        from registry.config import RegistrySettings
-
         db_url = RegistrySettings.from_env().audit_db_url
     with AuditLog(db_url) as log:
         return log.append(action, **fields)

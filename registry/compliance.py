@@ -2,8 +2,6 @@
 as one self-contained document (HTML with inline CSS and base64 PNG plots, Markdown, or JSON)."""
 from __future__ import annotations
 
-import base64
-import io
 import json
 import platform
 from dataclasses import dataclass
@@ -11,9 +9,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from quant.atomic import atomic_write_text
+from core.atomic import atomic_write_text
+from core.hashing import file_sha256
+from core.png import png_data_uri, pyplot
+from core.templating import environment
 from registry.audit import AuditEvent, AuditLog, tool_versions
+from registry.client import (
+    UNVALIDATED,
+    RegistryError,
+    get_version,
+    mlflow_client,
+    sanitize_name,
+)
 from registry.config import RegistrySettings
+from registry.queries import attach_to_version, iter_run_artifacts, run_artifact_text
 
 FORMATS = ("html", "md", "json")
 NOT_VALIDATED = "not validated"
@@ -35,21 +44,11 @@ def _ts(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def make_plots(validation: dict[str, Any] | None) -> list[Plot]:
     """Per-tensor error and per-category metrics from a validation report (EvalReport JSON), as inline PNGs."""
     if not validation:
         return [Plot("Per-tensor error", None, NOT_VALIDATED), Plot("Per-category metrics", None, NOT_VALIDATED)]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plots = []
     rows = [(t.get("name", "?"), t.get("rel_rmse")) for t in validation.get("per_tensor") or []]
     rows = sorted([(n, float(v)) for n, v in rows if isinstance(v, (int, float))], key=lambda r: -r[1])[:40]
@@ -59,8 +58,7 @@ def make_plots(validation: dict[str, Any] | None) -> list[Plot]:
         ax.set_xlabel("relative RMSE (dequantized vs baseline)")
         ax.set_title(f"Per-tensor error (worst {len(rows)})")
         ax.tick_params(axis="y", labelsize=7)
-        plots.append(Plot("Per-tensor error", _png(fig)))
-        plt.close(fig)
+        plots.append(Plot("Per-tensor error", png_data_uri(fig)))
     else:
         plots.append(Plot("Per-tensor error", None, "the validation report has no per-tensor errors"))
     cats = validation.get("per_category") or {}
@@ -74,8 +72,7 @@ def make_plots(validation: dict[str, Any] | None) -> list[Plot]:
             ax.set_title(metric, fontsize=9)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         fig.tight_layout()
-        plots.append(Plot("Per-category metrics", _png(fig)))
-        plt.close(fig)
+        plots.append(Plot("Per-category metrics", png_data_uri(fig)))
     else:
         plots.append(Plot("Per-category metrics", None, "the validation report has no per-category metrics"))
     return plots
@@ -103,25 +100,24 @@ def _alias_history(events: list[AuditEvent], version: str) -> list[dict[str, Any
 
 def build_report(model: str, version: str | int, *, settings: RegistrySettings | None = None) -> dict[str, Any]:
     """Collect everything the report shows from MLflow and the audit trail (a JSON-ready dict)."""
-    from registry import store
 
     s = settings or RegistrySettings.from_env()
-    client = store.mlflow_client(s)
-    mv = store.get_version(client, model, version)
+    client = mlflow_client(s)
+    mv = get_version(client, model, version)
     run = client.get_run(mv.run_id)
     params, metrics = dict(run.data.params), dict(run.data.metrics)
-    arts = list(store.iter_run_artifacts(client, mv.run_id))
-    verdict_txt = store.run_artifact_text(s, mv.run_id, "validation/verdict.json")
+    arts = list(iter_run_artifacts(client, mv.run_id))
+    verdict_txt = run_artifact_text(s, mv.run_id, "validation/verdict.json")
     verdict = json.loads(verdict_txt) if verdict_txt else None
     vj = next((a for a in arts if a.startswith("reports/validation_json/")), None)
-    validation = json.loads(store.run_artifact_text(s, mv.run_id, vj) or "null") if vj else None
+    validation = json.loads(run_artifact_text(s, mv.run_id, vj) or "null") if vj else None
     sha, job = mv.tags.get("sha256"), mv.tags.get("job_key")
     with AuditLog(s.audit_db_url) as log:
         events = log.events(model=model, version=mv.version, artifact_sha256=sha, job_key=job)
         model_events = log.events(model=model)
         chain = log.verify()
     reg = next((e for e in events if e.action == "register" and e.version == str(mv.version)), None)
-    status = mv.tags.get("verdict", store.UNVALIDATED)
+    status = mv.tags.get("verdict", UNVALIDATED)
     lineage = [
         {"step": "source checkpoint", "sha256": params.get("source_sha256") or mv.tags.get("source_sha256"),
          "detail": params.get("source_model", "")},
@@ -161,11 +157,8 @@ def render(report: dict[str, Any], fmt: str) -> str:
         return json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
-    import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-                             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
-                             undefined=jinja2.StrictUndefined)
+    env = environment(Path(__file__).parent / "templates", fmt)  # HTML autoescaped, Markdown escaped per value
     env.filters["num"] = _num
     plots = make_plots(report.get("validation"))
     return env.get_template(f"compliance.{fmt}.j2").render(r=report, plots=plots, NOT_VALIDATED=NOT_VALIDATED)
@@ -174,20 +167,18 @@ def render(report: dict[str, Any], fmt: str) -> str:
 def write_report(model: str, version: str | int, out_dir: "str | Path", fmt: str = "html", *,
                  settings: RegistrySettings | None = None, attach: bool = True) -> Path:
     """Build, render and atomically write the report to out_dir; store it beside the version in MLflow; audit it."""
-    from quant.hashing import file_sha256
-    from registry import store
 
     if fmt not in FORMATS:
-        raise store.RegistryError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
+        raise RegistryError(f"unknown report format {fmt!r} (choose from {', '.join(FORMATS)})")
     s = settings or RegistrySettings.from_env()
     rep = build_report(model, version, settings=s)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{store.sanitize_name(model)}-v{rep['version']}-compliance.{fmt}"
+    path = out / f"{sanitize_name(model)}-v{rep['version']}-compliance.{fmt}"
     atomic_write_text(path, render(rep, fmt))
-    client = store.mlflow_client(s)
+    client = mlflow_client(s)
     if attach:
-        store.attach_to_version(client, store.get_version(client, model, rep["version"]), path, "compliance")
+        attach_to_version(client, get_version(client, model, rep["version"]), path, "compliance")
     with AuditLog(s.audit_db_url) as log:
         log.append("report", model=model, version=rep["version"], artifact_sha256=rep["tags"].get("sha256"),
                    job_key=rep["tags"].get("job_key"), outputs=[{"role": f"compliance_{fmt}", "path": str(path),

@@ -1,7 +1,7 @@
 """An MLflow pyfunc model whose one artifact is a GGUF file: `mlflow.pyfunc.load_model` finds the file, and
 `predict` generates text with llama-cpp-python when it is installed (else it raises a clear error).
 
-This module imports mlflow at import time: only registry.store (lazily) and MLflow's loader import it.
+This module imports mlflow at import time: only registry.registration (lazily) and MLflow's loader import it.
 """
 from __future__ import annotations
 

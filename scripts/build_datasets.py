@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from validation.datasets import Sample  # noqa: E402  (the shipped JSONL schema)
+from runtime.datasets import Sample  # noqa: E402  (the shipped JSONL schema)
 
 STDLIB_DIR = Path("/root/.pyenv/versions/3.11.7/lib/python3.11")
 STDLIB_EXCLUDE = {"this.py", "_sysconfigdata__linux_x86_64-linux-gnu.py", "__hello__.py", "antigravity.py"}
@@ -544,7 +544,7 @@ Two JSONL files, one object per line with the fields `id`, `category` (`code`, `
 
 Both are written by `python scripts/build_datasets.py` (deterministic: seed {SEED}, sorted file lists, no clock), which
 also builds the training corpus of the reference model in `models/reference/` (`scripts/train_reference_model.py`
-imports the same builder). Load them with `validation.datasets.load_dataset`.
+imports the same builder). Load them with `runtime.datasets.load_dataset`.
 
 ## Sources and licenses
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from typing import Any, Iterator, Mapping
 
-from celery import Task, chain, chord, group
+from celery import Task
 
-from quant.errors import QuantGateError
+from core.errors import QuantGateError
 from quantgate import jobs
-from tasks.app import app
+from quantgate.broker import app
+from quantgate.dispatch import job_status, load_manifest, submit  # noqa: F401 (callers holding this module)
 
-STAGES = ("quantize", "validate", "register")
 _log = logging.getLogger(__name__)
-_MANIFEST = "quantgate-job-{}"
 
 
 class TransientError(ConnectionError):
@@ -176,133 +174,3 @@ def collect(self: QuantgateTask, records: list[dict[str, Any]], model: str) -> d
     with transient_guard():
         ident = jobs.source_identity(model)
     return {"model": model, "source_sha256": ident["sha256"], "results": list(records)}
-
-
-# ---------------------------------------------------------------------------------------------- the pipeline
-
-
-def stage_list(spec: jobs.JobSpec) -> list[str]:
-    """The per-mix stages this spec runs."""
-    return ["quantize"] + (["validate"] if spec.gates is not None else []) + (["register"] if spec.register else [])
-
-
-def task_id(job_id: str, mix: str, stage: str) -> str:
-    """Deterministic task ids, so `status` can find every task of a job from its id alone."""
-    return f"{job_id}.{mix}.{stage}"
-
-
-def pipeline(spec: jobs.JobSpec, job_id: str) -> Any:
-    """The job as a Celery canvas: [profile ->] chord(one chain per mix: quantize -> validate -> register)(collect)."""
-    chains = []
-    d = spec.to_dict()
-    auto = {"profile_options": d["profile_options"], "auto_target": spec.auto_target}
-    for mix in spec.mixes:
-        steps = [quantize.si(spec.model, mix, spec.workdir, spec.model_name, auto if jobs.is_auto(mix) else None)
-                 .set(task_id=task_id(job_id, mix, "quantize"))]
-        if spec.gates is not None:
-            steps.append(validate.s(spec.model, d["gates"], spec.dataset, d["options"]).set(
-                task_id=task_id(job_id, mix, "validate")))
-        if spec.register:
-            steps.append(register.s(spec.model_name).set(task_id=task_id(job_id, mix, "register")))
-        chains.append(chain(*steps))
-    body = chord(group(chains), collect.s(spec.model).set(task_id=job_id))
-    if spec.needs_profile:
-        return chain(profile.si(spec.model, spec.workdir, d["profile_options"]).set(task_id=f"{job_id}.profile"),
-                     body)
-    return body
-
-
-def submit(spec: jobs.JobSpec, job_id: str | None = None) -> str:
-    """Send a job to the workers; returns its id (the id of its final task). The manifest lets `status` find
-    the per-mix tasks later from the id alone."""
-    job_id = job_id or uuid.uuid4().hex
-    manifest = {"job_id": job_id, "spec": spec.to_dict(), "stages": stage_list(spec), "submitted_at": time.time()}
-    import json
-
-    app.backend.set(_MANIFEST.format(job_id), json.dumps(manifest))
-    _release(pipeline(spec, job_id).apply_async())
-    return job_id
-
-
-def _release(result: Any) -> None:
-    """Unsubscribe from the sent tasks' result channels now: `status` reads state by id, and an AsyncResult left
-    to the garbage collector would try to unsubscribe later, perhaps after Redis went away."""
-    todo, seen = [result], set()
-    while todo:
-        r = todo.pop()
-        if r is None or id(r) in seen:
-            continue
-        seen.add(id(r))
-        todo += [getattr(r, "parent", None)] + list(getattr(r, "results", None) or [])
-        if type(r).__name__ == "AsyncResult" and r.backend is not None:
-            with contextlib.suppress(Exception):
-                r.backend.remove_pending_result(r)
-            r.backend = None
-
-
-def load_manifest(job_id: str) -> dict[str, Any] | None:
-    """The manifest `submit` stored for a job, or None for an unknown id."""
-    import json
-
-    raw = app.backend.get(_MANIFEST.format(job_id))
-    return json.loads(raw) if raw else None
-
-
-def _meta(tid: str) -> dict[str, Any]:
-    """A task's stored state without an AsyncResult (which subscribes to Redis pub/sub and lingers)."""
-    meta = app.backend.get_task_meta(tid)
-    if meta.get("status") in ("FAILURE", "RETRY", "REVOKED"):
-        exc = app.backend.exception_to_python(meta.get("result"))
-        meta["error"] = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
-    return meta
-
-
-def job_status(job_id: str) -> dict[str, Any]:
-    """The job's state with overall progress {done, total, percent, stage} and every task's state and error."""
-    manifest = load_manifest(job_id)
-    if manifest is None:
-        raise QuantGateError(f"unknown job {job_id!r} (no manifest in the result backend; expired, lost with a "
-                             f"restarted non-persistent Redis, or never submitted)")
-    spec = manifest["spec"]
-    stages = manifest["stages"]
-    tasks: dict[str, dict[str, Any]] = {}
-    frac = 0.0
-    current = "queued"
-    errors = []
-    names = [(f"{mix}:{st}", task_id(job_id, mix, st)) for mix in spec["mixes"] for st in stages]
-    if jobs.JobSpec.from_dict(spec).needs_profile:
-        names.insert(0, ("profile", f"{job_id}.profile"))
-    for name, tid in names:
-        meta = _meta(tid)
-        state = meta.get("status", "PENDING")
-        info: dict[str, Any] = {"state": state, "retries": meta.get("retries") or 0}
-        if state == "SUCCESS":
-            frac += 1.0
-        elif state == "PROGRESS" and isinstance(meta.get("result"), dict):
-            frac += float(meta["result"].get("percent", 0.0)) / 100.0
-            info.update(meta["result"])
-            current = name
-        elif state == "STARTED":
-            current = name
-        elif state in ("FAILURE", "REVOKED"):
-            info["error"] = meta["error"]
-            errors.append(f"{name}: {meta['error']}")
-        elif state == "RETRY":
-            info["error"] = meta["error"]
-            current = f"{name} (retrying)"
-        tasks[name] = info
-    total = len(names)
-    final = _meta(job_id)
-    if final.get("status") == "SUCCESS":
-        state, current = "SUCCESS", "done"
-    elif errors:
-        state = "FAILURE"
-    elif frac > 0 or current != "queued":
-        state = "PROGRESS"
-    else:
-        state = "PENDING"
-    done = sum(1 for t in tasks.values() if t["state"] == "SUCCESS")
-    return {"job_id": job_id, "state": state, "done": done, "total": total,
-            "percent": round(100.0 * frac / total, 1) if total else 100.0, "stage": current, "tasks": tasks,
-            "errors": errors, "result": final.get("result") if state == "SUCCESS" else None,
-            "date_done": final.get("date_done") if state == "SUCCESS" else None}

@@ -8,7 +8,6 @@ has in its default report folder (when both have one).
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 import os
@@ -18,9 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from quant.atomic import atomic_write_text
-from validation.gates import GateSet, GateSpec, evaluate_gates, expand
-from validation.reports import Staging, default_report_root, eval_report_of, fmt
+from core.atomic import atomic_write_text
+from core.png import png_data_uri, pyplot
+from core.templating import render
+from runtime.datasets import DEFAULT_EVAL
+from validation.evaluate import evaluate
+from validation.publish import (
+    _TEMPLATES,
+    Staging,
+    default_report_root,
+    eval_report_of,
+    fmt,
+)
+from validation.structural import inspect_candidate, read_metadata
+from validation.thresholds import GateSet, GateSpec, evaluate_gates, expand
 
 SCHEMA = "quantgate.diff"
 SCHEMA_VERSION = 1
@@ -74,7 +84,6 @@ def _display(v: Any) -> Any:
 
 
 def _file_facts(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[str, int, list[int]]]]:
-    from validation.structural import inspect_candidate, read_metadata
 
     f = inspect_candidate(path)
     meta = read_metadata(path)
@@ -120,8 +129,6 @@ def diff(a: "str | os.PathLike[str]", b: "str | os.PathLike[str]", baseline: "st
     source = None
     base_info = None
     if baseline is not None:
-        from validation.datasets import DEFAULT_EVAL
-        from validation.evaluate import evaluate
 
         ds = Path(dataset) if dataset is not None else DEFAULT_EVAL
         kw = dict(backend=backend, max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir)
@@ -255,9 +262,8 @@ def _plot_rel_rmse(r: DiffReport) -> str | None:
     rows = [t for t in r.tensors if t["rel_rmse_a"] is not None and t["rel_rmse_b"] is not None]
     if not rows:
         return None
-    from validation.reports import _png, _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.2))
     x = range(len(rows))
     ax.plot(x, [t["rel_rmse_a"] for t in rows], "o", label=Path(r.a["path"]).name, markersize=4)
@@ -267,30 +273,29 @@ def _plot_rel_rmse(r: DiffReport) -> str | None:
     ax.set_ylabel("relative RMSE vs baseline")
     ax.set_title("Per-tensor error, A vs B")
     ax.legend(fontsize=8)
-    uri = _png(fig)
-    plt.close(fig)
+    uri = png_data_uri(fig, dpi=90)
     return uri
 
 
 def render_html(r: DiffReport) -> str:
-    """diff.html: self-contained page with the Markdown's content as tables and an inline per-tensor error plot."""
-    from validation.reports import _CSS, _html_table
+    """diff.html: self-contained page with the Markdown's content as tables and an inline per-tensor error plot,
+    rendered from validation/templates/diff.html.j2 with every value HTML-escaped."""
 
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>quantgate diff</title><style>{_CSS}</style>"
-             "</head><body><h1>quantgate diff</h1>", f"<p id='summary'>{html.escape(r.summary)}</p>"]
+    tables: list[dict[str, Any]] = []
     if r.metrics is not None:
-        parts.append(_html_table(["metric", "A", "B", "delta"],
-                                 [[k, fmt(r.metrics["a"][k]), fmt(r.metrics["b"][k]), fmt(r.metrics["delta"][k], "+.4g")]
-                                  for k in r.metrics["a"]]))
+        tables.append({"title": "Metrics vs baseline", "head": ["metric", "A", "B", "delta"],
+                       "rows": [[k, fmt(r.metrics["a"][k]), fmt(r.metrics["b"][k]), fmt(r.metrics["delta"][k], "+.4g")]
+                                for k in r.metrics["a"]]})
     if (uri := _plot_rel_rmse(r)) is not None:
-        parts.append(f"<img alt='per-tensor error A vs B' src='{uri}'>")
-    parts.append(_html_table(["tensor", "type A", "type B", "bytes A", "bytes B", "rel RMSE A", "rel RMSE B"],
-                             [[t["name"], str(t["type_a"]), str(t["type_b"]), fmt(t["bytes_a"]), fmt(t["bytes_b"]),
-                               fmt(t["rel_rmse_a"], ".5f"), fmt(t["rel_rmse_b"], ".5f")] for t in r.tensors]))
-    meta_rows = [[kind, k, json.dumps(v, default=str)[:200]] for kind in ("added", "removed", "changed")
-                 for k, v in r.metadata[kind].items()]
-    parts.append(_html_table(["metadata", "key", "value"], meta_rows))
-    return "\n".join(parts) + "\n</body></html>\n"
+        tables.append({"title": "per-tensor error A vs B", "image": uri})
+    tables.append({"title": "Tensors", "head": ["tensor", "type A", "type B", "bytes A", "bytes B", "rel RMSE A",
+                                                "rel RMSE B"],
+                   "rows": [[t["name"], str(t["type_a"]), str(t["type_b"]), fmt(t["bytes_a"]), fmt(t["bytes_b"]),
+                             fmt(t["rel_rmse_a"], ".5f"), fmt(t["rel_rmse_b"], ".5f")] for t in r.tensors]})
+    tables.append({"title": "Metadata", "head": ["metadata", "key", "value"],
+                   "rows": [[kind, k, json.dumps(v, default=str)[:200]] for kind in ("added", "removed", "changed")
+                            for k, v in r.metadata[kind].items()]})
+    return render(_TEMPLATES, "diff.html.j2", summary=r.summary, tables=tables)
 
 
 def write_diff_reports(r: DiffReport, report_dir: "str | os.PathLike[str] | None" = None) -> Path:

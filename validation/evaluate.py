@@ -10,26 +10,29 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from quant.errors import CheckpointError, QuantGateError
-from quant.hashing import file_sha256
-from validation.backends import BACKENDS, LogitsBackend, open_backend, tokenize_samples
+from core.errors import CheckpointError, QuantGateError
+from core.hashing import checkpoint_sha256, file_sha256
+from core.progress import ProgressFn
+from core.version import __version__
+from quant.gguf_reader import read_gguf
+from quant.loaders import open_checkpoint
+from runtime.backends import BACKENDS, LogitsBackend, is_gguf, open_backend
+from runtime.datasets import load_dataset
+from runtime.tokenize import tokenize_samples
+from validation.eval_report import EvalReport, ModelRef, Timings
 from validation.logits_cache import CacheKey, LogitsCache, tokens_sha256
 from validation.metrics import MetricsAccumulator, renormalize, storage_log_probs
-from validation.report import EvalReport, ModelRef, Timings
 from validation.tensor_error import per_tensor_errors
 
-ProgressFn = Callable[[int, int], None]
 DEFAULT_BATCH_SIZE = 8
 
 
 def model_sha256(path: "str | os.PathLike[str]") -> str:
-    """Content identity of a model: quant.hashing.checkpoint_sha256 over the files its loader reads."""
-    from quant.hashing import checkpoint_sha256
-    from quant.loaders import open_checkpoint
+    """Content identity of a model: core.hashing.checkpoint_sha256 over the files its loader reads."""
 
     with open_checkpoint(Path(path), allow_requantize=True) as ckpt:
         return checkpoint_sha256(ckpt.files)
@@ -38,16 +41,13 @@ def model_sha256(path: "str | os.PathLike[str]") -> str:
 def _load_dataset(dataset: Any) -> tuple[Any, str]:
     if hasattr(dataset, "samples") and hasattr(dataset, "sha256"):
         return dataset, str(getattr(dataset, "path", None) or "")
-    from validation.datasets import load_dataset
 
     return load_dataset(Path(dataset)), str(dataset)
 
 
 def _check_float_baseline(path: Path) -> None:
-    from validation.backends import is_gguf
 
     if is_gguf(path):
-        from quant.gguf_reader import read_gguf
 
         with read_gguf(path) as g:
             bad = sorted({t.qtype for t in g.tensors} - {"F32", "F16", "BF16"})
@@ -69,9 +69,9 @@ def evaluate(
     progress: ProgressFn | None = None,
 ) -> EvalReport:
     """Compare `candidate` (a GGUF) with `baseline` (HF folder or float GGUF) on `dataset` (a JSONL path or a
-    validation.datasets.Dataset): each sample is tokenized once with the baseline's tokenizer (BOS + at most
+    runtime.datasets.Dataset): each sample is tokenized once with the baseline's tokenizer (BOS + at most
     max_tokens-1 text tokens), the baseline runs in torch (or comes from the log-prob cache), the candidate in
-    `backend`; metrics are aggregated per token as batches stream by, and `progress(done, total)` is called after
+    `backend`; metrics are aggregated per token as batches stream by, and `progress(done, total, "evaluate")` is called after
     each batch."""
     t_start = time.perf_counter()
     baseline, candidate = Path(baseline), Path(candidate)
@@ -88,7 +88,6 @@ def evaluate(
     if not samples:
         raise QuantGateError(f"dataset {ds_path or '(in memory)'} has no samples")
 
-    from quantgate import __version__
 
     token_ids = tokenize_samples(baseline, [s.text for s in samples], max_tokens)
     key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids))
@@ -134,7 +133,7 @@ def evaluate(
                     overall.add(nb, nc, targets)
                     per_cat.setdefault(samples[i].category, MetricsAccumulator()).add(nb, nc, targets)
                 if progress is not None:
-                    progress(idx.stop, len(samples))
+                    progress(idx.stop, len(samples), "evaluate")
     finally:
         cand.close()
         if base is not None:

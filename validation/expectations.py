@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from quant.errors import QuantGateError
-from quantgate.records import GateResult
+from core.errors import QuantGateError
+from core.records import GateResult
+from quant.formats import QTYPES
+from runtime.datasets import normalize_text
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 TABLES = ("tensors", "dataset")
@@ -79,7 +81,6 @@ def tensor_table(per_tensor: Iterable[Any]) -> "Any":
     """The per-tensor metrics table (pandas DataFrame): one row per TensorError, plus layer and the type's bpw."""
     import pandas as pd
 
-    from quant.formats import QTYPES
 
     rows = []
     for t in per_tensor:
@@ -103,7 +104,6 @@ def dataset_table(eval_ds: Any, calibration_ds: Any | None = None) -> "Any":
     normalized text, its category's share of its split, and whether its text is in both splits."""
     import pandas as pd
 
-    from validation.datasets import normalize_text
 
     rows = []
     for split, ds in (("eval", eval_ds), ("calibration", calibration_ds)):
@@ -186,7 +186,9 @@ def run_suites(tables: dict[str, Any], suites: list[SuiteFile], parameters: dict
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.expectation_suite import ExpectationSuite
     from great_expectations.data_context.types.base import ProgressBarsConfig
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)

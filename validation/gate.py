@@ -4,7 +4,7 @@ Order (cheapest first): structural gates on the file; if any fails, nothing else
 skipped). Then the dataset suite (before spending time on models), the evaluation, the per-tensor suite (it needs
 the evaluation's per-tensor errors) and the metric gates. Exit codes: 0 every gate passed, 1 a gate failed,
 2 the inputs are unusable (missing, corrupt, truncated, mismatched model, bad dataset or gate file): then the report
-folder holds only error.json. Reports: validation.reports.publish (layout in docs/VALIDATION.md).
+folder holds only error.json. Reports: validation.publish.publish (layout in docs/VALIDATION.md).
 """
 from __future__ import annotations
 
@@ -12,14 +12,23 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-from quant.errors import QuantGateError
-from quantgate.records import GateResult, Verdict
-from validation.gates import GateSet, evaluate_gates, expand
+from core.atomic import atomic_write_text
+from core.errors import QuantGateError
+from core.progress import ProgressFn
+from core.records import GateResult, Verdict
+from quant.loaders import open_checkpoint
+from quant.model_plan import plan_model
+from runtime.datasets import DEFAULT_CALIBRATION, DEFAULT_EVAL, load_dataset
+from validation import publish
+from validation.evaluate import evaluate, model_sha256
+from validation.expectations import dataset_table, find_suites, run_suites, tensor_table
+from validation.junit import error_junit_xml
+from validation.structural import structural_gates
+from validation.thresholds import GateSet, evaluate_gates, expand
 
 EXIT_PASSED, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
-ProgressFn = Callable[[str], None]
 
 
 class UnusableInput(QuantGateError):
@@ -39,7 +48,7 @@ class Validation:
     baseline: str
     baseline_sha256: str
     facts: Any                                   # validation.structural.CandidateFacts
-    eval_report: Any = None                      # validation.report.EvalReport, None when evaluation was skipped
+    eval_report: Any = None                      # validation.eval_report.EvalReport, None when evaluation was skipped
     dataset_path: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -55,8 +64,6 @@ def _skipped(gates: GateSet, why: str) -> list[GateResult]:
 
 
 def _model_tensor_names(baseline: Path) -> list[str]:
-    from quant.loaders import open_checkpoint
-    from quant.model_plan import plan_model
 
     with open_checkpoint(baseline, allow_requantize=True) as ckpt:
         return [t.name for t in plan_model(ckpt).tensors]
@@ -82,11 +89,13 @@ def run_validation(
 ) -> Validation:
     """Run every gate on `candidate` and return the Validation (no files written except GX Data Docs into
     `docs_dir`); raises QuantGateError when an input is unusable."""
-    from validation.datasets import DEFAULT_CALIBRATION, DEFAULT_EVAL, load_dataset
-    from validation.evaluate import evaluate, model_sha256
-    from validation.structural import structural_gates
 
-    say = progress or (lambda _msg: None)
+    steps = ("structural gates", "dataset expectations", "evaluation", "tensor expectations")
+
+    def say(step: str) -> None:
+        if progress is not None:
+            progress(steps.index(step), len(steps), step)
+
     baseline, candidate = Path(baseline), Path(candidate)
     if not baseline.exists():
         raise QuantGateError(f"baseline not found: {baseline}")
@@ -101,7 +110,6 @@ def run_validation(
     cal_ds = load_dataset(cal_path) if cal_path is not None else None
     suites = []
     if expectations:
-        from validation.expectations import find_suites
 
         suites = find_suites(suites_dirs)
     v = Validation(verdict=Verdict(facts.sha256, False, [], gates.label), gate_set=gates, baseline=str(baseline),
@@ -115,7 +123,6 @@ def run_validation(
     params = {"allowed_categories": sorted({"code", "chat", "math"} | set(eval_ds.categories())),
               "min_chars": 1, "max_chars": 8000}
     if suites:
-        from validation.expectations import dataset_table, run_suites
 
         say("dataset expectations")
         results += run_suites({"dataset": dataset_table(eval_ds, cal_ds)}, suites, params, docs_dir=docs_dir)
@@ -124,7 +131,6 @@ def run_validation(
                       cache_dir=cache_dir)
     v.eval_report = report
     if suites:
-        from validation.expectations import run_suites, tensor_table
 
         say("tensor expectations")
         names = _model_tensor_names(baseline)
@@ -146,7 +152,7 @@ def _finish(v: Validation, results: list[GateResult]) -> Validation:
     return v
 
 
-def validate(
+def gate_and_report(
     baseline: "str | os.PathLike[str]",
     candidate: "str | os.PathLike[str]",
     gates: GateSet,
@@ -160,12 +166,11 @@ def validate(
     verdict.json, junit.xml, gx/ Data Docs) atomically into report_dir/<artifact sha256>/ (default
     <candidate>.reports/); returns the Verdict (report paths filled in). Unusable inputs: error.json only, then
     UnusableInput. kwargs: see run_validation."""
-    from validation import reports
 
     candidate = Path(candidate)
-    root = Path(report_dir) if report_dir is not None else reports.default_report_root(candidate)
-    key = reports.artifact_key(candidate)
-    staging = reports.Staging(root, key)
+    root = Path(report_dir) if report_dir is not None else publish.default_report_root(candidate)
+    key = publish.artifact_key(candidate)
+    staging = publish.Staging(root, key)
     try:
         with staging:
             try:
@@ -174,15 +179,13 @@ def validate(
                                    else None, **kwargs)
             except QuantGateError as e:
                 staging.reset()
-                reports.write_error(staging.path, e, candidate=candidate, baseline=Path(baseline), sha256=key)
+                publish.write_error(staging.path, e, candidate=candidate, baseline=Path(baseline), sha256=key)
                 staging.publish()
                 if junit is not None:
-                    from quant.atomic import atomic_write_text
-                    from validation.junit import error_junit_xml
 
                     atomic_write_text(junit, error_junit_xml(str(e)))
                 raise UnusableInput(str(e), staging.final / "error.json") from e
-            reports.write_reports(staging.path, v, final=staging.final, junit_copy=junit)
+            publish.write_reports(staging.path, v, final=staging.final, junit_copy=junit)
             staging.publish()
             return v.verdict
     finally:
@@ -190,4 +193,4 @@ def validate(
 
 
 __all__ = ["EXIT_PASSED", "EXIT_FAILED", "EXIT_UNUSABLE", "UnusableInput", "Validation", "exit_code",
-           "run_validation", "validate"]
+           "run_validation", "gate_and_report"]

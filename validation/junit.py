@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from quantgate.records import GateResult, Verdict
+from core.atomic import atomic_write_text
+from core.records import GateResult, Verdict
 
 
 def _case(suite: ET.Element, g: GateResult) -> None:
@@ -54,7 +55,6 @@ def error_junit_xml(message: str, suite_name: str = "quantgate.validate") -> str
 
 def write_junit(verdict: Verdict, path: "str | os.PathLike[str]") -> None:
     """Atomically write junit_xml(verdict) to `path`."""
-    from quant.atomic import atomic_write_text
 
     atomic_write_text(path, junit_xml(verdict))
 

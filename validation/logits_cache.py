@@ -18,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from quant.atomic import atomic_write, atomic_write_text
+from core.atomic import atomic_write, atomic_write_text
+from core.hashing import cache_dir
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = "quantgate-baseline-logprobs-v1"
@@ -83,12 +84,11 @@ class CacheWriter:
 
 
 class LogitsCache:
-    """The baseline log-prob cache in one folder (default: quant.hashing.cache_dir(), i.e. $QUANTGATE_CACHE_DIR or
+    """The baseline log-prob cache in one folder (default: core.hashing.cache_dir(), i.e. $QUANTGATE_CACHE_DIR or
     ~/.cache/quantgate)."""
 
     def __init__(self, root: "str | os.PathLike[str] | None" = None) -> None:
         if root is None:
-            from quant.hashing import cache_dir
 
             root = cache_dir()
         self.folder = Path(root) / "logits"

@@ -20,8 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from quant.errors import CheckpointError, GGUFFormatError, QuantGateError
-from quantgate.records import GateResult
+from core.errors import CheckpointError, GGUFFormatError, QuantGateError
+from core.hashing import file_sha256
+from core.records import GateResult
+from quant.api import dequantize
+from quant.formats import QTYPES
+from quant.gguf_reader import read_gguf
+from quant.loaders import open_checkpoint
+from quant.mixes import _FALLBACK, PRECISIONS
+from quant.model_plan import plan_model
+from quant.verify import LLAMA_FTYPES, UNQUANTIZED_TYPES, verify_gguf
+from validation.evaluate import model_sha256
 
 _CHUNK_ELEMENTS = 1 << 22          # dequantize at most this many values at a time (16 MiB of float32)
 _HEX64 = re.compile(r"\b[0-9a-fA-F]{64}\b")
@@ -47,8 +56,6 @@ class CandidateFacts:
 
 def inspect_candidate(path: "str | os.PathLike[str]") -> CandidateFacts:
     """Hash and parse the candidate strictly; raise QuantGateError (-> exit 2) when it is missing or unparseable."""
-    from quant.gguf_reader import read_gguf
-    from quant.hashing import file_sha256
 
     p = Path(path)
     if not p.exists():
@@ -79,7 +86,6 @@ def _str_or_none(v: Any) -> str | None:
 
 def verify_gate(path: "str | os.PathLike[str]") -> GateResult:
     """structural:verify: the file passes verify_gguf (structure, metadata, padding; values are the finite gate's)."""
-    from quant.verify import verify_gguf
 
     rep = verify_gguf(path, check_values=False)
     detail = "no problems" if rep.ok else "; ".join(rep.problems[:5]) + (
@@ -90,9 +96,6 @@ def verify_gate(path: "str | os.PathLike[str]") -> GateResult:
 
 def count_non_finite(path: "str | os.PathLike[str]") -> dict[str, tuple[int, int]]:
     """{tensor: (n_nan, n_inf)} for every tensor holding NaN or Inf once dequantized, reading rows in chunks."""
-    from quant.api import dequantize
-    from quant.formats import QTYPES
-    from quant.gguf_reader import read_gguf
 
     bad: dict[str, tuple[int, int]] = {}
     with read_gguf(path) as g:
@@ -126,7 +129,6 @@ def finite_gate(path: "str | os.PathLike[str]") -> GateResult:
 
 
 def _expected_types(file_type: int) -> set[str] | None:
-    from quant.mixes import PRECISIONS, _FALLBACK
 
     for mix in PRECISIONS.values():
         if mix.llama_ftype == file_type:
@@ -138,8 +140,6 @@ def _expected_types(file_type: int) -> set[str] | None:
 def file_type_gate(facts: CandidateFacts, metadata: dict[str, Any]) -> GateResult:
     """structural:file_type: general.file_type's main type (or its ggml fallback) is present, no float file holds
     quantized tensors, and quantgate.precision / quantgate.tensor_type_counts (when present) match the file."""
-    from quant.mixes import PRECISIONS
-    from quant.verify import LLAMA_FTYPES, UNQUANTIZED_TYPES
 
     problems: list[str] = []
     counts = Counter(facts.tensor_types.values())
@@ -234,8 +234,6 @@ def derived_from_gate(facts: CandidateFacts, baseline: "str | os.PathLike[str]",
         res.detail = (f"quantgate.source_sha256 {facts.source_sha256[:16]} "
                       f"{'matches' if res.passed else 'differs from'} the baseline's {baseline_sha256[:16]}")
         return res
-    from quant.loaders import open_checkpoint
-    from quant.model_plan import plan_model
 
     with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt:
         planned = {t.name: list(t.shape) for t in plan_model(ckpt).tensors}
@@ -249,7 +247,6 @@ def derived_from_gate(facts: CandidateFacts, baseline: "str | os.PathLike[str]",
 
 def read_metadata(path: "str | os.PathLike[str]") -> dict[str, Any]:
     """The GGUF's KVs as {key: value} (arrays as lists)."""
-    from quant.gguf_reader import read_gguf
 
     with read_gguf(path) as g:
         return {kv.key: (kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value) for kv in g.kv}
@@ -268,7 +265,6 @@ def structural_gates(candidate: "str | os.PathLike[str]", *, baseline: "str | os
         gates.append(sha256_gate(facts, expected_sha, "--expect-sha256"))
     if baseline is not None:
         if baseline_sha256 is None:
-            from validation.evaluate import model_sha256
 
             baseline_sha256 = model_sha256(baseline)
         gates.append(derived_from_gate(facts, baseline, baseline_sha256))

@@ -9,9 +9,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.gguf_reader import read_gguf
 from quant.gguf_to_hf import read_tensor_f32
+from quant.loaders import open_checkpoint
+from quant.model_plan import plan_model
 
 _CHUNK = 1 << 20  # elements per step: bounded float64 temporaries for large tensors
 
@@ -74,8 +76,6 @@ def per_tensor_errors(baseline: "str | os.PathLike[str]", candidate: "str | os.P
                       on_tensor: Callable[[int, int, str], None] | None = None) -> list[TensorError]:
     """Error of every candidate GGUF tensor against the baseline (HF folder or float GGUF) brought into GGUF names
     and layout by quant.model_plan (Q/K permuted as the converter does), one tensor at a time."""
-    from quant.loaders import open_checkpoint
-    from quant.model_plan import plan_model
 
     out: list[TensorError] = []
     with open_checkpoint(Path(baseline)) as ckpt, read_gguf(Path(candidate)) as g:

@@ -17,7 +17,11 @@ DequantizeFn = Callable[[np.ndarray, int], np.ndarray]
 
 def load_kernels() -> dict[str, tuple[QuantizeFn, DequantizeFn]]:
     """Import every kernel family and merge their tables (imported lazily: numba compiles on first use)."""
-    from quant.kernels import floats, kquants, legacy
+    from quant.kernels import (  # lazy: numba compiles at first use
+        floats,
+        kquants,
+        legacy,
+    )
 
     table: dict[str, tuple[QuantizeFn, DequantizeFn]] = {}
     for mod in (floats, legacy, kquants):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.loaders.base import Checkpoint, SourceTensor
 
 __all__ = ["Checkpoint", "SourceTensor", "open_checkpoint"]
@@ -60,10 +60,16 @@ def open_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bool = 
         raise CheckpointError(f"{p}: no such file or folder")
     kind, target = _kind_of(p)
     if kind == "safetensors":
-        from quant.loaders.safetensors_src import open_safetensors_checkpoint
+        from quant.loaders.safetensors_src import (
+            open_safetensors_checkpoint,  # lazy: one reader per format
+        )
         return open_safetensors_checkpoint(target)
     if kind == "torch":
-        from quant.loaders.torch_src import open_torch_checkpoint
+        from quant.loaders.torch_src import (
+            open_torch_checkpoint,  # lazy: torch only for .bin/.pt inputs
+        )
         return open_torch_checkpoint(target)
-    from quant.loaders.gguf_src import open_gguf_checkpoint
+    from quant.loaders.gguf_src import (
+        open_gguf_checkpoint,  # lazy: one reader per format
+    )
     return open_gguf_checkpoint(target, allow_requantize=allow_requantize)

@@ -9,7 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from quant.errors import CheckpointError, GGUFFormatError
+from core.errors import CheckpointError, GGUFFormatError
+from quant.api import dequantize
 from quant.formats import QTYPES
 from quant.gguf_reader import ALIGNMENT_KEY, GGUFFile, TensorInfo, read_gguf
 from quant.loaders.base import Checkpoint, SourceTensor
@@ -32,7 +33,6 @@ def _float_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
 
 def _dequant_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-        from quant.api import dequantize
 
         return dequantize(g.tensor_data(t), t.qtype, t.shape or (1,))
 

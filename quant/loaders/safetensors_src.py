@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.loaders.base import Checkpoint, SourceTensor
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quant.errors import CheckpointError, UnsafeCheckpointError
+from core.errors import CheckpointError, UnsafeCheckpointError
 from quant.loaders.base import Checkpoint, SourceTensor
 from quant.loaders.safetensors_src import collect_sharded, load_config
 

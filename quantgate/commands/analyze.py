@@ -17,14 +17,14 @@ _CACHE_HELP = "Calibration cache folder (default: $QUANTGATE_CACHE_DIR or ~/.cac
 
 
 def _calib(calib: Optional[Path]) -> Path:
-    from validation.datasets import DEFAULT_CALIBRATION
+    from runtime.datasets import DEFAULT_CALIBRATION
 
     return calib if calib is not None else DEFAULT_CALIBRATION
 
 
 def _model_sha(model: Path) -> str:
+    from analyzer.profile import model_identity
     from quant.loaders import open_checkpoint
-    from quant.sensitivity.profile import model_identity
 
     with open_checkpoint(model, allow_requantize=True) as ckpt:
         return model_identity(ckpt)
@@ -44,10 +44,10 @@ def imatrix_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
 ) -> None:
     """Collect an importance matrix from calibration text (what llama-imatrix computes), in either llama.cpp format."""
+    from analyzer.cache import CalibrationCache
+    from analyzer.profile import cached_imatrix
+    from core.version import __version__
     from quant.imatrix import save_imatrix_gguf, save_imatrix_legacy
-    from quant.sensitivity.cache import CalibrationCache
-    from quant.sensitivity.profile import cached_imatrix
-    from quantgate import __version__
 
     if fmt not in ("gguf", "dat"):
         raise typer.BadParameter("--format must be gguf or dat")
@@ -64,7 +64,7 @@ def threshold_options(q2: Optional[float], q3: Optional[float], q4: Optional[flo
     """ThresholdPolicy from CLI values (None: the default; a negative value disables that type)."""
     from dataclasses import replace
 
-    from quant.sensitivity.policy import ThresholdPolicy
+    from analyzer.policy import ThresholdPolicy
 
     pol = ThresholdPolicy(max_f16=max_f16)
     for field, v in (("q2_threshold", q2), ("q3_threshold", q3), ("q4_threshold", q4), ("q5_threshold", q5),
@@ -104,18 +104,18 @@ def profile_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table"),
 ) -> None:
     """Per-tensor sensitivity profile (size and error of every candidate type) and the chosen types (JSON)."""
+    from analyzer.auto import make_policy, plan_auto
+    from analyzer.cache import CalibrationCache
+    from analyzer.policy import load_overrides
+    from analyzer.profile import build_profile, cached_imatrix
+    from core.version import __version__
     from quant.imatrix import load_imatrix, save_imatrix_gguf
-    from quant.sensitivity.auto import make_policy, plan_auto
-    from quant.sensitivity.cache import CalibrationCache
-    from quant.sensitivity.policy import load_overrides
-    from quant.sensitivity.profile import build_profile, cached_imatrix
-    from quantgate import __version__
 
     cal = _calib(calib)
     ov = load_overrides(str(overrides)) if overrides is not None else []
     imat = load_imatrix(imatrix) if imatrix is not None else None
 
-    def progress(name: str, i: int, n: int) -> None:
+    def progress(i: int, n: int, name: str) -> None:
         if not quiet:
             err_console.print(f"[dim]profile {i}/{n} {name}[/]", highlight=False)
 
@@ -165,7 +165,7 @@ def render_profile(prof) -> None:
 def cache_stats(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
     """Entries and bytes in the calibration cache, per kind of measurement."""
-    from quant.sensitivity.cache import CalibrationCache
+    from analyzer.cache import CalibrationCache
 
     with CalibrationCache(cache_dir) as cache:
         st = cache.stats()
@@ -184,7 +184,7 @@ def cache_stats(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", he
 def cache_export(file: Path = typer.Argument(..., help="JSONL file to write"),
                  cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_HELP)) -> None:
     """Write every cache entry to a portable, verifiable JSONL file."""
-    from quant.sensitivity.cache import CalibrationCache
+    from analyzer.cache import CalibrationCache
 
     with CalibrationCache(cache_dir) as cache:
         n = cache.export(file)
@@ -196,10 +196,9 @@ def cache_export(file: Path = typer.Argument(..., help="JSONL file to write"),
 def cache_import(file: Path = typer.Argument(..., help="JSONL file from `quantgate cache export`"),
                  cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_CACHE_HELP)) -> None:
     """Add the entries of an export file (each verified; existing keys kept); recorded in the audit trail."""
-    from quant.sensitivity.cache import CalibrationCache
+    from quantgate.pipeline import import_cache
 
-    with CalibrationCache(cache_dir) as cache:
-        r = cache.import_file(file)
+    r = import_cache(file, cache_dir)
     console.print(f"imported {r.added} of {r.entries} entries from {file} ({r.skipped} already present)",
                   highlight=False)
 
@@ -212,9 +211,9 @@ def cache_prune(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", he
                 all_versions: bool = typer.Option(False, "--keep-other-versions",
                                                   help="Keep entries of other quantgate versions")) -> None:
     """Drop entries that can no longer hit (other tool versions), old ones, and LRU ones beyond --max-size."""
-    from quant.sensitivity.cache import CalibrationCache
-    from quant.sensitivity.policy import parse_size
-    from quantgate import __version__
+    from analyzer.cache import CalibrationCache
+    from analyzer.policy import parse_size
+    from core.version import __version__
 
     with CalibrationCache(cache_dir) as cache:
         n = cache.prune(keep_tool_version=None if all_versions else __version__,

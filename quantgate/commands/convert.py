@@ -23,7 +23,13 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
     """Convert an HF checkpoint to an F32/F16/BF16 GGUF with its tokenizer (what convert_hf_to_gguf.py writes)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from quantgate.convert import convert_model
     from quantgate.pipeline import artifact_json

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from quant.errors import QuantGateError
+from core.errors import QuantGateError
 from quantgate.cli_app import app, console, err_console, handle_errors
 
 
@@ -48,16 +48,16 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize), or
     with `--precision auto` per-tensor types chosen by the precision analyzer (docs/ANALYZER.md)."""
-    from quantgate.pipeline import QuantizeRequest
+    from core.records import QuantizeRequest
 
     if precision.strip().upper() == "AUTO":
-        from quant.sensitivity.auto import auto_request
+        from analyzer.auto import auto_request
 
         if pure or tensor_type or output_tensor_type or token_embedding_type or allow_requantize or generic:
             raise QuantGateError("--precision auto chooses every tensor's type: use --overrides (YAML regex -> type) "
                                  "instead of --pure/--tensor-type/--output-tensor-type/--token-embedding-type; "
                                  "--allow-requantize and --generic are not supported with it")
-        from quant.sensitivity.policy import load_overrides
+        from analyzer.policy import load_overrides
 
         with auto_request(model, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
                           target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
@@ -86,7 +86,13 @@ def quantize(
 
 def _run_quantize(req, as_json: bool, quiet: bool) -> None:
     """Run one pipeline request with a progress bar; print the record (--json) or a one-line summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from quantgate.pipeline import artifact_json, quantize_model
 
@@ -168,6 +174,6 @@ def sample(
 @app.command()
 def version() -> None:
     """Print quantgate's version."""
-    from quantgate import __version__
+    from core.version import __version__
 
     print(__version__)

@@ -64,13 +64,19 @@ def evaluate(
 ) -> None:
     """Score a quantized GGUF against its baseline: perplexity, KL divergence, top-1 agreement, accuracy, per-tensor
     error (definitions: docs/METRICS.md). Baseline log-probs are cached in $QUANTGATE_CACHE_DIR."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    from quant.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
     from validation.evaluate import evaluate as run_evaluate
 
     if dataset is None:
-        from validation.datasets import DEFAULT_EVAL
+        from runtime.datasets import DEFAULT_EVAL
 
         dataset = Path(DEFAULT_EVAL)
     with Progress(TextColumn("[bold]evaluate[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -78,7 +84,7 @@ def evaluate(
         task = progress.add_task("", total=None)
         report = run_evaluate(baseline, candidate, dataset, backend=backend, max_tokens=max_tokens,
                               batch_size=batch_size,
-                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+                              progress=lambda done, total, _what: progress.update(task, completed=done, total=total))
     if json_out is not None:
         atomic_write_text(json_out, report.to_json())
     if not quiet:

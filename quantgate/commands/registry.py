@@ -37,14 +37,14 @@ def _registry_errors(fn: F) -> F:
 
 
 def _settings():
-    from registry.config import RegistrySettings
+    from quantgate.config import registry_settings
 
-    return RegistrySettings.from_env()
+    return registry_settings()
 
 
 def _parse_reports(values: list[str]) -> dict[str, Path]:
-    from quant.errors import QuantGateError
-    from registry.store import REPORT_ROLES
+    from core.errors import QuantGateError
+    from registry.client import REPORT_ROLES
 
     out = {}
     for v in values:
@@ -53,15 +53,6 @@ def _parse_reports(values: list[str]) -> dict[str, Path]:
             raise QuantGateError(f"--report expects ROLE=PATH with ROLE one of {', '.join(REPORT_ROLES)}; got {v!r}")
         out[role] = Path(path)
     return out
-
-
-def _load_artifact(path: Path):
-    from quantgate.records import QuantizedArtifact, Recipe
-
-    d = json.loads(path.read_text(encoding="utf-8"))
-    r = dict(d["recipe"])
-    r["tensor_type_overrides"] = tuple(tuple(x) for x in r.get("tensor_type_overrides", ()))
-    return QuantizedArtifact(**{**d, "recipe": Recipe(**r)})
 
 
 @app.command()
@@ -77,10 +68,11 @@ def register(
     as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON"),
 ) -> None:
     """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one."""
-    from registry.store import load_verdict, register_gguf
+    from core.records import QuantizedArtifact, Verdict, load_record
+    from registry.registration import register_gguf
 
-    rv = register_gguf(gguf, settings=_settings(), verdict=load_verdict(verdict) if verdict else None,
-                       artifact=_load_artifact(artifact) if artifact else None, reports=_parse_reports(report),
+    rv = register_gguf(gguf, settings=_settings(), verdict=load_record(Verdict, verdict) if verdict else None,
+                       artifact=load_record(QuantizedArtifact, artifact) if artifact else None, reports=_parse_reports(report),
                        model_name=model_name, source_name=source_name)
     if as_json:
         print(json.dumps(rv.to_dict(), indent=2, sort_keys=True))
@@ -99,8 +91,8 @@ def promote(
     reason: str = typer.Option("", "--reason", help="Why (kept in the audit trail)"),
 ) -> None:
     """Point an alias at a version whose validation passed; refuse (exit 1, audited) failed or unvalidated ones."""
-    from registry.store import PromotionRefused
-    from registry.store import promote as do_promote
+    from registry.client import PromotionRefused
+    from registry.registration import promote as do_promote
 
     try:
         mv = do_promote(model, version, alias, settings=_settings(), reason=reason)
@@ -116,7 +108,7 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Machine-read
     """List registered models with their version counts and aliases."""
     from rich.table import Table
 
-    from registry.store import list_models
+    from registry.queries import list_models
 
     rows = list_models(_settings())
     if as_json:
@@ -139,7 +131,7 @@ def models_show(
     """Show a model's versions (or one version) with verdict, aliases, SHA-256 and tags."""
     from rich.table import Table
 
-    from registry.store import show
+    from registry.queries import show
 
     rows = show(model, version, settings=_settings())
     if as_json:
@@ -164,7 +156,7 @@ def models_download(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the GGUF into"),
 ) -> None:
     """Download a version's GGUF, check its SHA-256 against the registry, and audit the download."""
-    from registry.store import download
+    from registry.queries import download
 
     path = download(ref, out, settings=_settings())
     console.print(f"downloaded {ref} to {path}", highlight=False)
@@ -197,7 +189,7 @@ def audit_export(
     attach: bool = typer.Option(True, "--attach/--no-attach", help="Attach to the version's MLflow run"),
 ) -> None:
     """Write a model's (or one version's) audit events as JSON lines and attach them to the version in MLflow."""
-    from registry.store import export_events
+    from registry.queries import export_events
 
     path, n = export_events(model, version, out, settings=_settings(), attach=attach)
     console.print(f"wrote {n} events to {path}", highlight=False)

@@ -53,7 +53,7 @@ def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workd
 
 
 def _use_broker(broker: Optional[str]) -> None:
-    """CLI flag over environment: the Celery app reads QUANTGATE_BROKER_URL when tasks.app is first imported."""
+    """CLI flag over environment: the Celery app reads QUANTGATE_BROKER_URL when quantgate.broker is first imported."""
     if broker is not None:
         os.environ["QUANTGATE_BROKER_URL"] = broker
 
@@ -127,7 +127,7 @@ def submit(
              "dataset": str(Path(spec.dataset).resolve()) if spec.dataset else None,
              "profile_options": {**d["profile_options"], **({"calib": str(Path(calib).resolve())} if calib else {})}}
     spec = type(spec).from_dict({**d, **paths})  # workers may run elsewhere: absolute paths on shared storage
-    from tasks.tasks import submit as send
+    from quantgate.dispatch import submit as send
 
     print(send(spec))
 
@@ -153,7 +153,7 @@ def status(
 ) -> None:
     """Show a submitted job's state and progress; exit 0 when it succeeded, 1 when it failed, 3 while running."""
     _use_broker(broker)
-    from tasks.tasks import job_status
+    from quantgate.dispatch import job_status
 
     st = job_status(job)
     if watch and st["state"] not in ("SUCCESS", "FAILURE"):
@@ -243,7 +243,7 @@ def stage_quantize(
 ) -> None:
     """Quantize with one mix into out_dir (GGUF written atomically, then its artifact record) and its metrics;
     --mix AUTO quantizes with `--precision auto` from --profile under a budget policy (--auto-target)."""
-    from quant.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
     from quantgate.dvc_report import quantize_metrics, tensor_error_rows
     from quantgate.jobs import is_auto, quantize_auto_step, quantize_step
 
@@ -274,7 +274,7 @@ def stage_validate(
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="Also write PPL ratio/KLD/accuracy-drop JSON"),
 ) -> None:
     """Run the validation gate (thresholds from params.yaml `gates`) and write the verdict (and its metrics)."""
-    from quant.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
     from quantgate.dvc_report import validate_metrics
     from quantgate.jobs import validate_step
 
@@ -298,7 +298,7 @@ def stage_register(
     out: Path = typer.Option(..., "--out", "-o", help="JSON record of the registered version"),
 ) -> None:
     """Register the artifact (+ verdict) in the model registry (idempotent) and record the version."""
-    from quant.atomic import atomic_write_text
+    from core.atomic import atomic_write_text
     from quantgate.jobs import register_step
 
     rec = json.loads(artifact.read_text(encoding="utf-8"))

@@ -13,7 +13,7 @@ from quantgate.cli_app import app, console, err_console, fail, handle_errors
 
 
 def _progress(quiet: bool):
-    return None if quiet else (lambda msg: err_console.print(f"[dim]validate: {msg}[/]", highlight=False))
+    return None if quiet else (lambda _done, _total, msg: err_console.print(f"[dim]validate: {msg}[/]", highlight=False))
 
 
 @app.command()
@@ -44,13 +44,13 @@ def validate(
     Exit 0 passed, 1 a gate failed, 2 unusable inputs. The last line printed is the verdict."""
     from quantgate.pipeline import validate_artifact as run
     from validation.gate import UnusableInput, exit_code
-    from validation.gates import default_gates, load_gates
-    from validation.reports import gate_line, summary_line
+    from validation.publish import gate_line, summary_line
+    from validation.thresholds import default_gates, load_gates
 
     if gates_file is not None:
         gate_set = load_gates(gates_file)
         if threshold is not None:
-            from validation.gates import GateSet
+            from validation.thresholds import GateSet
 
             gate_set = GateSet(gate_set.name, gate_set.gates + default_gates(threshold, metric).gates)
     elif threshold is not None:
@@ -96,7 +96,7 @@ def diff(
     baseline, gate verdicts. Exit 1 on a regression beyond --fail-on-regression, 2 on unusable inputs."""
     from validation.diff import diff as run_diff
     from validation.diff import write_diff_reports
-    from validation.gates import load_gates
+    from validation.thresholds import load_gates
 
     gate_set = load_gates(gates_file) if gates_file is not None else None
     rep = run_diff(a, b, baseline=baseline, dataset=dataset, gates=gate_set, backend=backend,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import quant
-from quant.errors import (
+from core.errors import (
     NonFiniteError,
     QuantGateError,
     ShapeError,

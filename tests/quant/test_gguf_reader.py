@@ -10,7 +10,7 @@ from gguf.constants import GGUFValueType as V
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quant.errors import GGUFFormatError
+from core.errors import GGUFFormatError
 from quant.gguf_kv import KV
 from quant.gguf_reader import GGML_TYPES, ggml_type, read_gguf
 from quant.gguf_writer import TensorSpec, write_gguf

@@ -11,7 +11,7 @@ import pytest
 from gguf.constants import GGUFValueType as V
 
 import quant
-from quant.errors import GGUFFormatError
+from core.errors import GGUFFormatError
 from quant.gguf_kv import KV
 from quant.gguf_reader import read_gguf
 from quant.gguf_writer import TensorSpec, build_metadata, write_gguf

@@ -12,7 +12,7 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant.errors import CheckpointError, GGUFFormatError
+from core.errors import CheckpointError, GGUFFormatError
 from quant.imatrix import (
     Imatrix,
     ImatrixEntry,

@@ -9,7 +9,7 @@ from gguf.constants import GGUFValueType as V
 from rich.console import Console
 
 import quant
-from quant.errors import GGUFFormatError
+from core.errors import GGUFFormatError
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.inspect import inspect_gguf

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType
 
-from quant.errors import CheckpointError, UnsupportedTypeError
+from core.errors import CheckpointError, UnsupportedTypeError
 from quant.loaders.base import Checkpoint, SourceTensor
 from quant.mixes import PRECISIONS, get_mix, llama_quantize_order, tensor_types
 from quant.model_plan import ModelPlan, PlannedTensor, plan_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.loaders.base import Checkpoint, SourceTensor
 from quant.loaders.safetensors_src import open_safetensors_checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.tokenizer_gguf import (
     CHKTXT,
     KNOWN_PRE_HASHES,

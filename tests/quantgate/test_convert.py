@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
+from core.records import QuantizeRequest
 from quantgate.cli import app
 from quantgate.convert import convert_model, converted_type
-from quantgate.pipeline import QuantizeRequest, quantize_model
+from quantgate.pipeline import quantize_model
 from tests.conftest import require_llamacpp_src
 from tests.quantgate.tiny_hf import make_tiny_model
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.records import QuantizeRequest
 from quantgate.convert import convert_model
-from quantgate.pipeline import QuantizeRequest, quantize_model
+from quantgate.pipeline import quantize_model
 from tests.quantgate.test_convert import _gguf
 from tests.quantgate.test_pipeline_llamacpp import MIXES, _llama_quantize
 from tests.quantgate.tiny_hf import EVAL_TEXTS, make_tiny_model

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from quantgate.pipeline import QuantizeRequest, quantize_model
+from core.records import QuantizeRequest
+from quantgate.pipeline import quantize_model
 from quantgate.sample import SampleShape, make_sample_checkpoint
 from registry.audit import AuditLog
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantgate.pipeline import QuantizeRequest, quantize_model
+from core.records import QuantizeRequest
+from quantgate.pipeline import quantize_model
 from quantgate.sample import SampleShape, make_sample_checkpoint
 
 MIXES = {"Q8_0": 7, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.records import GateResult, QuantizedArtifact, Verdict
+from core.records import GateResult, QuantizedArtifact, Verdict
 
 TINY = dict(n_layer=1, n_embd=256, n_ff=256, n_head=2, n_head_kv=1, n_vocab=256)
 
@@ -57,7 +57,8 @@ class Store:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
     """Two real GGUFs of one tiny sample checkpoint: Q4_K_M (will pass) and Q8_0 (will fail)."""
-    from quantgate.pipeline import QuantizeRequest, quantize_model
+    from core.records import QuantizeRequest
+    from quantgate.pipeline import quantize_model
     from quantgate.sample import SampleShape, make_sample_checkpoint
 
     work = tmp_path_factory.mktemp("reg-artifacts")
@@ -71,7 +72,7 @@ def tiny_artifacts(tmp_path_factory):
 def store(tmp_path_factory, tiny_artifacts) -> Store:
     """An embedded store (SQLite + local artifacts) with v1 passing (+ validation JSON) and v2 failing."""
     from registry.config import RegistrySettings
-    from registry.store import register_gguf
+    from registry.registration import register_gguf
 
     work, src, q4, q8 = tiny_artifacts
     root = tmp_path_factory.mktemp("reg-store")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.records import canonical_json
+from core.hashing import canonical_json
 from registry.audit import GENESIS, AuditLog, event_hash, record_event, verify_rows
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
+from registry.client import PromotionRefused, mlflow_client
 from registry.compliance import NOT_VALIDATED, build_report, render, write_report
-from registry.store import PromotionRefused, mlflow_client, promote
+from registry.registration import promote
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--hide-scrollbars"]

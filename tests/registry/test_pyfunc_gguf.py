@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.store import promote, register_gguf
+from registry.registration import promote, register_gguf
 
 
 def test_load_model_finds_the_gguf_and_explains_why_it_cannot_generate(store):
@@ -29,7 +29,8 @@ def test_registered_gguf_with_tokenizer_generates(store, tmp_path):
         pytest.skip("quant/tokenizer_gguf.py (tokenizer export) not there yet")
     import mlflow
 
-    from quantgate.pipeline import QuantizeRequest, quantize_model
+    from core.records import QuantizeRequest
+    from quantgate.pipeline import quantize_model
     from tests.quantgate.tiny_hf import make_tiny_model
 
     src = make_tiny_model(tmp_path / "tiny-tok", "llama", n_layer=1)

@@ -63,8 +63,10 @@ def test_register_promote_download_through_mlflow_server(mlflow_server, tiny_art
     import mlflow
 
     from registry.audit import AuditLog
+    from registry.client import PromotionRefused
     from registry.config import RegistrySettings
-    from registry.store import PromotionRefused, download, promote, register_gguf
+    from registry.queries import download
+    from registry.registration import promote, register_gguf
 
     _, _, q4, q8 = tiny_artifacts
     s = RegistrySettings.from_env(env={"QUANTGATE_MLFLOW_URI": mlflow_server, "QUANTGATE_STORE_DIR": str(tmp_path)})

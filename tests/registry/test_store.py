@@ -12,13 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from registry.audit import AuditLog, event_hash
-from registry.store import (
-    PromotionRefused,
-    RegistryError,
-    mlflow_client,
-    promote,
-    register_gguf,
-)
+from registry.client import PromotionRefused, RegistryError, mlflow_client
+from registry.registration import promote, register_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,7 +75,7 @@ _RACER = """
 import json, sys, time
 from pathlib import Path
 from registry.config import RegistrySettings
-from registry.store import register_gguf
+from registry.registration import register_gguf
 store_dir, gguf, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 s = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": store_dir})
 import mlflow  # pay the import before the start line
@@ -207,8 +202,8 @@ def test_pipeline_register_step_aliases_only_passing_versions(tiny_artifacts, tm
     from dataclasses import asdict
 
     from quantgate.jobs import register_step
+    from registry.client import mlflow_client
     from registry.config import RegistrySettings
-    from registry.store import mlflow_client
     from tests.registry.conftest import make_verdict
 
     monkeypatch.setenv("QUANTGATE_STORE_DIR", str(tmp_path / "mlruns-store"))

@@ -80,7 +80,7 @@ def test_bad_input_fails_fast_without_retry_and_worker_survives(cluster, models)
 def test_transient_errors_are_classified_carefully():
     import redis.exceptions
 
-    from quant.errors import CheckpointError
+    from core.errors import CheckpointError
     from tasks.tasks import is_transient
 
     assert is_transient(ConnectionRefusedError(111, "refused"))

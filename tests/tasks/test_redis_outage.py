@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from quant.errors import QuantGateError
+from core.errors import QuantGateError
 from quantgate import jobs
 from tests.tasks.conftest import wait_for
 

@@ -88,7 +88,7 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) 
 def test_cli_submit_status_watch_with_auto_mix(cluster, tok_model, tmp_path):
     import os
 
-    from quant.sensitivity.auto import mix_sizes
+    from analyzer.auto import mix_sizes
 
     cluster.worker("w1")
     env = {**os.environ, "QUANTGATE_BROKER_URL": cluster.redis.url, "PYTHONPATH": str(ROOT)}

@@ -29,12 +29,12 @@ def other_model_gguf(gate_env) -> Path:
 
 
 def run_validate(env: dict, precision: str, threshold: float = 0.01, metric: str = "kl_mean", **kw):
-    """validate() one of the env's GGUFs with a single `metric <= threshold` gate."""
-    from validation.gate import validate
-    from validation.gates import default_gates
+    """gate_and_report() one of the env's GGUFs with a single `metric <= threshold` gate."""
+    from validation.gate import gate_and_report
+    from validation.thresholds import default_gates
 
     gguf = kw.pop("gguf", None) or env["ggufs"][precision]
-    return validate(env["model"], gguf, default_gates(threshold, metric), dataset=env["dataset"],
+    return gate_and_report(env["model"], gguf, default_gates(threshold, metric), dataset=env["dataset"],
                     max_tokens=MAX_TOKENS, cache_dir=env["cache"], **kw)
 
 

@@ -53,7 +53,8 @@ def write_samples(path: Path, *, seed: int = 1, n: int = 6) -> Path:
 
 def quantize_to(src: Path, out: Path, precision: str) -> Path:
     """Quantize `src` with the pipeline (the same path `quantgate quantize` takes)."""
-    from quantgate.pipeline import QuantizeRequest, quantize_model
+    from core.records import QuantizeRequest
+    from quantgate.pipeline import quantize_model
 
     quantize_model(QuantizeRequest(source=src, out=out, precision=precision))
     return out

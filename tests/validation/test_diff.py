@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.validation._gate_fixtures import MAX_TOKENS, gate_env, run_validate  # noqa: F401
 from validation.diff import diff, write_diff_reports
-from validation.gates import gates_from_config
+from validation.thresholds import gates_from_config
 
 
 def test_q4_vs_q5_matches_validation_reports(gate_env, tmp_path):  # noqa: F811

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from tests.validation._tiny import tiny_ggufs, tiny_model, write_samples  # noqa: F401  (fixtures)
+from validation.eval_report import EvalReport
 from validation.evaluate import evaluate
-from validation.report import EvalReport
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 def q8_report(tiny_model, tiny_ggufs, dataset, cache):  # noqa: F811
     calls = []
     rep = evaluate(tiny_model, tiny_ggufs["Q8_0"], dataset, max_tokens=48, batch_size=4, cache_dir=cache,
-                   progress=lambda d, n: calls.append((d, n)))
+                   progress=lambda d, n, _what: calls.append((d, n)))
     return rep, calls
 
 
@@ -71,7 +71,7 @@ def test_report_round_trip(q8_report):
 
 
 def test_rejects_quantized_baseline(tiny_ggufs, dataset, cache):  # noqa: F811
-    from quant.errors import QuantGateError
+    from core.errors import QuantGateError
 
     with pytest.raises(QuantGateError, match="F32/F16/BF16"):
         evaluate(tiny_ggufs["Q8_0"], tiny_ggufs["Q2_K"], dataset, cache_dir=cache)

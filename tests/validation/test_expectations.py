@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from validation.datasets import Dataset, Sample
+from runtime.datasets import Dataset, Sample
 from validation.expectations import (
     SuiteError,
     dataset_table,

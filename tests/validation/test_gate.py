@@ -1,4 +1,4 @@
-"""validate(): Q8_0 passes and Q2_K fails a tight KL gate; unusable inputs leave only error.json; another model's
+"""gate_and_report(): Q8_0 passes and Q2_K fails a tight KL gate; unusable inputs leave only error.json; another model's
 file is rejected by the derived-from gate before any evaluation."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_stale_reports_replaced_by_error_record(gate_env, tmp_path):  # noqa: F8
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)   # header claims absurd counts
     root = tmp_path / "r"
-    from validation.reports import artifact_key
+    from validation.publish import artifact_key
 
     stale = root / artifact_key(bad)
     stale.mkdir(parents=True)

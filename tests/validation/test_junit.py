@@ -4,7 +4,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from quantgate.records import GateResult, Verdict
+from core.records import GateResult, Verdict
 from tests.validation._gate_fixtures import gate_env, verdicts  # noqa: F401
 from validation.junit import junit_xml
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from quant.errors import QuantGateError
+from core.errors import QuantGateError
 from quant.gguf_reader import read_gguf
 from tests.validation._gate_fixtures import gate_env, other_model_gguf  # noqa: F401  (fixtures)
 from validation.structural import (

@@ -8,7 +8,7 @@ import pytest
 from gguf.constants import GGUFValueType as V
 
 import quant
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.loaders.gguf_src import open_gguf_checkpoint

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
-from quant.errors import CheckpointError
+from core.errors import CheckpointError
 from quant.loaders import open_checkpoint
 from quant.loaders.safetensors_src import open_safetensors_checkpoint
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.errors import CheckpointError, UnsafeCheckpointError
+from core.errors import CheckpointError, UnsafeCheckpointError
 from quant.loaders import open_checkpoint
 
 

@@ -1,0 +1,102 @@
+"""Collect an importance matrix the way llama-imatrix does, with transformers forward hooks instead of ggml's
+eval callback.
+
+For every matrix multiplication by a 2-D weight (every nn.Linear: the blk.* projections and, with
+process_output, output.weight) the hook adds, per input column j, the sum of x_j^2 over all tokens to `sums` and
+the token count to `counts` (one count per dense tensor, as collect_imatrix does). Text is handled as llama-imatrix
+handles its file: all calibration samples are tokenized and concatenated, cut into chunks of `chunk_size` tokens
+(the remainder is dropped), and the first token of every chunk is replaced by BOS. imatrix.chunk_count is the
+number of chunks, imatrix.chunk_size the tokens per chunk, so the result round-trips through save_imatrix_gguf
+and load_imatrix and llama-quantize reads it like one of its own.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from core.errors import CheckpointError, QuantGateError
+from core.progress import ProgressFn
+from quant.imatrix import Imatrix, ImatrixEntry
+from quant.loaders import open_checkpoint
+from quant.model_plan import plan_model
+from runtime.backends.torch_backend import load_torch_model
+from runtime.tokenize import DEFAULT_CHUNK_SIZE, calibration_chunks
+
+
+def linear_gguf_names(model, arch: str) -> dict[str, str]:
+    """nn.Linear module name -> GGUF tensor name of its weight (through gguf's TensorNameMap for `arch`)."""
+    import gguf
+    import torch
+
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in archs:
+        raise CheckpointError(f"architecture {arch!r} has no GGUF tensor name map")
+    n_layer = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    name_map = gguf.get_tensor_name_map(archs[arch], n_layer)
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            g = name_map.get_name(key=f"{mod_name}.weight", try_suffixes=(".weight",))
+            if g is None:
+                raise CheckpointError(f"cannot map module {mod_name!r} to a GGUF tensor name for {arch!r}")
+            out[mod_name] = g
+    return out
+
+
+def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], *,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, n_chunks: int | None = None, process_output: bool = True,
+                    dataset_name: str = "", progress: ProgressFn | None = None) -> Imatrix:
+    """Run the model (HF folder or float GGUF, float32 torch) over the calibration chunks and return the
+    importance matrix: for each 2-D matmul weight, per-input-column sums of squared activations and token counts."""
+    import torch
+
+
+    toks = calibration_chunks(model_path, texts, chunk_size, n_chunks)
+    model = load_torch_model(model_path)
+    names = linear_gguf_names(model, _arch_of(model_path))
+    if not process_output:
+        names = {m: g for m, g in names.items() if g.startswith("blk.")}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook_for(gname: str):
+        def hook(_mod, inputs, _out):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            s = (x * x).sum(dim=0).numpy()
+            if gname in sums:
+                sums[gname] += s
+            else:
+                sums[gname] = s
+            counts[gname] = counts.get(gname, 0) + int(x.shape[0])
+        return hook
+
+    mods = dict(model.named_modules())
+    for mod_name, gname in names.items():
+        handles.append(mods[mod_name].register_forward_hook(hook_for(gname)))
+    try:
+        with torch.inference_mode():
+            for i, chunk in enumerate(toks.chunks):
+                model(input_ids=torch.tensor([chunk], dtype=torch.long), use_cache=False)
+                if progress is not None:
+                    progress(i + 1, len(toks.chunks), "imatrix")
+    finally:
+        for h in handles:
+            h.remove()
+    entries = {}
+    for gname, s in sums.items():
+        if not np.all(np.isfinite(s)):
+            raise QuantGateError(f"non-finite activations in {gname}")
+        entries[gname] = ImatrixEntry(s.astype(np.float32), np.array([counts[gname]], np.float32))
+    if not entries:
+        raise CheckpointError(f"{model_path}: no 2-D matmul weights found to collect activations for")
+    return Imatrix(entries, [dataset_name] if dataset_name else [], len(toks.chunks), toks.chunk_size)
+
+
+def _arch_of(model_path: "str | os.PathLike[str]") -> str:
+
+    with open_checkpoint(Path(model_path), allow_requantize=True) as ckpt:
+        return plan_model(ckpt).arch

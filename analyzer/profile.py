@@ -1,0 +1,459 @@
+"""Sensitivity profile: for every quantizable tensor and candidate type, the size in bytes, the cheap error
+estimate, and (optionally) the measured effect on the model output; then the chosen type per tensor.
+
+Definitions (docs/ANALYZER.md):
+* est(t, T) = sum_ij w_j (W_ij - Q_T(W)_ij)^2 / sum_ij w_j W_ij^2, with w_j the imatrix value of input column j
+  (mean squared activation; all ones for tensors without an entry, e.g. token_embd). Under a diagonal activation
+  covariance this is E||(W - Q(W))x||^2 / E||Wx||^2: the relative output error of that matmul.
+* measured(t, T): the whole model with only tensor t replaced by Q_T(W), run on a calibration subsample; we keep the
+  mean per-token KL divergence of the next-token distribution vs the unquantized model (nats) and the mean squared
+  logit difference (output MSE).
+* gain(t) = exp(median_T log(kld(t, T) / est(t, T))), pred(t, T) = gain(t) * est(t, T): the predicted KLD
+  contribution the budget policy sums (1 when nothing is measured).
+Quantization is row-wise, so Q commutes with the Q/K row permutation and the transformers weights are quantized
+as they are; the result is what the pipeline writes for the same type and imatrix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from analyzer.cache import CacheKey, CalibrationCache
+from analyzer.collect import collect_imatrix
+from analyzer.policy import (
+    CANDIDATE_TYPES,
+    BudgetPolicy,
+    Choice,
+    Item,
+    Option,
+    ThresholdPolicy,
+    choose_budget,
+    choose_threshold,
+    override_choices,
+)
+from core.atomic import atomic_write
+from core.errors import QuantGateError
+from core.hashing import checkpoint_sha256
+from core.progress import ProgressFn
+from core.version import __version__
+from quant.formats import get_qtype
+from quant.imatrix import Imatrix, ImatrixEntry
+from quant.loaders import open_checkpoint
+from quant.mixes import allows_quantization, current_type
+from quant.model_plan import plan_model
+from runtime.backends.torch_backend import load_torch_model
+from runtime.datasets import load_dataset
+from runtime.tokenize import calibration_chunks
+
+PROFILE_SCHEMA = 1
+
+
+@dataclass
+class TypeStats:
+    """One tensor at one candidate type."""
+
+    size_bytes: int
+    est_error: float
+    measured_kld: float | None = None
+    measured_mse: float | None = None
+    predicted: float | None = None
+
+
+@dataclass
+class TensorProfile:
+    """One GGUF tensor: its candidates (empty when llama.cpp keeps it unquantized) and the choice made."""
+
+    name: str
+    shape: list[int]
+    n_params: int
+    source_type: str
+    quantizable: bool
+    candidates: dict[str, TypeStats] = field(default_factory=dict)
+    gain: float | None = None
+    chosen: str | None = None
+    reason: str = ""
+
+    def size_of(self, qtype: str) -> int:
+
+        return get_qtype(qtype).nbytes(tuple(self.shape))
+
+
+@dataclass
+class Profile:
+    """A model's sensitivity report (JSON); with `policy` applied it fixes every tensor's type."""
+
+    model: dict[str, Any]
+    calibration: dict[str, Any]
+    imatrix: dict[str, Any]
+    measure: dict[str, Any] | None
+    candidate_types: list[str]
+    tensors: list[TensorProfile]
+    validation: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] | None = None
+    overrides: list[list[str]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    tool_version: str = ""
+    schema_version: int = PROFILE_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    def save(self, path: "str | os.PathLike[str]") -> None:
+        """Write the JSON report atomically."""
+
+        with atomic_write(path) as fh:
+            fh.write((self.to_json() + "\n").encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike[str]") -> "Profile":
+        """Read a JSON report written by save()."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise QuantGateError(f"{path}: cannot read profile: {e}") from None
+        if d.get("schema_version") != PROFILE_SCHEMA:
+            raise QuantGateError(f"{path}: profile schema {d.get('schema_version')} is not {PROFILE_SCHEMA}")
+        tensors = [TensorProfile(**{**t, "candidates": {k: TypeStats(**v) for k, v in t["candidates"].items()}})
+                   for t in d.pop("tensors")]
+        return cls(tensors=tensors, **d)
+
+    def sha256(self) -> str:
+        """SHA-256 of the bytes save() writes (so it matches `sha256sum profile.json`)."""
+        return hashlib.sha256((self.to_json() + "\n").encode("utf-8")).hexdigest()
+
+    def chosen_types(self) -> dict[str, str]:
+        """GGUF name -> type for every tensor (unquantizable ones keep their source type)."""
+        if any(t.quantizable and t.chosen is None for t in self.tensors):
+            raise QuantGateError("profile has no choices yet: apply a policy first (quantgate profile --policy ...)")
+        return {t.name: (t.chosen if t.quantizable else t.source_type) for t in self.tensors}
+
+
+#: Files beside HF weights that change what a forward pass computes or how calibration text is tokenized.
+_MODEL_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def model_identity(ckpt) -> str:
+    """The model's cache identity: core.hashing.checkpoint_sha256 over its weight files plus, for HF folders,
+    the config and tokenizer files (a changed config or tokenizer changes every activation)."""
+
+    files = [Path(f) for f in ckpt.files]
+    folder = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
+    if ckpt.kind != "gguf":
+        files += [folder / n for n in _MODEL_SIDE_FILES if (folder / n).is_file() and folder / n not in files]
+    return checkpoint_sha256(files)
+
+
+def imatrix_digest(imat: Imatrix) -> str:
+    """Content identity of an importance matrix (entries, counts, chunk metadata), independent of file format."""
+    h = hashlib.sha256(f"{imat.is_legacy}\n{imat.chunk_count}\n{imat.chunk_size}\n".encode())
+    for name in sorted(imat.entries):
+        e = imat.entries[name]
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(e.sums.astype("<f4").tobytes() + b"\0" + e.counts.astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+def _imatrix_to_arrays(imat: Imatrix) -> dict[str, np.ndarray]:
+    arrays = {"__meta__": np.array([imat.chunk_count, imat.chunk_size], np.int64)}
+    for i, (name, e) in enumerate(sorted(imat.entries.items())):
+        arrays[f"n{i}"] = np.frombuffer(name.encode("utf-8"), np.uint8)
+        arrays[f"s{i}"], arrays[f"c{i}"] = e.sums, e.counts
+    return arrays
+
+
+def _imatrix_from_arrays(a: dict[str, np.ndarray], datasets: list[str]) -> Imatrix:
+    n = (len(a) - 1) // 3
+    entries = {bytes(a[f"n{i}"]).decode("utf-8"): ImatrixEntry(a[f"s{i}"], a[f"c{i}"]) for i in range(n)}
+    return Imatrix(entries, datasets, int(a["__meta__"][0]), int(a["__meta__"][1]))
+
+
+def cached_imatrix(model: Path, calib: Path, model_sha: str, *, chunk_size: int, n_chunks: int | None,
+                   cache: CalibrationCache | None, tool_version: str, process_output: bool = True) -> Imatrix:
+    """The collected imatrix of (model, calibration set, config), from the cache or collected (and stored)."""
+
+    ds = load_dataset(calib)
+    key = CacheKey(model_sha, ds.sha256, "imatrix",
+                   {"chunk_size": chunk_size, "n_chunks": n_chunks, "process_output": process_output}, tool_version)
+    hit = cache.get_arrays(key) if cache is not None else None
+    if hit is not None:
+        return _imatrix_from_arrays(hit, [calib.name])
+    imat = collect_imatrix(model, [s.text for s in ds.usable()], chunk_size=chunk_size, n_chunks=n_chunks,
+                           process_output=process_output, dataset_name=calib.name)
+    if cache is not None:
+        cache.put_arrays(key, _imatrix_to_arrays(imat))
+    return imat
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    r = spearmanr(np.asarray(a, float), np.asarray(b, float)).statistic
+    return None if not np.isfinite(r) else float(r)
+
+
+class _Measurer:
+    """Runs the model with one weight swapped, against cached baseline log-probs of a calibration subsample."""
+
+    def __init__(self, model_path: Path, calib_texts: list[str], n_seqs: int, seq_len: int) -> None:
+        import torch
+
+
+        self.torch = torch
+        toks = calibration_chunks(model_path, calib_texts, seq_len, n_seqs)
+        self.batch = torch.tensor(toks.chunks, dtype=torch.long)
+        self.model = load_torch_model(model_path)
+        self.base_logits = self._logits()
+        self.base_lp = torch.log_softmax(self.base_logits, dim=-1)
+
+    def _logits(self):
+        with self.torch.inference_mode():
+            return self.model(input_ids=self.batch, use_cache=False).logits.float()
+
+    def measure(self, param, new_value: np.ndarray) -> tuple[float, float]:
+        """(mean per-token KLD(base || quantized), mean squared logit difference) with `param` set to new_value."""
+        torch = self.torch
+        old = param.data.clone()
+        with torch.no_grad():
+            param.data.copy_(torch.from_numpy(new_value))
+        try:
+            logits = self._logits()
+        finally:
+            with torch.no_grad():
+                param.data.copy_(old)
+        lq = torch.log_softmax(logits, dim=-1)
+        kld = (self.base_lp.exp() * (self.base_lp - lq)).sum(-1).mean().item()
+        mse = ((logits - self.base_logits) ** 2).mean().item()
+        return max(float(kld), 0.0), float(mse)
+
+
+def _gguf_params(model, arch: str) -> dict[str, Any]:
+    """GGUF tensor name -> transformers parameter, for every 2-D parameter."""
+    import gguf
+
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    name_map = gguf.get_tensor_name_map(archs[arch], int(model.config.num_hidden_layers))
+    out = {}
+    for pname, p in model.named_parameters():
+        if p.ndim == 2:
+            g = name_map.get_name(key=pname, try_suffixes=(".weight", ".bias"))
+            if g is not None:
+                out[g] = p
+    return out
+
+
+def _quant_dequant(x: np.ndarray, qtype: str, w: np.ndarray | None) -> np.ndarray:
+    import quant  # lazy: the numba kernels load at first quantization
+
+    if qtype == "F16":
+        return x.astype(np.float16).astype(np.float32)
+    return quant.dequantize(quant.quantize(x, qtype, imatrix=w), qtype, x.shape)
+
+
+def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str]", *,
+                  imatrix: Imatrix | None = None, imatrix_label: str = "", use_imatrix: bool = True,
+                  chunk_size: int = 512, n_chunks: int | None = None,
+                  candidate_types: Sequence[str] = CANDIDATE_TYPES, measure: bool = True, measure_seqs: int = 8,
+                  measure_len: int = 128, cache: CalibrationCache | None = None,
+                  progress: ProgressFn | None = None) -> Profile:
+    """Measure every quantizable tensor of `model` at every candidate type on the calibration set `calib`.
+    `imatrix` given: use it; else (use_imatrix) collect one (cached). Every (tensor, type) row comes from
+    `cache` when present there, so a second run of the same model + calibration set does no forward pass."""
+
+    t0 = time.perf_counter()
+    model, calib = Path(model), Path(calib)
+    for t in candidate_types:
+        if t not in CANDIDATE_TYPES:
+            raise QuantGateError(f"candidate type {t!r} is not one of {', '.join(CANDIDATE_TYPES)}")
+    with open_checkpoint(model, allow_requantize=True) as ckpt:
+        model_sha = model_identity(ckpt)
+        weights_sha = checkpoint_sha256(ckpt.files)
+        plan = plan_model(ckpt)
+        tensors = [(t.name, tuple(int(d) for d in t.shape), current_type(plan, t),
+                    allows_quantization(t.name, tuple(t.shape), plan.arch)) for t in plan.tensors]
+        arch = plan.arch
+    ds = load_dataset(calib)
+    texts = [s.text for s in ds.usable()]
+    t_hash = time.perf_counter()
+
+    imat_info: dict[str, Any] = {"used": False}
+    if imatrix is not None:
+        imat_info = {"used": True, "source": imatrix_label or "file", "digest": imatrix_digest(imatrix)}
+    elif use_imatrix:
+        imatrix = cached_imatrix(model, calib, model_sha, chunk_size=chunk_size, n_chunks=n_chunks, cache=cache,
+                                 tool_version=__version__)
+        imat_info = {"used": True, "source": "collected", "digest": imatrix_digest(imatrix),
+                     "chunk_size": imatrix.chunk_size, "chunk_count": imatrix.chunk_count, "n_chunks": n_chunks}
+    t_imat = time.perf_counter()
+    measure_cfg = {"n_seqs": measure_seqs, "seq_len": measure_len} if measure else None
+
+    profiles: list[TensorProfile] = []
+    todo: list[tuple[TensorProfile, list[str], dict[str, CacheKey]]] = []
+    for name, shape, src_type, quantizable in tensors:
+        n = int(np.prod(shape, dtype=np.int64))
+        tp = TensorProfile(name, list(shape), n, src_type, quantizable)
+        profiles.append(tp)
+        if not quantizable:
+            continue
+        keys = {}
+        missing = []
+        for qt in candidate_types:
+            if shape[-1] % _block(qt):
+                continue  # llama.cpp would fall back to another type: not a candidate
+            keys[qt] = CacheKey(model_sha, ds.sha256, "tensor_type_error",
+                                {"tensor": name, "type": qt, "imatrix": imat_info.get("digest"),
+                                 "measure": measure_cfg}, __version__)
+            hit = cache.get_json(keys[qt]) if cache is not None else None
+            if hit is not None:
+                tp.candidates[qt] = TypeStats(**hit)
+            else:
+                missing.append(qt)
+        if missing:
+            todo.append((tp, missing, keys))
+
+    if todo:
+        _compute(model, arch, texts, todo, imatrix, measure_cfg, cache, progress)
+    t_measure = time.perf_counter()
+    for tp in profiles:
+        tp.candidates = {qt: tp.candidates[qt] for qt in candidate_types if qt in tp.candidates}
+        _fit_gain(tp)
+    prof = Profile(
+        model={"path": str(model), "sha256": model_sha, "weights_sha256": weights_sha, "arch": arch,
+               "n_params": int(sum(tp.n_params for tp in profiles))},
+        calibration={"path": str(calib), "sha256": ds.sha256, "samples": len(texts)},
+        imatrix=imat_info, measure=measure_cfg, candidate_types=list(candidate_types), tensors=profiles,
+        tool_version=__version__)
+    prof.validation = validation_stats(prof)
+    prof.timings = {"hash_plan_s": t_hash - t0, "imatrix_s": t_imat - t_hash, "tensors_s": t_measure - t_imat,
+                    "total_s": time.perf_counter() - t0, "computed_tensors": len(todo)}
+    return prof
+
+
+def _block(qtype: str) -> int:
+
+    return get_qtype(qtype).block_size
+
+
+def _compute(model: Path, arch: str, texts: list[str], todo, imatrix: Imatrix | None, measure_cfg, cache,
+             progress: ProgressFn | None) -> None:
+    """Fill the missing (tensor, type) rows: quantize/dequantize, estimate, measure, store."""
+
+    if measure_cfg is not None:
+        meas = _Measurer(model, texts, measure_cfg["n_seqs"], measure_cfg["seq_len"])
+        torch_model = meas.model
+    else:
+        meas, torch_model = None, load_torch_model(model)
+    params = _gguf_params(torch_model, arch)
+    for i, (tp, missing, keys) in enumerate(todo):
+        if tp.name not in params:
+            raise QuantGateError(f"tensor {tp.name} has no 2-D transformers parameter to measure")
+        p = params[tp.name]
+        x = np.ascontiguousarray(p.detach().float().numpy())
+        w = imatrix.values(tp.name) if imatrix is not None else None
+        ww = (w if w is not None else np.ones(x.shape[1], np.float32)).astype(np.float64)
+        denom = float((ww * (x.astype(np.float64) ** 2)).sum())
+        for qt in missing:
+            xq = _quant_dequant(x, qt, w)
+            num = float((ww * ((x.astype(np.float64) - xq) ** 2)).sum())
+            st = TypeStats(tp.size_of(qt), num / denom if denom > 0 else 0.0)
+            if meas is not None:
+                st.measured_kld, st.measured_mse = meas.measure(p, xq)
+            tp.candidates[qt] = st
+            if cache is not None:
+                cache.put_json(keys[qt], asdict(st))
+        if progress is not None:
+            progress(i + 1, len(todo), tp.name)
+
+
+def _fit_gain(tp: TensorProfile) -> None:
+    """gain = exp(median log(measured KLD / est)) over types where both are positive; pred = gain * est."""
+    ratios = [math.log(s.measured_kld / s.est_error) for s in tp.candidates.values()
+              if s.measured_kld is not None and s.measured_kld > 0 and s.est_error > 0]
+    tp.gain = float(math.exp(float(np.median(ratios)))) if ratios else (1.0 if tp.quantizable else None)
+    for s in tp.candidates.values():
+        s.predicted = tp.gain * s.est_error if tp.gain is not None else None
+
+
+def validation_stats(prof: Profile) -> dict[str, Any]:
+    """Spearman rank correlations that validate the cheap estimate against the measurements."""
+    rows = [(tp.name, qt, s) for tp in prof.tensors for qt, s in tp.candidates.items()
+            if s.measured_mse is not None and qt != "F16"]
+    if not rows:
+        return {}
+    by_type = {}
+    for qt in prof.candidate_types:
+        sub = [s for _, t, s in rows if t == qt]
+        by_type[qt] = {"est_vs_mse": _spearman([s.est_error for s in sub], [s.measured_mse for s in sub]),
+                       "est_vs_kld": _spearman([s.est_error for s in sub], [s.measured_kld for s in sub])}
+    return {
+        "pairs": len(rows),
+        "est_vs_mse_all": _spearman([s.est_error for *_, s in rows], [s.measured_mse for *_, s in rows]),
+        "est_vs_kld_all": _spearman([s.est_error for *_, s in rows], [s.measured_kld for *_, s in rows]),
+        "pred_vs_kld_all": _spearman([s.predicted for *_, s in rows], [s.measured_kld for *_, s in rows]),
+        "across_tensors_by_type": {k: v for k, v in by_type.items() if v["est_vs_mse"] is not None},
+    }
+
+
+# ------------------------------------------------------------------------------------------- choices
+
+
+def policy_items(prof: Profile, use: str, exclude: set[str] = frozenset()) -> list[Item]:
+    """The quantizable tensors as knapsack/threshold items; `use` = "est" or "predicted"."""
+    items = []
+    for tp in prof.tensors:
+        if not tp.quantizable or tp.name in exclude:
+            continue
+        opts = tuple(Option(qt, s.size_bytes, float(s.est_error if use == "est" else (s.predicted or 0.0)))
+                     for qt, s in tp.candidates.items())
+        items.append(Item(tp.name, opts))
+    return items
+
+
+def apply_policy(prof: Profile, policy: "ThresholdPolicy | BudgetPolicy",
+                 overrides: Sequence[tuple[str, str]] = ()) -> Profile:
+    """Choose every quantizable tensor's type: overrides first (pinned, their bytes come off a budget), then the
+    policy on the rest. Records policy, overrides, choices, reasons and the summary (bytes, bpw) in `prof`."""
+    q = {tp.name: tuple(tp.shape) for tp in prof.tensors if tp.quantizable}
+    pinned = override_choices(q, overrides)
+    by_name = {tp.name: tp for tp in prof.tensors}
+    if isinstance(policy, BudgetPolicy):
+        pinned_bytes = sum(by_name[n].size_of(c.qtype) for n, c in pinned.items())
+        sub = BudgetPolicy(policy.budget_bytes - pinned_bytes, policy.target, policy.max_units)
+        chosen = choose_budget(policy_items(prof, "predicted", set(pinned)), sub)
+    else:
+        chosen = choose_threshold(policy_items(prof, "est", set(pinned)), policy)
+    chosen.update(pinned)
+    for tp in prof.tensors:
+        if tp.quantizable:
+            c: Choice = chosen[tp.name]
+            tp.chosen, tp.reason = c.qtype, c.reason
+        else:
+            tp.chosen, tp.reason = tp.source_type, "not quantizable in llama.cpp: kept as converted"
+    prof.policy = policy.to_dict()
+    prof.overrides = [[p, t.upper()] for p, t in overrides]
+    total = sum(tp.size_of(tp.chosen) for tp in prof.tensors)
+    n = prof.model["n_params"]
+    pred = sum(tp.candidates[tp.chosen].predicted or 0.0 for tp in prof.tensors
+               if tp.quantizable and tp.chosen in tp.candidates)
+    counts: dict[str, int] = {}
+    for tp in prof.tensors:
+        counts[tp.chosen] = counts.get(tp.chosen, 0) + 1
+    prof.summary = {"tensor_bytes": int(total), "bits_per_weight": 8.0 * total / max(n, 1),
+                    "predicted_error": pred, "type_counts": dict(sorted(counts.items()))}
+    return prof
+
+
+def fixed_bytes(prof: Profile) -> int:
+    """Bytes of the tensors no policy chooses (kept at their source float type)."""
+    return sum(tp.size_of(tp.source_type) for tp in prof.tensors if not tp.quantizable)

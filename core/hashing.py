@@ -1,0 +1,92 @@
+"""Content identity: canonical JSON, SHA-256 of text, and streamed SHA-256 of files cached by (path, size, mtime)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+_CHUNK = 4 * 1024 * 1024
+_CACHE_NAME = "sha256_cache.json"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form every content key is hashed over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_text(text: str) -> str:
+    """SHA-256 (hex) of a text's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_dir() -> Path:
+    """The cache folder: $QUANTGATE_CACHE_DIR, else ~/.cache/quantgate."""
+    env = os.environ.get("QUANTGATE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "quantgate"
+
+
+def _load_cache(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_cache(path: Path, data: dict[str, dict]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256_cache.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a re-hash next time
+
+
+def _sha256_stream(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: "str | os.PathLike[str]") -> str:
+    """SHA-256 (hex) of one file, streamed in 4 MiB chunks; cached under cache_dir() keyed by
+    (resolved path, size, mtime_ns) so an unchanged file is hashed once and a changed one is re-hashed."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    cache_file = cache_dir() / _CACHE_NAME
+    cache = _load_cache(cache_file)
+    hit = cache.get(key)
+    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        digest = hit.get("sha256")
+        if isinstance(digest, str) and len(digest) == 64:
+            return digest
+    digest = _sha256_stream(p)
+    cache = _load_cache(cache_file)  # re-read: another process may have added entries meanwhile
+    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    _store_cache(cache_file, cache)
+    return digest
+
+
+def checkpoint_sha256(files: Iterable["str | os.PathLike[str]"]) -> str:
+    """Identity of a multi-file checkpoint. Rule: for one file, that file's SHA-256; for several, the SHA-256 of
+    the UTF-8 text made of one line "relname\\0filehash\\n" per file, sorted by relname, where relname is the
+    file's path relative to the files' common folder (POSIX separators) and filehash its hex SHA-256."""
+    paths = [Path(f).resolve() for f in files]
+    if not paths:
+        raise ValueError("checkpoint_sha256 needs at least one file")
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    lines = sorted((p.relative_to(root).as_posix(), file_sha256(p)) for p in paths)
+    h = hashlib.sha256()
+    for rel, digest in lines:
+        h.update(f"{rel}\0{digest}\n".encode("utf-8"))
+    return h.hexdigest()

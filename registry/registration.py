@@ -1,0 +1,326 @@
+"""Registration: one run per quantization job, one registered model per source model, one model version (a pyfunc
+model whose artifact is the GGUF) per artifact, aliases only for versions that passed the gate.
+
+Registration is idempotent per (model name, artifact SHA-256, job key): a claim row with that key in the audit
+database (unique primary key) decides which worker creates the version; the others wait and return it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core.hashing import file_sha256, sha256_text
+from core.records import QuantizedArtifact, Verdict
+from registry.audit import AuditLog, claims_table, iter_jsonl
+from registry.client import (
+    _ALIAS_RE,
+    FAILED,
+    PASSED,
+    UNVALIDATED,
+    PromotionRefused,
+    RegistryError,
+    default_model_name,
+    get_version,
+    mlflow_client,
+    verdict_status,
+)
+from registry.config import RegistrySettings
+from registry.facts import GGUFFacts, _metrics, _params, gguf_facts
+
+CLAIM_STALE_SECONDS = float(os.environ.get("QUANTGATE_CLAIM_STALE_SECONDS", "900"))
+
+
+@dataclass
+class RegisteredVersion:
+    """A model version of a GGUF artifact, and whether this call created it."""
+
+    model_name: str
+    version: str
+    run_id: str
+    artifact_sha256: str
+    job_key: str
+    verdict: str
+    created: bool
+    model_uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_dead(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class _Claim:
+    mine: bool
+    version: str | None
+    run_id: str | None
+
+
+def _claim(log: AuditLog, key: str, model: str, sha: str, job: str, timeout: float) -> _Claim:
+    """Take the registration claim for `key`, or wait until its holder finished and return what it made."""
+    t = claims_table
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with log.engine.begin() as conn:
+                row = conn.execute(select(t).where(t.c.claim_key == key).with_for_update()).first()
+                if row is None:
+                    conn.execute(insert(t).values(claim_key=key, model_name=model, artifact_sha256=sha, job_key=job,
+                                                  owner=_owner(), claimed_at=time.time()))
+                    return _Claim(True, None, None)
+                if row.version is not None:
+                    return _Claim(False, row.version, row.run_id)
+                if time.time() - row.claimed_at > CLAIM_STALE_SECONDS or _owner_dead(row.owner):
+                    conn.execute(update(t).where(t.c.claim_key == key).values(owner=_owner(), claimed_at=time.time()))
+                    return _Claim(True, None, None)
+        except IntegrityError:
+            continue  # another worker inserted the claim between our read and insert: read it again
+        if time.monotonic() > deadline:
+            raise RegistryError(f"timed out waiting for another worker registering {sha[:12]} as {model}")
+        time.sleep(0.25)
+
+
+def _settle_claim(log: AuditLog, key: str, version: str | None, run_id: str | None) -> None:
+    t = claims_table
+    with log.engine.begin() as conn:
+        if version is None:
+            conn.execute(t.delete().where(t.c.claim_key == key))
+        else:
+            conn.execute(update(t).where(t.c.claim_key == key).values(version=version, run_id=run_id))
+
+
+def _ensure_experiment(client: Any, settings: RegistrySettings) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(settings.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    except MlflowException:  # created meanwhile by another worker
+        return client.get_experiment_by_name(settings.experiment).experiment_id
+
+
+def _ensure_model(client: Any, name: str, f: GGUFFacts) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(
+            name, tags={"source_model": f.source_name, "source_sha256": f.source_sha256 or ""},
+            description=f"GGUF quantizations of {f.source_name} (source SHA-256 {f.source_sha256}) made by quantgate.")
+    except MlflowException:  # RESOURCE_ALREADY_EXISTS from a concurrent worker
+        client.get_registered_model(name)
+
+
+def _find_existing(client: Any, name: str, sha: str, job: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.sha256='{sha}' and tags.job_key='{job}'")
+    except MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def register_gguf(
+    gguf: "str | os.PathLike[str]",
+    *,
+    settings: RegistrySettings | None = None,
+    verdict: Verdict | None = None,
+    artifact: QuantizedArtifact | None = None,
+    reports: Mapping[str, "str | os.PathLike[str]"] | None = None,
+    model_name: str | None = None,
+    source_name: str | None = None,
+    extra_params: Mapping[str, Any] | None = None,
+    wait_timeout: float = 900.0,
+) -> RegisteredVersion:
+    """Log the job as an MLflow run and register the GGUF as a version of its source's model (idempotent).
+
+    Same model name + artifact SHA-256 + job key returns the existing version (created=False), also when several
+    workers race. A failed verdict still registers the version, tagged verdict=failed and rejected=true.
+    """
+    s = settings or RegistrySettings.from_env()
+    f = gguf_facts(gguf, artifact)
+    if source_name:
+        f.source_name = source_name
+    if verdict is not None and verdict.artifact_sha256 != f.sha256:
+        raise RegistryError(f"the verdict is for artifact {verdict.artifact_sha256[:12]}, not {f.sha256[:12]} "
+                            f"({f.path})")
+    rep = {k: Path(v) for k, v in (reports or {}).items() if v is not None}
+    for role, p in rep.items():
+        if not p.is_file():
+            raise RegistryError(f"report {role!r} not found: {p}")
+    name = model_name or s.model_name or default_model_name(f.source_name, f.source_sha256)
+    status = verdict_status(verdict)
+    key = sha256_text(f"{name}\n{f.sha256}\n{f.job_key}")
+    with AuditLog(s.audit_db_url) as log:
+        claim = _claim(log, key, name, f.sha256, f.job_key, wait_timeout)
+        if not claim.mine:
+            return RegisteredVersion(name, str(claim.version), str(claim.run_id), f.sha256, f.job_key,
+                                     _version_verdict(s, name, str(claim.version)), False,
+                                     f"models:/{name}/{claim.version}")
+        try:
+            rv = _create_version(s, log, f, name, status, verdict, rep, dict(extra_params or {}))
+        except BaseException:
+            _settle_claim(log, key, None, None)
+            raise
+        _settle_claim(log, key, rv.version, rv.run_id)
+        return rv
+
+
+def _version_verdict(s: RegistrySettings, name: str, version: str) -> str:
+    return mlflow_client(s).get_model_version(name, version).tags.get("verdict", UNVALIDATED)
+
+
+def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str, status: str,
+                    verdict: Verdict | None, rep: Mapping[str, Path], extra: dict[str, Any]) -> RegisteredVersion:
+    client = mlflow_client(s)
+    existing = _find_existing(client, name, f.sha256, f.job_key)
+    if existing is not None:  # made by a worker that died before settling its claim
+        return RegisteredVersion(name, str(existing.version), existing.run_id, f.sha256, f.job_key,
+                                 existing.tags.get("verdict", status), False, f"models:/{name}/{existing.version}")
+    import mlflow
+
+    from registry.pyfunc_gguf import GGUF_ARTIFACT_KEY, GGUFModel  # lazy: defers mlflow
+
+    exp_id = _ensure_experiment(client, s)
+    _ensure_model(client, name, f)
+    tags = {"sha256": f.sha256, "file_type": "" if f.file_type is None else str(f.file_type),
+            "bits_per_weight": f"{f.bits_per_weight:.4f}", "verdict": status,
+            "gate_set": verdict.gate_set if verdict else "", "job_key": f.job_key,
+            "source_sha256": f.source_sha256 or "", "precision": f.precision or "", "gguf_file": f.path.name}
+    if status == FAILED:
+        tags["rejected"] = "true"
+    run_name = f"{f.precision or 'gguf'}-{f.sha256[:12]}"
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
+                          tags={"quantgate.job_key": f.job_key, "quantgate.artifact_sha256": f.sha256}) as run:
+        mlflow.log_params(_params(f, verdict, rep, extra))
+        mlflow.log_metrics(_metrics(f, verdict, rep))
+        with tempfile.TemporaryDirectory(prefix="quantgate-reg-") as tmp:
+            if verdict is not None:
+                (Path(tmp) / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2, sort_keys=True))
+                mlflow.log_artifact(str(Path(tmp) / "verdict.json"), "validation")
+            (Path(tmp) / "gguf_facts.json").write_text(json.dumps(
+                {**asdict(f), "path": str(f.path)}, indent=2, sort_keys=True, default=str))
+            mlflow.log_artifact(str(Path(tmp) / "gguf_facts.json"), "quantgate")
+        for role, p in rep.items():
+            mlflow.log_artifact(str(p), f"reports/{role}")
+        info = _log_pyfunc(
+            name="gguf_model", python_model=GGUFModel(), artifacts={GGUF_ARTIFACT_KEY: str(f.path)},
+            pip_requirements=_requirements(), metadata={"artifact_sha256": f.sha256, "job_key": f.job_key},
+        )
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, tags=tags,
+                                     model_id=info.model_id,
+                                     description=f"{f.path.name} ({f.precision}), verdict: {status}")
+    ev = log.append("register", model=name, version=mv.version, artifact_sha256=f.sha256, job_key=f.job_key,
+                    inputs=[{"role": "gguf", "path": str(f.path), "sha256": f.sha256, "bytes": f.nbytes}]
+                    + [{"role": r, "path": str(p), "sha256": _sha(p)} for r, p in rep.items()],
+                    outputs=[{"role": "model_version", "uri": f"models:/{name}/{mv.version}",
+                              "run_id": run.info.run_id, "sha256": f.sha256}],
+                    config={"recipe": f.recipe, "source_sha256": f.source_sha256, "gate_set": tags["gate_set"],
+                            "tracking_uri": s.tracking_uri},
+                    verdict=status, detail=f"registered {f.path.name} as {name} v{mv.version}")
+    client.set_model_version_tag(name, mv.version, "audit_event_hash", ev.hash)
+    _log_audit_excerpt(client, log, run.info.run_id, name, str(mv.version), f)
+    return RegisteredVersion(name, str(mv.version), run.info.run_id, f.sha256, f.job_key, status, True,
+                             f"models:/{name}/{mv.version}")
+
+
+def _log_audit_excerpt(client: Any, log: AuditLog, run_id: str, name: str, version: str, f: GGUFFacts) -> None:
+    """Attach the artifact's events so far (quantize, validate, ..., register) to the run as audit/events.jsonl."""
+
+    events = log.events(model=name, version=version, artifact_sha256=f.sha256, job_key=f.job_key)
+    with tempfile.TemporaryDirectory(prefix="quantgate-audit-") as tmp:
+        path = Path(tmp) / "events.jsonl"
+        path.write_text("".join(iter_jsonl(events)), encoding="utf-8")
+        client.log_artifact(run_id, str(path), "audit")
+
+
+def _log_pyfunc(**kwargs: Any) -> Any:
+    """mlflow.pyfunc.log_model without its CloudPickle warning: GGUFModel is pickled by reference to the
+    importable class registry.pyfunc_gguf.GGUFModel (the loading environment needs quantgate installed)."""
+    import logging
+
+    import mlflow
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return mlflow.pyfunc.log_model(**kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def _sha(p: Path) -> str:
+
+    return file_sha256(p)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("mlflow", "llama-cpp-python", "quantgate"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def promote(model: str, version: str | int, alias: str, *, settings: RegistrySettings | None = None,
+            reason: str = "") -> Any:
+    """Point `alias` at a version that passed the gate; refuse (and audit the refusal) for any other version."""
+    s = settings or RegistrySettings.from_env()
+    if not _ALIAS_RE.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' and '-', not 'latest' or v<number>")
+    client = mlflow_client(s)
+    mv = get_version(client, model, version)
+    status = mv.tags.get("verdict", UNVALIDATED)
+    sha, job = mv.tags.get("sha256"), mv.tags.get("job_key")
+    with AuditLog(s.audit_db_url) as log:
+        if status != PASSED:
+            why = f"version {mv.version} of {model} is {status}: only a version whose validation passed gets an alias"
+            log.append("refuse", model=model, version=mv.version, artifact_sha256=sha, job_key=job,
+                       config={"alias": alias, "reason": reason}, verdict=status, detail=why)
+            raise PromotionRefused(f"refused to set alias {alias!r}: {why}")
+        try:
+            previous = client.get_model_version_by_alias(model, alias).version
+        except Exception:  # noqa: BLE001 - MLflow raises MlflowException (REST: RestException) for "no such alias"
+            previous = None
+        client.set_registered_model_alias(model, alias, mv.version)
+        log.append("promote", model=model, version=mv.version, artifact_sha256=sha, job_key=job,
+                   config={"alias": alias, "previous_version": previous, "reason": reason}, verdict=status,
+                   detail=f"alias {alias} -> v{mv.version}" + (f" (was v{previous})" if previous else ""))
+    return client.get_model_version(model, mv.version)

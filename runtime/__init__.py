@@ -1,0 +1,1 @@
+"""Model execution shared by the analyzer and the gate: backends (torch, llama.cpp), tokenization, datasets."""

@@ -1,0 +1,328 @@
+"""Validation reports: validation.json (versioned schema), validation.md (PR comment), validation.html (one
+self-contained page with inline PNG plots), verdict.json, junit.xml, written into one folder per artifact SHA-256.
+
+The folder is built under a temporary name beside its final place and renamed into place when complete, so a
+reader sees either the previous complete report or the new complete one, never a mix. Layout: docs/VALIDATION.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from core.atomic import atomic_write_text
+from core.hashing import file_sha256
+from core.png import png_data_uri, pyplot
+from core.templating import render
+from core.version import __version__
+from validation.eval_report import EvalReport
+from validation.junit import write_junit
+
+SCHEMA = "quantgate.validation"
+SCHEMA_VERSION = 1
+_MISSING = "missing"
+
+
+def default_report_root(artifact: Path) -> Path:
+    """Where reports go unless told otherwise: `<artifact>.reports/` beside the artifact."""
+    return artifact.parent / f"{artifact.name}.reports"
+
+
+def artifact_key(artifact: Path) -> str:
+    """The report folder's name: the artifact's SHA-256, or `missing` when it is not a readable file."""
+
+    try:
+        return file_sha256(artifact) if artifact.is_file() else _MISSING
+    except OSError:
+        return _MISSING
+
+
+class Staging:
+    """A temporary folder under `root` that replaces `root/name` in one rename on publish()."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root, self.final = Path(root), Path(root) / name
+        self.path = Path()
+        self._published = False
+
+    def __enter__(self) -> "Staging":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name[:16]}.", suffix=".tmp", dir=self.root))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def reset(self) -> None:
+        """Empty the staging folder (e.g. to leave only an error record)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+
+    def publish(self) -> None:
+        """Move the staged folder into place, replacing an older report of the same artifact."""
+        old = None
+        if self.final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name[:16]}.", suffix=".old", dir=self.root))
+            os.replace(self.final, old / "r")
+        os.replace(self.path, self.final)
+        self._published = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        if not self._published and self.path != Path() and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_error(folder: Path, error: BaseException, *, candidate: Path, baseline: Path, sha256: str) -> Path:
+    """error.json: the one record left when inputs are unusable (exit 2)."""
+    rec = {"schema": "quantgate.validation_error", "schema_version": SCHEMA_VERSION, "exit_code": 2,
+           "error": str(error), "error_type": type(error).__name__, "candidate": str(candidate),
+           "artifact_sha256": None if sha256 == _MISSING else sha256, "baseline": str(baseline),
+           "created_at": _now()}
+    path = folder / "error.json"
+    atomic_write_text(path, json.dumps(rec, indent=2) + "\n")
+    return path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def payload(v: Any) -> dict[str, Any]:
+    """validation.json's content: schema, artifact, baseline, gate set, verdict, and the EvalReport's fields at top
+    level (overall, per_category, per_tensor, timings, dataset, ...; `eval_schema_version` is its version)."""
+
+    d: dict[str, Any] = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "tool_version": __version__,
+        "artifact": {k: x for k, x in v.facts.to_dict().items() if k not in ("tensor_shapes", "tensor_bytes")},
+        "baseline_model": {"path": v.baseline, "sha256": v.baseline_sha256},
+        "gate_set": v.gate_set.to_dict() | {"sha256": v.gate_set.sha256()},
+        "verdict": v.verdict.to_dict(),
+    }
+    if v.eval_report is not None:
+        ev = v.eval_report.to_dict()
+        ev["eval_schema_version"] = ev.pop("schema_version")
+        ev.pop("tool_version", None)
+        d.update(ev)
+    return d
+
+
+def eval_report_of(d: dict[str, Any]) -> Any:
+    """The EvalReport inside a validation.json dict, or None when evaluation was skipped."""
+
+    if "overall" not in d:
+        return None
+    ev = {k: x for k, x in d.items() if k not in ("schema", "artifact", "baseline_model", "gate_set", "verdict")}
+    ev["schema_version"] = ev.pop("eval_schema_version")
+    return EvalReport.from_dict(ev)
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def fmt(v: Any, spec: str = ".6g") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def gate_line(g: Any) -> str:
+    """One gate as text: `name: value <op> threshold -> PASS` (or its detail for non-metric gates)."""
+    state = "SKIP" if g.skipped else ("PASS" if g.passed else "FAIL")
+    if g.kind == "metric" and g.threshold is not None and not g.skipped:
+        return f"{g.name}: {fmt(g.value)} {g.comparator} {g.threshold:g} -> {state}"
+    return f"{g.name}: {state}" + (f" ({g.detail})" if g.detail else "")
+
+
+def summary_line(verdict: Any) -> str:
+    """The one line that states the verdict and the numbers that decided it (the CLI prints it last)."""
+    failed = [g for g in verdict.gates if not g.passed and not g.skipped]
+    metric = [g for g in verdict.gates if g.kind == "metric" and not g.skipped]
+    n = len(verdict.gates)
+    if verdict.passed:
+        nums = "; ".join(f"{g.metric}{'@' + g.category if g.category else ''}={fmt(g.value)} "
+                         f"{g.comparator} {g.threshold:g}" for g in metric[:4])
+        return f"PASSED: {n}/{n} gates passed" + (f"; {nums}" if nums else "") + f" [{verdict.artifact_sha256[:12]}]"
+    shown = []
+    for g in failed[:3]:
+        if g.kind == "metric" and g.value is not None:
+            shown.append(f"{g.metric}{'@' + g.category if g.category else ''}={fmt(g.value)} breaks "
+                         f"{g.comparator} {g.threshold:g}")
+        else:
+            shown.append(f"{g.name} ({g.detail[:120]})")
+    more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
+    return f"FAILED: {len(failed)} of {n} gates failed: {'; '.join(shown)}{more} [{verdict.artifact_sha256[:12]}]"
+
+
+_MD_METRICS = (("PPL baseline", "ppl_baseline", ".4f"), ("PPL candidate", "ppl_candidate", ".4f"),
+               ("PPL ratio", "ppl_ratio", ".5f"), ("KL mean", "kl_mean", ".6f"), ("KL median", "kl_median", ".6f"),
+               ("KL p99", "kl_p99", ".6f"), ("KL max", "kl_max", ".6f"), ("top-1 agreement", "top1_agreement", ".4f"),
+               ("accuracy baseline", "acc_baseline", ".4f"), ("accuracy candidate", "acc_candidate", ".4f"),
+               ("accuracy drop", "accuracy_drop", ".5f"), ("scored tokens", "n_tokens", "d"))
+
+
+def _metric_rows(rep: Any) -> tuple[list[str], list[list[str]]]:
+    sets = [("overall", rep.overall)] + list(rep.per_category.items())
+    head = ["metric"] + [n for n, _ in sets]
+    return head, [[label] + [fmt(getattr(m, f), spec) for _, m in sets] for label, f, spec in _MD_METRICS]
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in [head] + rows]
+    return "\n".join(["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in esc[1:]])
+
+
+def _gate_rows(verdict: Any) -> list[list[str]]:
+    return [["skipped" if g.skipped else ("pass" if g.passed else "**FAIL**"), g.kind, g.name, fmt(g.value),
+             f"{g.comparator or ''} {fmt(g.threshold)}" if g.threshold is not None else "", g.detail[:200]]
+            for g in verdict.gates]
+
+
+def render_markdown(v: Any) -> str:
+    """validation.md: verdict line, gate table, metrics table, worst tensors (fits a PR comment)."""
+    vd = v.verdict
+    icon = "✅" if vd.passed else "❌"
+    lines = [f"## {icon} quantgate validation: {'PASSED' if vd.passed else 'FAILED'}", "",
+             f"`{Path(v.facts.path).name}` (sha256 `{vd.artifact_sha256[:16]}`, {fmt(v.facts.nbytes, ',d')} bytes) "
+             f"vs baseline `{Path(v.baseline).name}` (`{v.baseline_sha256[:16]}`); gate set `{vd.gate_set}`.", "",
+             f"**{summary_line(vd)}**", "", "### Gates", "",
+             _md_table(["result", "kind", "gate", "value", "threshold", "detail"], _gate_rows(vd)), ""]
+    rep = v.eval_report
+    if rep is not None:
+        head, rows = _metric_rows(rep)
+        lines += [f"### Quality vs baseline ({rep.n_samples} samples, {rep.n_tokens} tokens, backend {rep.backend})",
+                  "", _md_table(head, rows), ""]
+        worst = sorted(rep.per_tensor, key=lambda e: -(e.rel_rmse or 0.0))[:5]
+        lines += ["### Worst tensors (relative RMSE)", "",
+                  _md_table(["tensor", "type", "rel RMSE", "cosine"],
+                            [[e.name, e.qtype, fmt(e.rel_rmse, ".5f"), fmt(e.cosine, ".6f")] for e in worst]), ""]
+    else:
+        lines += ["Evaluation skipped: a structural gate failed.", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ plots + HTML
+
+
+def _layer(name: str) -> int:
+    m = re.match(r"^blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def plot_tensor_error(per_tensor: list[Any]) -> str:
+    """Relative RMSE of every tensor by layer (one marker series per tensor kind), log scale, as a PNG data URI."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for e in per_tensor:
+        if e.rel_rmse:
+            kind = re.sub(r"^blk\.\d+\.", "", e.name).removesuffix(".weight")
+            kinds.setdefault(kind, []).append((_layer(e.name), e.rel_rmse))
+    for kind, pts in sorted(kinds.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "s", label=kind, markersize=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (-1: outside the blocks)")
+    ax.set_ylabel("relative RMSE")
+    ax.set_title("Per-tensor weight error by layer")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3)
+    uri = png_data_uri(fig, dpi=90)
+    return uri
+
+
+def plot_categories(rep: Any) -> str:
+    """KL mean, top-1 agreement, PPL ratio and accuracy drop per category (and overall), as a PNG data URI."""
+    plt = pyplot()
+    sets = [("overall", rep.overall)] + list(rep.per_category.items())
+    metrics = ("kl_mean", "top1_agreement", "ppl_ratio", "accuracy_drop")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3))
+    for ax, m in zip(axes, metrics):
+        vals = [getattr(x, m) for _, x in sets]
+        ax.bar([n for n, _ in sets], [v if v is not None and math.isfinite(v) else 0 for v in vals],
+               color=["#4c72b0"] + ["#55a868"] * (len(sets) - 1))
+        ax.set_title(m, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle("Per-category metrics")
+    uri = png_data_uri(fig, dpi=90)
+    return uri
+
+
+def plot_kl_distribution(rep: Any) -> str:
+    """The KL divergence distribution per category from its summary statistics (median, mean, p99, max; log scale):
+    the EvalReport keeps these, not the per-token values."""
+    plt = pyplot()
+    sets = [("overall", rep.overall)] + list(rep.per_category.items())
+    stats = ("kl_median", "kl_mean", "kl_p99", "kl_max")
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(stats)
+    for i, s in enumerate(stats):
+        ys = [max(getattr(m, s) or 0.0, 1e-12) for _, m in sets]
+        ax.bar([j + i * width for j in range(len(sets))], ys, width=width, label=s.replace("kl_", ""))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], [n for n, _ in sets])
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(baseline || candidate), nats")
+    ax.set_title("KL divergence distribution per token")
+    ax.legend(fontsize=8)
+    uri = png_data_uri(fig, dpi=90)
+    return uri
+
+
+_TEMPLATES = Path(__file__).parent / "templates"
+
+
+def render_html(v: Any) -> str:
+    """validation.html: one self-contained page (inline CSS, plots as base64 PNG data URIs, no external links),
+    rendered from templates/validation.html.j2 with every value HTML-escaped."""
+
+    vd = v.verdict
+    rep = v.eval_report
+    ctx: dict[str, Any] = {
+        "vd": vd, "summary": summary_line(vd), "artifact_path": v.facts.path, "baseline": v.baseline,
+        "baseline_sha256": v.baseline_sha256, "rep": rep,
+        "gate_rows": [[r[0].strip("*").upper()] + r[1:] for r in _gate_rows(vd)],
+        "gate_classes": ["skip" if g.skipped else ("pass" if g.passed else "fail") for g in vd.gates],
+    }
+    if rep is not None:
+        ctx["metric_head"], ctx["metric_rows"] = _metric_rows(rep)
+        ctx["plots"] = [("per-tensor error by layer", plot_tensor_error(rep.per_tensor)),
+                        ("per-category metrics", plot_categories(rep)),
+                        ("KL divergence distribution", plot_kl_distribution(rep))]
+        ctx["tensor_rows"] = [[e.name, e.qtype, fmt(e.bits_per_weight, ".3f"), fmt(e.mse, ".3e"),
+                               fmt(e.rel_rmse, ".5f"), fmt(e.cosine, ".6f"), fmt(e.max_abs_error, ".3e")]
+                              for e in rep.per_tensor]
+    return render(_TEMPLATES, "validation.html.j2", **ctx)
+
+
+def write_reports(folder: Path, v: Any, *, final: Path, junit_copy: "str | os.PathLike[str] | None" = None) -> dict:
+    """Write validation.json/.md/.html, verdict.json and junit.xml into `folder` (the staging folder that becomes
+    `final`); fills v.verdict.report_paths with the final paths and returns them."""
+
+    names = {"validation_json": "validation.json", "validation_md": "validation.md",
+             "validation_html": "validation.html", "verdict": "verdict.json", "junit": "junit.xml"}
+    paths = {k: str(final / n) for k, n in names.items()}
+    if (folder / "gx" / "index.html").exists():
+        paths["data_docs"] = str(final / "gx" / "index.html")
+    if junit_copy is not None:
+        paths["junit_copy"] = str(junit_copy)
+    v.verdict.report_paths = paths
+    atomic_write_text(folder / names["validation_json"], json.dumps(payload(v), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(folder / names["verdict"], json.dumps(v.verdict.to_dict(), indent=2) + "\n")
+    atomic_write_text(folder / names["validation_md"], render_markdown(v))
+    atomic_write_text(folder / names["validation_html"], render_html(v))
+    write_junit(v.verdict, folder / names["junit"])
+    if junit_copy is not None:
+        write_junit(v.verdict, junit_copy)
+    return paths
+
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "default_report_root", "artifact_key", "Staging", "write_error", "payload",
+           "eval_report_of", "fmt", "gate_line", "summary_line", "render_markdown", "render_html",
+           "plot_tensor_error", "plot_categories", "plot_kl_distribution", "write_reports"]
