@@ -34,8 +34,16 @@ def mlflow_client(settings: RegistrySettings) -> Any:
     import mlflow
     from mlflow import MlflowClient
 
+    # set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: keep the process environment as it was, so
+    # the next RegistrySettings.from_env() (another job in this worker, another command) is not steered by this one
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
