@@ -140,24 +140,33 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
 
 
-def _hp_int(kv: dict[str, Any], key: str, problems: list[str], *, required: bool, n_layer: int = 0) -> int | None:
-    """A positive integer hyperparameter (or per-layer array of them: the first value is returned, every value
-    checked); None, with a problem added, when it is absent-but-required or not a positive integer."""
+def _hp_int(kv: dict[str, Any], key: str, problems: list[str], *, required: bool) -> int | None:
+    """A positive integer hyperparameter; None, with a problem added, when absent-but-required or not one."""
     if key not in kv:
         if required:
             problems.append(f"{key} is missing")
         return None
-    vals = _as_list(kv[key])
-    if not vals or not all(_is_pos_int(x) for x in vals):
+    if not _is_pos_int(kv[key]):
         problems.append(f"{key} must be a positive integer, got {_short(kv[key])}")
         return None
-    if len(vals) > 1 and n_layer and len(vals) != n_layer:
-        problems.append(f"{key} has {len(vals)} per-layer values for {n_layer} blocks")
+    return int(kv[key])
+
+
+def _hp_layers(kv: dict[str, Any], key: str, problems: list[str], n_layer: int, *,
+               required: bool) -> list[int] | None:
+    """A per-layer hyperparameter (a scalar, or an array with one positive integer per block) as n_layer values."""
+    if key not in kv:
+        if required:
+            problems.append(f"{key} is missing")
         return None
-    if len(set(int(x) for x in vals)) > 1:
-        problems.append(f"{key} differs between layers ({_short(kv[key])}); only uniform values are checked")
+    v = kv[key]
+    if not isinstance(v, (list, tuple, np.ndarray)):
+        return [x] * n_layer if (x := _hp_int(kv, key, problems, required=required)) is not None else None
+    vals = list(v)
+    if len(vals) != n_layer or not all(_is_pos_int(x) for x in vals):
+        problems.append(f"{key} must be a positive integer or one per block ({n_layer}), got {_short(v)}")
         return None
-    return int(vals[0])
+    return [int(x) for x in vals]
 
 
 def _short(v: Any) -> str:
@@ -184,11 +193,11 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     if n_layer is not None and n_layer > len(shapes):
         problems.append(f"{arch}.block_count is {n_layer} but there are only {len(shapes)} tensors")
         return problems
-    nl = n_layer or 0
+    nl = n_layer or 1
     n_embd = _hp_int(kv, f"{arch}.embedding_length", problems, required=True)
-    n_head = _hp_int(kv, f"{arch}.attention.head_count", problems, required=True, n_layer=nl)
-    n_head_kv = _hp_int(kv, f"{arch}.attention.head_count_kv", problems, required=False, n_layer=nl) or n_head
-    n_ff = _hp_int(kv, f"{arch}.feed_forward_length", problems, required=False, n_layer=nl)
+    heads = _hp_layers(kv, f"{arch}.attention.head_count", problems, nl, required=True)
+    heads_kv = _hp_layers(kv, f"{arch}.attention.head_count_kv", problems, nl, required=False) or heads
+    ffs = _hp_layers(kv, f"{arch}.feed_forward_length", problems, nl, required=False)
     dk = _hp_int(kv, f"{arch}.attention.key_length", problems, required=False)
     dv = _hp_int(kv, f"{arch}.attention.value_length", problems, required=False)
     n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=False)
@@ -196,35 +205,37 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
         _hp_int(kv, f"{arch}.{key}", problems, required=False)
     for key in ("rope.freq_base", "rope.freq_scale", "rope.scaling.factor", "attention.layer_norm_rms_epsilon"):
         _hp_positive_float(kv, f"{arch}.{key}", problems)
-    if n_head and n_head_kv and n_head % n_head_kv:
-        problems.append(f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-    if n_embd and n_head and (dk is None or dv is None) and n_embd % n_head:
-        problems.append(f"{arch}.embedding_length {n_embd} is not divisible by head_count {n_head}")
-    if n_layer is None or n_embd is None or n_head is None or problems:
+    if heads and heads_kv:
+        bad = next((i for i in range(nl) if heads[i] % heads_kv[i]), None)
+        if bad is not None:
+            problems.append(f"{arch}.attention.head_count {heads[bad]} is not a multiple of head_count_kv "
+                            f"{heads_kv[bad]}" + (f" (block {bad})" if len(set(heads + heads_kv)) > 2 else ""))
+    if n_embd and heads and (dk is None or dv is None) and n_embd % heads[0]:
+        problems.append(f"{arch}.embedding_length {n_embd} is not divisible by head_count {heads[0]}")
+    if n_layer is None or n_embd is None or heads is None or heads_kv is None or problems:
         return problems
-    dk = dk or n_embd // n_head
-    dv = dv or n_embd // n_head
+    dk = dk or n_embd // heads[0]          # llama.cpp: n_embd_head_k = n_embd / n_head(layer 0)
+    dv = dv or n_embd // heads[0]
     tokens = kv.get("tokenizer.ggml.tokens")
     n_vocab = len(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else None
-    if n_vocab is None and isinstance(kv.get(f"{arch}.vocab_size"), (int, np.integer)):
+    if n_vocab is None and _is_pos_int(kv.get(f"{arch}.vocab_size")):
         n_vocab = int(kv[f"{arch}.vocab_size"])
-    if n_ff is None and (g := shapes.get("blk.0.ffn_gate.weight")) is not None and len(g) == 2:
-        n_ff = g[0]
+    if ffs is None and (g := shapes.get("blk.0.ffn_gate.weight")) is not None and len(g) == 2:
+        ffs = [g[0]] * n_layer
     v, e = n_vocab, n_embd
     want: dict[str, tuple[int | None, ...]] = {"token_embd.weight": (v, e), "output_norm.weight": (e,)}
     optional: dict[str, tuple[int | None, ...]] = {"output.weight": (v, e), "rope_freqs.weight": (dk // 2,)}
     for i in range(n_layer):
-        b = f"blk.{i}."
-        want |= {b + "attn_norm.weight": (e,), b + "attn_q.weight": (n_head * dk, e),
-                 b + "attn_k.weight": (n_head_kv * dk, e), b + "attn_v.weight": (n_head_kv * dv, e),
-                 b + "attn_output.weight": (e, n_head * dv), b + "ffn_norm.weight": (e,)}
+        b, h, hk, ff = f"blk.{i}.", heads[i], heads_kv[i], (ffs[i] if ffs else None)
+        want |= {b + "attn_norm.weight": (e,), b + "attn_q.weight": (h * dk, e),
+                 b + "attn_k.weight": (hk * dk, e), b + "attn_v.weight": (hk * dv, e),
+                 b + "attn_output.weight": (e, h * dv), b + "ffn_norm.weight": (e,)}
         if n_expert:
-            want |= {b + "ffn_gate_inp.weight": (n_expert, e), b + "ffn_gate_exps.weight": (n_expert, n_ff, e),
-                     b + "ffn_up_exps.weight": (n_expert, n_ff, e), b + "ffn_down_exps.weight": (n_expert, e, n_ff)}
+            want |= {b + "ffn_gate_inp.weight": (n_expert, e), b + "ffn_gate_exps.weight": (n_expert, ff, e),
+                     b + "ffn_up_exps.weight": (n_expert, ff, e), b + "ffn_down_exps.weight": (n_expert, e, ff)}
         else:
-            want |= {b + "ffn_gate.weight": (n_ff, e), b + "ffn_up.weight": (n_ff, e), b + "ffn_down.weight": (e, n_ff)}
-        biases = {b + "attn_q.bias": (n_head * dk,), b + "attn_k.bias": (n_head_kv * dk,),
-                  b + "attn_v.bias": (n_head_kv * dv,)}
+            want |= {b + "ffn_gate.weight": (ff, e), b + "ffn_up.weight": (ff, e), b + "ffn_down.weight": (e, ff)}
+        biases = {b + "attn_q.bias": (h * dk,), b + "attn_k.bias": (hk * dk,), b + "attn_v.bias": (hk * dv,)}
         (want if arch == "qwen2" else optional).update(biases)
         optional |= {b + "attn_output.bias": (e,)}
     known: set[str] | None = None

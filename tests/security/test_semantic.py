@@ -437,3 +437,27 @@ def test_unreadable_baseline_fails_closed(tok_env, tmp_path):
     save_file({"w": np.zeros(4, np.float32)}, str(d / "model.safetensors"))
     g = tokenizer_gate(read_metadata(tok_env["f16"]), d)
     assert not g.passed and g.detail.startswith("cannot read the baseline's tokenizer"), g.detail
+
+
+def test_gguf_source_with_non_integer_hparams_is_one_error(tmp_path):
+    kv = llama_kv(llama__block_count=KV("llama.block_count", "two", V.STRING))
+    p = write_model_gguf(tmp_path / "s.gguf", llama_shapes(), kv)
+    with open_checkpoint(p, allow_requantize=True) as ck, pytest.raises(CheckpointError,
+                                                                        match="llama.block_count must be a"):
+        plan_model(ck)
+    with open_checkpoint(write_model_gguf(tmp_path / "ok.gguf", llama_shapes(), llama_kv())) as ck:
+        assert plan_model(ck).hparams["n_layer"] == 2
+
+
+def test_per_layer_head_counts_are_checked_per_block(tmp_path):
+    arr = lambda k, v: KV(k, v, V.ARRAY, V.UINT32)  # noqa: E731
+    kv = llama_kv(llama__attention__head_count=arr("llama.attention.head_count", [H, H]),
+                  llama__attention__head_count_kv=arr("llama.attention.head_count_kv", [HK, HK]))
+    assert problems_of(tmp_path, kv=kv) == []
+    kv = llama_kv(llama__attention__head_count_kv=arr("llama.attention.head_count_kv", [HK, 1]))
+    assert problems_of(tmp_path, kv=kv) == [
+        "tensor 'blk.1.attn_k.weight' has shape [16, 32] but the hyperparameters give [8, 32]",
+        "tensor 'blk.1.attn_v.weight' has shape [16, 32] but the hyperparameters give [8, 32]"]
+    kv = llama_kv(llama__attention__head_count=arr("llama.attention.head_count", [H, H, H]))
+    assert problems_of(tmp_path, kv=kv) == [
+        "llama.attention.head_count must be a positive integer or one per block (2), got [4, 4, 4]"]
