@@ -511,6 +511,8 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
 
 
 def _plan_generic(ckpt: Checkpoint) -> ModelPlan:
+    if not ckpt.tensors:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint has no tensors; nothing to quantize")
     tensors = []
     for t in ckpt.tensors:
         if len(t.name.encode("utf-8")) > MAX_TENSOR_NAME_BYTES:

@@ -171,6 +171,9 @@ def test_zero_tensors_is_invalid_and_is_not_quantized(tmp_path):
     assert verify_gguf(p).problems == ["the model has no tensors"]
     with open_checkpoint(p, allow_requantize=True) as ck, pytest.raises(CheckpointError, match="no tensors"):
         plan_model(ck)
+    empty = _safetensors(tmp_path / "empty.safetensors", {}, b"")                    # HF / --generic: same
+    with open_checkpoint(empty) as ck, pytest.raises(CheckpointError, match="no tensors"):
+        plan_model(ck, generic=True)
     r = cli("quantize", "-m", str(p), "-o", str(tmp_path / "out.gguf"), "-p", "Q8_0", "--allow-requantize")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no tensors" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out.gguf").exists()
@@ -461,3 +464,18 @@ def test_per_layer_head_counts_are_checked_per_block(tmp_path):
     kv = llama_kv(llama__attention__head_count=arr("llama.attention.head_count", [H, H, H]))
     assert problems_of(tmp_path, kv=kv) == [
         "llama.attention.head_count must be a positive integer or one per block (2), got [4, 4, 4]"]
+
+
+def test_bpe_tokenizer_merges_are_compared(tmp_path):
+    """Qwen2-style byte-level BPE baseline: identical passes, one swapped merge fails naming the field."""
+    from tests.quantgate.tiny_hf import make_tiny_model
+    from tests.validation._tiny import quantize_to
+    from validation.structural import read_metadata, tokenizer_gate
+    model = make_tiny_model(tmp_path / "qwen", "qwen2", n_layer=1)
+    good = quantize_to(model, tmp_path / "q.gguf", "F16")
+    ok = tokenizer_gate(read_metadata(good), model)
+    assert ok.passed and "512 tokens" in ok.detail, ok.detail
+    env = {"f16": good, "dir": tmp_path}
+    bad = _tampered(env, "merge", "tokenizer.ggml.merges", lambda v: [v[1], v[0]] + v[2:])
+    g = tokenizer_gate(read_metadata(bad), model)
+    assert not g.passed and g.detail.startswith("tokenizer.ggml.merges differs from the baseline's at index 0")
