@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -54,24 +55,39 @@ def read_safetensors_header(path: Path) -> list[SourceTensor]:
     data_start = 8 + n
     data_len = size - data_start
     out: list[SourceTensor] = []
+    spans: list[tuple[int, int, str]] = []
     for name in sorted(k for k in header if k != "__metadata__"):
         meta = header[name]
         try:
             dtype = meta["dtype"]
             shape = tuple(int(d) for d in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a dimension like 1e400 (inf)
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
         if dtype not in _DTYPES:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype}; only F32, F16 and BF16 sources are supported")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: np.prod overflows (10**30) or wraps ([2**32, 2**32] -> 0)
         if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len or end - begin != count * _DTYPES[dtype][1]:
             raise CheckpointError(
                 f"{path}: tensor {name!r} data range [{begin}, {end}) does not fit its shape {list(shape)} "
                 f"and dtype {dtype} or lies outside the file (corrupt or truncated file)")
+        spans.append((begin, end, name))
         out.append(SourceTensor(name, shape, dtype, _reader(path, data_start + begin, count, dtype)))
+    check_disjoint_ranges(path, spans)
     return out
+
+
+def check_disjoint_ranges(path: Path, spans: "list[tuple[int, int, str]]") -> None:
+    """Refuse two tensors whose data ranges [begin, end) overlap (the safetensors format forbids it; one tensor's
+    bytes would silently double as another's). Empty tensors occupy no bytes and never overlap."""
+    prev_end, prev_name = 0, ""
+    for begin, end, name in sorted((s for s in spans if s[1] > s[0]), key=lambda s: (s[0], s[1])):
+        if begin < prev_end:
+            raise CheckpointError(f"{path}: tensors {prev_name!r} and {name!r} have overlapping data ranges "
+                                  f"(corrupt or crafted file)")
+        if end > prev_end:
+            prev_end, prev_name = end, name
 
 
 def load_config(folder: Path) -> dict | None:
