@@ -35,7 +35,7 @@ def configure(app: Celery, s: Settings) -> Celery:
     """Apply settings to an app (also to an app already used: its cached result backend and pool are dropped)."""
     import threading
 
-    from kombu import Queue
+    from kombu import Exchange, Queue
 
     s.export_env()
     transport = {"visibility_timeout": s.visibility_timeout, "unacked_restore_interval": 2,
@@ -69,13 +69,17 @@ def configure(app: Celery, s: Settings) -> Celery:
                                      " set QUANTGATE_RESULT_BACKEND=redis://HOST:6379/0")
             # A quorum queue (replicated, durable) and publisher confirms; RabbitMQ requeues a dead consumer's
             # unacked messages as soon as its connection drops, so no visibility timeout applies.
-            queues = [Queue("quantgate", queue_arguments={"x-queue-type": "quorum"}, durable=True)]
+            # A topic exchange: Celery's native delayed delivery (retries with a countdown) needs one.
+            queues = [Queue("quantgate", Exchange("quantgate", type="topic"), routing_key="quantgate",
+                            queue_arguments={"x-queue-type": "quorum"}, durable=True)]
             # AMQP heartbeats every 30 s: RabbitMQ drops the connection of a machine that vanished without closing
             # its sockets (power loss) after two missed beats, and requeues its messages then.
-            app.conf.update(task_queues=queues, broker_transport_options={"confirm_publish": True},
-                            broker_heartbeat=30)
+            app.conf.update(task_queues=queues, task_default_exchange="quantgate",
+                            task_default_exchange_type="topic", task_default_routing_key="quantgate",
+                            broker_transport_options={"confirm_publish": True}, broker_heartbeat=30)
         else:
-            app.conf.update(task_queues=None, broker_transport_options=transport)
+            app.conf.update(task_queues=None, task_default_exchange=None, task_default_exchange_type="direct",
+                            task_default_routing_key=None, broker_transport_options=transport)
         app.conf.update(broker_url=s.broker_url, result_backend=s.backend_url,
                         result_backend_transport_options=transport,
                         redis_backend_health_check_interval=10, broker_connection_timeout=5,
@@ -83,6 +87,7 @@ def configure(app: Celery, s: Settings) -> Celery:
     app.conf.quantgate_settings = s.model_dump(mode="json")
     app._local = threading.local()   # forget a result backend made from older settings
     app._pool = None
+    app.__dict__.pop("amqp", None)   # ... and its queues, routes and producer pool (the broker may have changed)
     return app
 
 

@@ -88,16 +88,23 @@ class TaskLease:
         return cls(redis_client(url), req.id, req.hostname or f"pid-{os.getpid()}", ttl)
 
     def acquire(self) -> float:
-        """Take the lease, waiting while another live worker holds it; returns the seconds waited (0: none)."""
+        """Take the lease, waiting while another live worker holds it; returns the seconds waited (0: none).
+
+        Redis unreachable: runs without a lease (logged); the task is idempotent and the job-key lock still
+        serialises the work."""
         t0 = time.monotonic()
         logged = False
         while True:
             waited = time.monotonic() - t0 if logged else 0.0
-            if self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
-                return waited
-            holder = self.client.get(self.key)
-            if holder is not None and holder.decode(errors="replace") == self.owner:
-                self.client.pexpire(self.key, self.ttl_ms)   # ours (a requeue after our own pool child died)
+            try:
+                if self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+                    return waited
+                holder = self.client.get(self.key)
+                if holder is not None and holder.decode(errors="replace") == self.owner:
+                    self.client.pexpire(self.key, self.ttl_ms)   # ours (a requeue after our own pool child died)
+                    return waited
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                _log.warning("lease %s unavailable (%s: %s): running without it", self.key, type(e).__name__, e)
                 return waited
             if not logged:
                 _log.warning("%s is running on %s (its lease is alive): waiting for it to finish or die",
