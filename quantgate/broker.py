@@ -31,6 +31,13 @@ def make_app(settings: Settings | None = None) -> Celery:
     return configure(app, settings or load_settings())
 
 
+def check_settings(s: Settings) -> None:
+    """Raise QuantGateError for a broker setup that cannot work (RabbitMQ without a Redis result backend)."""
+    if not s.embedded and is_amqp(s.broker_url) and not lease.is_redis(s.result_backend):
+        raise QuantGateError("a RabbitMQ broker needs a Redis result backend for job state and task leases:"
+                             " set QUANTGATE_RESULT_BACKEND=redis://HOST:6379/0")
+
+
 def configure(app: Celery, s: Settings) -> Celery:
     """Apply settings to an app (also to an app already used: its cached result backend and pool are dropped)."""
     import threading
@@ -64,9 +71,7 @@ def configure(app: Celery, s: Settings) -> Celery:
     else:
         app.conf.update(task_always_eager=False, task_store_eager_result=False)
         if is_amqp(s.broker_url):
-            if not s.result_backend:
-                raise QuantGateError("a RabbitMQ broker needs a Redis result backend for job state and task leases:"
-                                     " set QUANTGATE_RESULT_BACKEND=redis://HOST:6379/0")
+            check_settings(s)
             # A quorum queue (replicated, durable) and publisher confirms; RabbitMQ requeues a dead consumer's
             # unacked messages as soon as its connection drops, so no visibility timeout applies.
             # A topic exchange: Celery's native delayed delivery (retries with a countdown) needs one.

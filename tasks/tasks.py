@@ -108,11 +108,13 @@ class QuantgateTask(Task):
         waited = gate.acquire()
         try:
             if waited > 0 or (self.request.delivery_info or {}).get("redelivered"):
-                done = self.AsyncResult(self.request.id)
-                if done.state == "SUCCESS":
+                meta: Mapping[str, Any] = {}
+                with contextlib.suppress(Exception):   # backend unreachable: just run (every task is idempotent)
+                    meta = self.backend.get_task_meta(self.request.id)
+                if meta.get("status") == "SUCCESS":
                     _log.warning("%s already finished on another worker (waited %.1f s): returning its result",
                                  self.request.id, waited)
-                    return done.result
+                    return meta.get("result")
             return super().__call__(*args, **kwargs)
         finally:
             gate.release()

@@ -138,9 +138,10 @@ def rabbitmq_up() -> bool:
         ["rabbitmq-diagnostics", "-q", "ping"], capture_output=True).returncode == 0
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rabbit_vhost():
-    """A throwaway vhost on the machine's RabbitMQ (so other users of the server never see our queues)."""
+    """A throwaway vhost on the machine's RabbitMQ (so other users of the server never see our queues); one per
+    session (rabbitmqctl is slow to start), its queue drains as every test waits for its jobs to end."""
     if not rabbitmq_up():
         pytest.skip("RabbitMQ is not running (scripts/test.sh starts it)")
     vhost = f"qgtest-{os.getpid()}-{free_port()}"
