@@ -59,7 +59,11 @@ class Settings(BaseSettings):
     workdir: Path = Path("out/jobs")            # where job artifacts land, one folder per job key
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     mlflow_uri: Optional[str] = None            # passed through to the registry as QUANTGATE_MLFLOW_URI
-    visibility_timeout: int = 6 * 3600          # must exceed the longest job, else Redis redelivers running tasks
+    # Dead-worker recovery (docs/SCALING.md, "Dead workers"): a live worker renews its messages and task leases
+    # every lease_renew_interval s, so the visibility timeout bounds only how long a DEAD worker's job waits.
+    visibility_timeout: int = 60                # Redis: a dead worker's unacked message is back after this long
+    lease_ttl: int = 30                         # a running task's lease outlives its last renewal by this long
+    lease_renew_interval: int = 10              # renewal period (clamped to a third of the two above)
     soft_time_limit: int = 4 * 3600             # a task gets SoftTimeLimitExceeded after this many seconds
     time_limit: int = 4 * 3600 + 300            # ... and is killed after this many
     max_retries: int = 5                        # transient-error retries (broker/MLflow unreachable)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 from celery import Task
 
 from core.errors import QuantGateError
-from quantgate import jobs
+from quantgate import jobs, lease
 from quantgate.broker import app
 from quantgate.dispatch import job_status, load_manifest, submit  # noqa: F401 (callers holding this module)
 
@@ -98,6 +98,26 @@ class QuantgateTask(Task):
     max_retries = 5
     acks_late = True
     reject_on_worker_lost = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body under the task's lease (quantgate.lease): a copy of a task that a live worker is still
+        running waits for it, then returns its stored result; a dead owner's lease expires and the copy runs."""
+        gate = lease.TaskLease.for_task(self)
+        if gate is None:
+            return super().__call__(*args, **kwargs)
+        waited = gate.acquire()
+        try:
+            if waited > 0 or (self.request.delivery_info or {}).get("redelivered"):
+                meta: Mapping[str, Any] = {}
+                with contextlib.suppress(Exception):   # backend unreachable: just run (every task is idempotent)
+                    meta = self.backend.get_task_meta(self.request.id)
+                if meta.get("status") == "SUCCESS":
+                    _log.warning("%s already finished on another worker (waited %.1f s): returning its result",
+                                 self.request.id, waited)
+                    return meta.get("result")
+            return super().__call__(*args, **kwargs)
+        finally:
+            gate.release()
 
     def progress_fn(self, stage: str, min_interval: float = 0.5):
         """A (done, total, stage) callback that records PROGRESS meta at most every `min_interval` seconds."""

@@ -203,6 +203,14 @@ def worker(
     s = load_settings()
     if s.embedded:
         fail("no broker configured (QUANTGATE_BROKER_URL is empty or memory://): a worker needs Redis")
+    from core.errors import QuantGateError
+
+    try:
+        from quantgate.broker import check_settings  # raises on import too: the app is configured there
+
+        check_settings(s)
+    except QuantGateError as e:
+        fail(str(e))
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", "quantgate",
             "--concurrency", str(concurrency or s.worker_concurrency), "--loglevel", loglevel,
             "--hostname", hostname or "quantgate@%h", "--without-gossip", "--without-mingle"]
