@@ -331,8 +331,8 @@ def detect_family(chat_template: str) -> str | None:
         return "chatml"
     if "<start_of_turn>" in t and "<end_of_turn>" in t:
         return "gemma"
-    if "<|user|>" in t and "<|assistant|>" in t and "<|end|>" in t:
-        return "phi3"
+    if "<|assistant|>" in t and "<|end|>" in t and re.search(r"\|>(?:'\s*\+\s*')?\\n", t):
+        return "phi3"   # '<|user|>\n' or '<|' + role + '|>' + '\n' (Phi-4's tags have no newline after them)
     if "[INST]" in t and re.search(r"""['"] \[/INST\]['"]""", t) and "<<SYS>>" not in t:
         return "mistral"
     return None
@@ -496,7 +496,7 @@ class HFFile:
     verdict: str
     sha256: str
     gate_set: str
-    gates: dict[str, str]
+    gates: list[dict[str, Any]]     # the verdict's gates: name, value, passed (empty: unvalidated)
 
 
 @dataclass
@@ -541,7 +541,7 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
     from core.templating import render
     from registry.client import get_version, mlflow_client, resolve
     from registry.config import RegistrySettings
-    from registry.queries import download
+    from registry.queries import download, run_artifact_text
 
     s = settings or RegistrySettings.from_env()
     client = mlflow_client(s)
@@ -574,16 +574,17 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
         path = download(f"{model}/{mv.version}", out, settings=s)
         paths.append(path)
         run = client.get_run(mv.run_id)
-        m, params = run.data.metrics, run.data.params
+        m = run.data.metrics
         tags = mv.tags
         bpw = tags.get("bits_per_weight")
+        verdict_text = run_artifact_text(s, mv.run_id, "validation/verdict.json")
+        gates = json.loads(verdict_text).get("gates", []) if verdict_text else []
         files.append(HFFile(
             file=path.name, version=str(mv.version), aliases=sorted(mv.aliases or []),
             mix=tags.get("precision") or "unknown", size_bytes=path.stat().st_size,
             bpw=float(bpw) if bpw else None, ppl_ratio=_metric(m, "ppl_ratio", "val.ppl_ratio"),
             kld=_metric(m, "kl_mean", "val.kl_mean"), verdict=tags.get("verdict", "unvalidated"),
-            sha256=file_sha256(path), gate_set=tags.get("gate_set", ""),
-            gates={k.removeprefix("threshold."): v for k, v in sorted(params.items()) if k.startswith("threshold.")}))
+            sha256=file_sha256(path), gate_set=tags.get("gate_set", ""), gates=gates))
     rm = client.get_registered_model(model)
     source = (rm.tags or {}).get("source_model") or model
     meta: dict[str, Any] = {
@@ -597,7 +598,6 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
     import yaml
 
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    gate_sets = sorted({(f.gate_set, tuple(sorted(f.gates.items()))) for f in files if f.gate_set or f.gates})
     rows = [{
         "file": md_code(f.file), "mix": f.mix, "size": _size(f.size_bytes), "bpw": _fmt(f.bpw, ".2f"),
         "ppl_ratio": _fmt(f.ppl_ratio, ".4f"), "kld": _fmt(f.kld, ".4f"), "verdict": f.verdict,
@@ -606,8 +606,11 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
     } for f in files]
     text = render(TEMPLATES, "hf_model_card.md.j2", front=MdSafe(front), model=model, source=source,
                   base_model=meta["base_model"], rows=rows,
-                  gate_sets=[{"name": n or "(unnamed)", "gates": [{"name": md_code(k), "rule": md_code(v)}
-                                                                   for k, v in g]} for n, g in gate_sets],
+                  validations=[{"file": md_code(f.file), "gate_set": f.gate_set or "unnamed", "gates": [
+                      {"name": md_code(g.get("name", "")), "value": "n/a" if g.get("value") is None
+                       else format(float(g["value"]), ".6g"),
+                       "result": "skipped" if g.get("skipped") else "pass" if g.get("passed") else "FAIL"}
+                      for g in f.gates]} for f in files if f.gates],
                   first_file=md_code(files[0].file) if files else "")
     readme = out / "README.md"
     atomic_write_text(readme, text)

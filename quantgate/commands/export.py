@@ -31,9 +31,9 @@ def export_ollama(
     res = do_export(ref, out, settings=settings, template_file=template, name=name)
     family = FAMILY_NAMES.get(res.family or "", "from --template")
     console.print(f"wrote {one_line(res.gguf)} and {one_line(res.modelfile)} (chat template: {family}; stop: "
-                  f"{one_line(', '.join(res.stops) or 'none')})", highlight=False, markup=False)
+                  f"{one_line(', '.join(res.stops) or 'none')})", highlight=False, markup=False, soft_wrap=True)
     console.print("next:", highlight=False)
-    console.print(f"  {one_line(res.create_command())}", highlight=False, markup=False)
+    console.print(f"  {one_line(res.create_command())}", highlight=False, markup=False, soft_wrap=True)
 
 
 @export_app.command("hf")
@@ -58,7 +58,9 @@ def export_hf(
                     quantized_by=quantized_by, license=license, base_model=base_model)
     for f in res.files:
         console.print(f"  {one_line(f.file)}  {one_line(f.mix)}  {f.verdict}  v{f.version}", highlight=False,
-                      markup=False)
-    console.print(f"wrote {len(res.files)} GGUF(s) and {one_line(res.readme)}", highlight=False, markup=False)
+                      markup=False, soft_wrap=True)
+    console.print(f"wrote {len(res.files)} GGUF(s) and {one_line(res.readme)}", highlight=False, markup=False,
+                  soft_wrap=True)
     console.print("next:", highlight=False)
-    console.print(f"  huggingface-cli upload REPO_ID {one_line(res.out_dir)} .", highlight=False, markup=False)
+    console.print(f"  huggingface-cli upload REPO_ID {one_line(res.out_dir)} .", highlight=False, markup=False,
+                  soft_wrap=True)
