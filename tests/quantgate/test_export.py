@@ -170,8 +170,24 @@ def test_reference_model_chat_template_reaches_the_gguf_and_the_modelfile(ref_q8
 
 
 def _cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """The real console script, in a fresh process."""
     return subprocess.run([sys.executable, "-m", "quantgate.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
+
+
+class _Run:
+    def __init__(self, res):
+        self.returncode, self.stdout, self.stderr = res.exit_code, res.stdout, res.stderr
+
+
+def _invoke(args: list[str], env: dict, monkeypatch) -> _Run:
+    """The same CLI in this process (typer's runner): the registry settings come from the same environment."""
+    from typer.testing import CliRunner
+
+    from quantgate.cli import app
+
+    monkeypatch.setenv("QUANTGATE_STORE_DIR", env["QUANTGATE_STORE_DIR"])
+    return _Run(CliRunner().invoke(app, args))
 
 
 @pytest.fixture(scope="module")
@@ -218,30 +234,30 @@ def test_export_ollama_from_the_registry_cli(registered, tmp_path):
     assert _modelfile_parts((tmp_path / "o" / "Modelfile").read_text())["stops"] == ["</s>"]
 
 
-def test_export_ollama_errors_are_one_line_exit_2(registered, tmp_path):
-    env = registered["env"]
-    r = _cli(["export", "ollama", f"bare/{registered['bare'].version}", "--out", str(tmp_path / "b")], env, tmp_path)
+def test_export_ollama_errors_are_one_line_exit_2(registered, tmp_path, monkeypatch):
+    env, bare = registered["env"], f"bare/{registered['bare'].version}"
+    r = _invoke(["export", "ollama", bare, "--out", str(tmp_path / "b")], env, monkeypatch)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "--template FILE" in r.stderr
     assert "Traceback" not in r.stderr
-    r = _cli(["export", "ollama", "reference@nope", "--out", str(tmp_path / "c")], env, tmp_path)
+    r = _invoke(["export", "ollama", "reference@nope", "--out", str(tmp_path / "c")], env, monkeypatch)
     assert r.returncode == 2 and "no alias 'nope'" in r.stderr and r.stderr.count("\n") == 1
-    r = _cli(["export", "ollama", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "d")], env, tmp_path)
+    r = _invoke(["export", "ollama", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "d")], env, monkeypatch)
     assert r.returncode == 2 and "neither a GGUF file nor a registry reference" in r.stderr
     # the override: a Go template file makes the GGUF without a chat template exportable
     (tmp_path / "t.tmpl").write_text("{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}assistant:")
-    r = _cli(["export", "ollama", f"bare/{registered['bare'].version}", "--out", str(tmp_path / "b"), "--template",
-              str(tmp_path / "t.tmpl"), "--name", "Bare Model"], env, tmp_path)
+    r = _invoke(["export", "ollama", bare, "--out", str(tmp_path / "b"), "--template", str(tmp_path / "t.tmpl"),
+                 "--name", "Bare Model"], env, monkeypatch)
     assert r.returncode == 0, r.stderr
     parts = _modelfile_parts((tmp_path / "b" / "Modelfile").read_text())
     assert parts["template"] == (tmp_path / "t.tmpl").read_text() and "ollama create bare-model -f" in r.stdout
     (tmp_path / "broken.tmpl").write_text("{{ if .System }}never closed")
-    r = _cli(["export", "ollama", f"bare/{registered['bare'].version}", "--out", str(tmp_path / "e"), "--template",
-              str(tmp_path / "broken.tmpl")], env, tmp_path)
+    r = _invoke(["export", "ollama", bare, "--out", str(tmp_path / "e"), "--template", str(tmp_path / "broken.tmpl")],
+                env, monkeypatch)
     assert r.returncode == 2 and "missing {{ end }}" in r.stderr
 
 
-def test_export_hf_model_card(registered, tmp_path):
+def test_export_hf_model_card(registered, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
     from core.hashing import file_sha256
@@ -252,8 +268,8 @@ def test_export_hf_model_card(registered, tmp_path):
     # a hostile registry string must stay literal text in the card
     client.set_model_version_tag("reference", registered["v1"].version, "precision", "Q8_0 | <img src=x> `x`")
     try:
-        r = _cli(["export", "hf", "reference", "--out", str(tmp_path / "hub"), "--license", "mit",
-                  "--quantized-by", "ci: bot"], env, tmp_path)
+        r = _invoke(["export", "hf", "reference", "--out", str(tmp_path / "hub"), "--license", "mit",
+                     "--quantized-by", "ci: bot"], env, monkeypatch)
     finally:
         client.set_model_version_tag("reference", registered["v1"].version, "precision", "Q8_0")
     assert r.returncode == 0, r.stderr
@@ -278,9 +294,9 @@ def test_export_hf_model_card(registered, tmp_path):
         assert f"| ` {g.name} ` | {want} | {'pass' if g.passed else 'FAIL'} |" in text, g.name
     assert f"(gate set ` {v.gate_set} `)" in text
     # only passing versions by default; --alias picks; a model with no passing version is one error line
-    r = _cli(["export", "hf", "bare", "--out", str(tmp_path / "none")], env, tmp_path)
+    r = _invoke(["export", "hf", "bare", "--out", str(tmp_path / "none")], env, monkeypatch)
     assert r.returncode == 2 and "no version of 'bare' passed validation" in r.stderr
-    r = _cli(["export", "hf", "bare", "--include-failed", "--out", str(tmp_path / "all")], env, tmp_path)
+    r = _invoke(["export", "hf", "bare", "--include-failed", "--out", str(tmp_path / "all")], env, monkeypatch)
     assert r.returncode == 0, r.stderr
     d2 = ModelCard.load(tmp_path / "all" / "README.md").data.to_dict()
     assert d2["license"] == "other" and "unvalidated" in (tmp_path / "all" / "README.md").read_text()
