@@ -272,14 +272,14 @@ def render_go_template(template: str, data: Mapping[str, Any]) -> str:
 
 def ollama_prompt(template: str, messages: Sequence[Mapping[str, str]], system: str | None = None) -> str:
     """The prompt Ollama builds for a chat: the Modelfile's SYSTEM prepended when the conversation has no system
-    message first, consecutive messages of one role merged with a blank line (Ollama's `collate`), `.System` = every
-    system message joined, `.Messages` = the merged list."""
+    message first (server/routes.go), consecutive messages of one role except tool merged with a blank line and
+    `.System` = every system message joined (template/template.go `collate`), `.Messages` = the merged list."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if system and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": system})
     merged: list[dict[str, str]] = []
     for m in msgs:
-        if merged and merged[-1]["Role"] == m["role"]:
+        if merged and merged[-1]["Role"] == m["role"] and m["role"] != "tool":
             merged[-1]["Content"] += "\n\n" + m["content"]
         else:
             merged.append({"Role": m["role"], "Content": m["content"]})

@@ -86,6 +86,8 @@ def test_ollama_prompt_merges_roles_and_adds_default_system():
     msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     assert ollama_prompt(t, msgs, system="D") == "[system:D][user:a\n\nb]<D>"
     assert ollama_prompt(t, [{"role": "system", "content": "S"}] + msgs, system="D") == "[system:S][user:a\n\nb]<S>"
+    tools = [{"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]
+    assert ollama_prompt(t, tools) == "[tool:1][tool:2]<>"                     # tool results are never merged
 
 
 # ----------------------------------------------------------------------- the families vs transformers' real templates
