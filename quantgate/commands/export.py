@@ -51,6 +51,8 @@ def export_hf(
                                                                         "registry's source name)"),
 ) -> None:
     """Write a folder for `huggingface-cli upload`: GGUFs + README.md (Hub metadata, per-file quality table, gates)."""
+    import re
+
     from core.text import one_line
     from quantgate.export import export_hf as do_export
 
@@ -61,6 +63,10 @@ def export_hf(
                       markup=False, soft_wrap=True)
     console.print(f"wrote {len(res.files)} GGUF(s) and {one_line(res.readme)}", highlight=False, markup=False,
                   soft_wrap=True)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(res.metadata["base_model"])):
+        console.print(f"note: base_model {one_line(res.metadata['base_model'])!r} is not a Hub id (owner/name); "
+                      "pass --base-model so the Hub links the card to its source", highlight=False, markup=False,
+                      soft_wrap=True)
     console.print("next:", highlight=False)
     console.print(f"  huggingface-cli upload REPO_ID {one_line(res.out_dir)} .", highlight=False, markup=False,
                   soft_wrap=True)

@@ -275,6 +275,7 @@ def test_export_hf_model_card(registered, tmp_path, monkeypatch):
     finally:
         client.set_model_version_tag("reference", registered["v1"].version, "precision", "Q8_0")
     assert r.returncode == 0, r.stderr
+    assert "note: base_model 'reference' is not a Hub id" in r.stdout
     readme = tmp_path / "hub" / "README.md"
     gguf = tmp_path / "hub" / Path(registered["art"].path).name
     assert file_sha256(gguf) == registered["art"].sha256
