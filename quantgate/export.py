@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import yaml
+
 from core.atomic import atomic_write_text
 from core.errors import QuantGateError
 from core.hashing import file_sha256
+from core.templating import render
 from core.text import MdSafe, md_code, one_line
+from quant.gguf_reader import read_gguf
+from registry.client import get_version, mlflow_client, parse_model_ref, resolve
+from registry.config import RegistrySettings
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -439,8 +445,6 @@ class OllamaExport:
 
 
 def _is_registry_ref(ref: str) -> bool:
-    from registry.client import parse_model_ref
-
     _, ver, alias = parse_model_ref(ref)
     return bool(ver or alias)
 
@@ -454,8 +458,6 @@ def export_ollama(ref: str, out_dir: "str | os.PathLike[str]", *, settings: Any 
                   template_file: "str | os.PathLike[str] | None" = None, name: str | None = None) -> OllamaExport:
     """Write out_dir/<file>.gguf (downloaded from the registry for MODEL@ALIAS / MODEL/VERSION, or copied from a
     GGUF path) and out_dir/Modelfile."""
-    from quant.gguf_reader import read_gguf
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     override = Path(template_file).read_text(encoding="utf-8") if template_file is not None else None
@@ -464,7 +466,7 @@ def export_ollama(ref: str, out_dir: "str | os.PathLike[str]", *, settings: Any 
         gguf = _copy_into(src, out)
         default_name = src.stem
     elif _is_registry_ref(ref):
-        from registry.queries import download
+        from registry.queries import download  # lazy: the audit trail's SQLAlchemy, MLflow
 
         gguf = download(ref, out, settings=settings)
         default_name = ref.replace("@", "-").replace("/", "-")
@@ -523,8 +525,6 @@ def _size(n: int) -> str:
 
 
 def _license(paths: Iterable[Path]) -> str | None:
-    from quant.gguf_reader import read_gguf
-
     for p in paths:
         with read_gguf(p) as g:
             lic = g.value("general.license")
@@ -538,10 +538,7 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
               base_model: str | None = None) -> HFExport:
     """Write a folder ready for `huggingface-cli upload`: the chosen versions' GGUFs (the versions the aliases name,
     else every version whose validation passed, or every version with include_failed) and README.md."""
-    from core.templating import render
-    from registry.client import get_version, mlflow_client, resolve
-    from registry.config import RegistrySettings
-    from registry.queries import download, run_artifact_text
+    from registry.queries import download, run_artifact_text  # lazy: the audit trail's SQLAlchemy, MLflow
 
     s = settings or RegistrySettings.from_env()
     client = mlflow_client(s)
@@ -595,8 +592,6 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
         "license": license or _license(paths) or "other",
         "tags": ["gguf", "quantized", "quantgate"],
     }
-    import yaml
-
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     rows = [{
         "file": md_code(f.file), "mix": f.mix, "size": _size(f.size_bytes), "bpw": _fmt(f.bpw, ".2f"),

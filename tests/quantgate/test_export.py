@@ -131,7 +131,16 @@ def test_family_detection_stops_and_default_system():
 # ------------------------------------------------------------------------------- the reference model, end to end
 
 @pytest.fixture(scope="module")
-def ref_q8(tmp_path_factory):
+def store_dir(tmp_path_factory):
+    """One embedded MLflow store + audit trail for this module (the pipeline's audit events go there too)."""
+    d = tmp_path_factory.mktemp("export-store") / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTGATE_STORE_DIR", str(d))
+        yield d
+
+
+@pytest.fixture(scope="module")
+def ref_q8(tmp_path_factory, store_dir):
     """The reference model quantized to Q8_0 (from the HF folder: convert + quantize in one step)."""
     from core.records import QuantizeRequest
     from quantgate.pipeline import quantize_model
@@ -193,7 +202,7 @@ def _invoke(args: list[str], env: dict, monkeypatch) -> _Run:
 
 
 @pytest.fixture(scope="module")
-def registered(ref_q8, tmp_path_factory):
+def registered(ref_q8, store_dir):
     """The reference Q8_0 really validated (6 eval samples, 32 tokens) and registered in an embedded MLflow store,
     promoted to `validated`; a second, unvalidated version from a GGUF without a chat template."""
     from quantgate.pipeline import validate_artifact
@@ -207,7 +216,6 @@ def registered(ref_q8, tmp_path_factory):
     picked = [r for c in ("code", "chat", "math") for r in [r for r in rows if r["category"] == c][:2]]
     ds = work / "eval-small.jsonl"
     ds.write_text("".join(json.dumps(r) + "\n" for r in picked), encoding="utf-8")
-    store_dir = tmp_path_factory.mktemp("export-store") / "store"
     env = {**os.environ, "QUANTGATE_STORE_DIR": str(store_dir), "PYTHONPATH": str(ROOT)}
     settings = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": str(store_dir)})
     verdict = validate_artifact(REF, art.path, load_gates(ROOT / "params.yaml"), dataset=ds, max_tokens=32,
