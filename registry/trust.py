@@ -157,6 +157,8 @@ def version_status(events: Iterable[AuditEvent], model: str, version: str | int,
                                            f"{(reg.artifact_sha256 or '?')[:12]}", reg)
     if reg.verdict != PASSED:
         return Backing(False, reg.verdict or UNVALIDATED, f"registered as {reg.verdict or UNVALIDATED}", reg)
+    if "verdict_sha256" not in (reg.config or {}):
+        return _legacy_status(evs, reg, key)
     digest = (reg.config or {}).get("verdict_sha256")
     if not digest:
         return Backing(False, UNVALIDATED, f"register event #{reg.index} names no verdict", reg)
@@ -167,6 +169,20 @@ def version_status(events: Iterable[AuditEvent], model: str, version: str | int,
                                                f"({VERDICT_KEY_ENV} is set)", reg)
     b = find_backing(evs, reg.artifact_sha256 or "", digest=digest, status=PASSED, key=key)
     return b if b.ok else Backing(False, UNVALIDATED, b.reason, reg)
+
+
+def _legacy_status(evs: list[AuditEvent], reg: AuditEvent, key: bytes | None) -> Backing:
+    """A register event written before verdict digests existed (no `verdict_sha256` key at all): passed when the
+    chain also holds a passing validate event of the same artifact. Never with a key set (nothing is signed)."""
+    if key is not None:
+        return Backing(False, UNVALIDATED, f"register event #{reg.index} predates verdict signatures "
+                                           f"({VERDICT_KEY_ENV} is set): re-validate and register again", reg)
+    ok = [e for e in evs if e.action == "validate" and e.artifact_sha256 == reg.artifact_sha256
+          and e.verdict == PASSED and event_hash(e.body()) == e.hash]
+    if not ok:
+        return Backing(False, UNVALIDATED, f"register event #{reg.index} (before verdict digests) has no passing "
+                                           "validate event of its artifact in the chain", reg)
+    return Backing(True, PASSED, f"registered before verdict digests; validate event #{ok[-1].index} passed", ok[-1])
 
 
 def record_validation(v: Verdict, *, db_url: str, inputs: Iterable[Any] = (), outputs: Iterable[Any] = (),

@@ -239,3 +239,23 @@ def test_real_gate_records_what_registration_checks(reg, tmp_path):
     r = reg.cli("register", gguf, "--verdict", vjson, "--model-name", "real", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["verdict"] == "passed", r.output
     assert reg.cli("promote", "real", "1", "validated").exit_code == 0
+
+
+def test_versions_registered_before_verdict_digests(tmp_path, monkeypatch):
+    """Upgrade path: a register event without `verdict_sha256` (older quantgate) counts as passed only when the chain
+    holds a passing validate event of its artifact; never while a key is set. (A forged old registration with no
+    validation stays unbacked.)"""
+    from registry.trust import version_status
+
+    with AuditLog(f"sqlite:///{tmp_path / 'a.db'}") as log:
+        log.append("validate", artifact_sha256="a" * 64, config={"gate_set": "g"}, verdict="passed")
+        log.append("register", model="old", version="1", artifact_sha256="a" * 64, config={"gate_set": "g"},
+                   verdict="passed")
+        log.append("register", model="old", version="2", artifact_sha256="b" * 64, config={"gate_set": "g"},
+                   verdict="passed")
+        evs = log.events()
+    monkeypatch.delenv(VERDICT_KEY_ENV, raising=False)
+    assert version_status(evs, "old", "1").ok
+    b = version_status(evs, "old", "2")
+    assert not b.ok and "no passing validate event" in b.reason
+    assert not version_status(evs, "old", "1", b"key").ok
