@@ -27,6 +27,10 @@ class PromotionRefused(RegistryError):
     """An alias was asked for a version that did not pass the validation gate."""
 
 
+class VerdictRefused(RegistryError):
+    """A registration brought a verdict that quantgate's own validation (the audit chain) does not back."""
+
+
 def mlflow_client(settings: RegistrySettings) -> Any:
     """An MlflowClient on the settings' tracking and registry URIs (imports mlflow; telemetry off)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
