@@ -127,7 +127,7 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture
-def cluster(redis_server, tmp_path, monkeypatch):
+def cluster(redis_server, tmp_path, tmp_path_factory, monkeypatch):
     """Worker environment + client app on the test Redis; returns a helper to start workers. Workers are stopped
     and the Redis database flushed afterwards."""
     from quantgate.config import load_settings
@@ -135,9 +135,10 @@ def cluster(redis_server, tmp_path, monkeypatch):
     env = {**os.environ, "QUANTGATE_BROKER_URL": redis_server.url, "QUANTGATE_CACHE_DIR": str(tmp_path / "cache"),
            "QUANTGATE_STORE_DIR": str(tmp_path / "store"), "QUANTGATE_WORKDIR": str(tmp_path / "jobs"),
            "QUANTGATE_VISIBILITY_TIMEOUT": "3600", "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "QUANTGATE_PARAMS": str(tmp_path / "no-params.yaml")}
+           "QUANTGATE_PARAMS": str(tmp_path / "no-params.yaml"),
+           "QUANTGATE_MODEL_ROOTS": str(tmp_path_factory.getbasetemp())}  # workers read models under the test tmp
     for k in ("QUANTGATE_BROKER_URL", "QUANTGATE_CACHE_DIR", "QUANTGATE_STORE_DIR", "QUANTGATE_WORKDIR",
-              "QUANTGATE_PARAMS"):
+              "QUANTGATE_PARAMS", "QUANTGATE_MODEL_ROOTS"):
         monkeypatch.setenv(k, env[k])
     from tasks.app import app, configure
 
