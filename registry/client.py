@@ -32,7 +32,7 @@ class PromotionRefused(RegistryError):
 #: HTTP limits for interactive read commands (models list/show/download) unless the user set MLflow's own
 #: variables: MLflow's defaults (120 s timeout, 7 retries with backoff) made `models list` hang for minutes.
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"}
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def mlflow_client(settings: RegistrySettings, *, quick: bool = False) -> Any:

@@ -131,7 +131,7 @@ def _read_text(path: Path, max_bytes: int) -> str:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise DatasetError(f"dataset is not a regular file: {path}")
+            raise DatasetError(f"dataset is not a file: {path} (only regular files are read: no folder, FIFO or device)")
         if st.st_size > max_bytes:
             raise DatasetError(f"dataset {path} has {st.st_size} bytes, more than the {max_bytes} allowed")
         os.set_blocking(fd, True)
