@@ -48,6 +48,10 @@ def safe_load_text(text: str, what: str = "YAML") -> Any:
         raise YAMLLimitError(f"{what}: {len(text)} characters, more than the {MAX_YAML_BYTES} allowed")
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except YAMLLimitError as e:
+        raise YAMLLimitError(f"{what}: {e}") from None
+    except RecursionError:
+        raise YAMLLimitError(f"{what}: nested too deeply") from None
     except yaml.YAMLError as e:
         raise YAMLLimitError(f"{what}: invalid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None

@@ -304,3 +304,17 @@ def test_models_list_with_a_silent_mlflow_times_out(tmp_path):
         srv.close()
     assert_one_error_line(r, "unreachable")
     assert dt < 45, dt
+
+
+def test_deeply_nested_or_oversized_yaml_is_one_error(tmp_path):
+    from core.safe_yaml import MAX_YAML_BYTES
+    from validation.thresholds import GateSpecError, load_gates
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000, encoding="utf-8")
+    with pytest.raises(GateSpecError, match="nested too deeply|invalid YAML"):
+        load_gates(deep)
+    big = tmp_path / "big.yaml"
+    big.write_text("gates:\n" + "  - kl_mean <= 0.05\n" * (MAX_YAML_BYTES // 19 + 10), encoding="utf-8")
+    with pytest.raises(GateSpecError, match="bytes"):
+        load_gates(big)
