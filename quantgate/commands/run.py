@@ -18,12 +18,10 @@ app.add_typer(stage_app, name="stage")
 
 
 def read_params(path: Path) -> dict[str, Any]:
-    """params.yaml as a dict ({} when the file is absent)."""
-    if not path.is_file():
-        return {}
-    import yaml
+    """params.yaml as a dict ({} when the file is absent); anchors/aliases and oversized files are refused."""
+    from quantgate.config import read_params_file
 
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return read_params_file(path)
 
 
 def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workdir: Optional[Path],

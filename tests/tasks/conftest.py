@@ -161,7 +161,8 @@ def _cluster(redis_server, tmp_path, monkeypatch, broker_url: str | None = None)
            "QUANTGATE_RESULT_BACKEND": redis_server.url, "QUANTGATE_CACHE_DIR": str(tmp_path / "cache"),
            "QUANTGATE_STORE_DIR": str(tmp_path / "store"), "QUANTGATE_WORKDIR": str(tmp_path / "jobs"),
            "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "QUANTGATE_PARAMS": str(tmp_path / "no-params.yaml")}
+           "QUANTGATE_PARAMS": str(tmp_path / "no-params.yaml"),
+           "QUANTGATE_MODEL_ROOTS": str(tmp_path.parent)}  # workers read models under the test tmp folders
     for k in [k for k in env if k.startswith("QUANTGATE_")] + [k for k in os.environ if k.startswith("QUANTGATE_")
                                                                  and k not in env]:
         if k in env:
