@@ -69,8 +69,10 @@ def _safe_url(url: Any) -> str:
 
 
 @contextlib.contextmanager
-def _reachable() -> Any:
-    """Redis/RabbitMQ down or unreachable: one QuantGateError naming the URLs (exit 2), not a client traceback."""
+def reported_unreachable() -> Any:
+    """For the CLI: Redis/RabbitMQ down or unreachable becomes one QuantGateError naming the URLs (exit 2), not a
+    client traceback. (submit/job_status themselves raise the client's error, which callers such as the tasks'
+    retry logic recognise as transient.)"""
     try:
         yield
     except QuantGateError:
@@ -89,9 +91,8 @@ def submit(spec: JobSpec, job_id: str | None = None) -> str:
     job_id = job_id or uuid.uuid4().hex
     manifest = {"job_id": job_id, "spec": spec.to_dict(), "stages": stage_list(spec), "submitted_at": time.time()}
     app.loader.import_default_modules()  # the task modules named in the app's `include` (eager mode runs them here)
-    with _reachable():
-        app.backend.set(_MANIFEST.format(job_id), json.dumps(manifest))
-        _release(pipeline(spec, job_id).apply_async())
+    app.backend.set(_MANIFEST.format(job_id), json.dumps(manifest))
+    _release(pipeline(spec, job_id).apply_async())
     return job_id
 
 
@@ -145,11 +146,6 @@ def _meta(tid: str) -> dict[str, Any]:
 
 def job_status(job_id: str) -> dict[str, Any]:
     """The job's state with overall progress {done, total, percent, stage} and every task's state and error."""
-    with _reachable():
-        return _job_status(job_id)
-
-
-def _job_status(job_id: str) -> dict[str, Any]:
     manifest = load_manifest(job_id)
     if manifest is None:
         raise QuantGateError(f"unknown job {job_id!r} (no manifest in the result backend; expired, lost with a "

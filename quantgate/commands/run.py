@@ -127,9 +127,12 @@ def submit(
              "dataset": str(Path(spec.dataset).resolve()) if spec.dataset else None,
              "profile_options": {**d["profile_options"], **({"calib": str(Path(calib).resolve())} if calib else {})}}
     spec = type(spec).from_dict({**d, **paths})  # workers may run elsewhere: absolute paths on shared storage
+    from quantgate.dispatch import reported_unreachable
     from quantgate.dispatch import submit as send
 
-    print(send(spec))
+    with reported_unreachable():
+        job_id = send(spec)
+    print(job_id)
 
 
 def _render_tasks(st: dict[str, Any]) -> None:
@@ -153,6 +156,13 @@ def status(
 ) -> None:
     """Show a submitted job's state and progress; exit 0 when it succeeded, 1 when it failed, 3 while running."""
     _use_broker(broker)
+    from quantgate.dispatch import reported_unreachable
+
+    with reported_unreachable():
+        _status(job, watch, interval, as_json)
+
+
+def _status(job: str, watch: bool, interval: float, as_json: bool) -> None:
     from quantgate.dispatch import job_status
 
     st = job_status(job)

@@ -221,3 +221,19 @@ def test_evaluate_prints_categories_and_paths_literally(env):
             "16", cwd=env["dir"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert_literal_terminal(r.stdout, str(env["evil"]), *env["cats"])
+
+
+def test_junit_xml_stays_well_formed_with_hostile_text():
+    import xml.etree.ElementTree as ET
+
+    from core.records import GateResult, Verdict
+    from validation.junit import error_junit_xml, junit_xml
+
+    gates = [GateResult(f"structural:{h}", "structural", None, None, None, None, passed=False, detail=ALL_IN_ONE)
+             for h in HOSTILE]
+    v = Verdict(passed=False, artifact_sha256="0" * 64, gate_set=ALL_IN_ONE, gates=gates)
+    root = ET.fromstring(junit_xml(v))                  # raw ESC in XML 1.0 would not parse
+    fails = root.findall(".//failure")
+    assert [f.get("message") for f in fails] == [one_line(ALL_IN_ONE)] * len(HOSTILE)
+    assert [c.get("name") for c in root.iter("testcase")] == [one_line(f"structural:{h}") for h in HOSTILE]
+    assert ET.fromstring(error_junit_xml(ALL_IN_ONE)).find(".//error").text == one_line(ALL_IN_ONE)
