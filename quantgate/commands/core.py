@@ -1,6 +1,7 @@
 """Core commands: quantize, inspect, verify, sample, version."""
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Optional
@@ -158,9 +159,10 @@ def verify(
     """Check a GGUF file against the spec and ggml's reader rules; exit 0 valid, 1 invalid (every problem listed)."""
     from quant.verify import verify_gguf
 
-    if not file.is_file():  # unusable input (exit 2), not an invalid GGUF (exit 1)
-        raise FileNotFoundError(2, "No such file", str(file)) if not file.exists() else \
-            IsADirectoryError(21, "Is a directory", str(file))
+    if not file.exists():  # unusable input (exit 2), not an invalid GGUF (exit 1)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(file))
+    if file.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(file))
     rep = verify_gguf(file, check_values=not no_values)
     if as_json:
         print(json.dumps(rep.to_dict() if hasattr(rep, "to_dict") else rep.__dict__, indent=2, default=str))
