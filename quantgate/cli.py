@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from quantgate.cli_app import app
+from quantgate.cli_app import app, run_app  # noqa: F401  (app: the typer app tests import from here)
 
 #: Command modules, in the order their commands appear in `quantgate --help`.
 COMMAND_MODULES = ("core", "convert", "evaluate", "validate", "registry", "run", "analyze", "export")
@@ -16,9 +16,9 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"quantgate.commands.{_name}")
 
 
-def main() -> None:
-    """Entry point of the `quantgate` console script."""
-    app()
+def main() -> int:
+    """Entry point of the `quantgate` console script: exit 0 ok, 1 gate failed / file invalid, 2 unusable input."""
+    return run_app()
 
 
 if __name__ == "__main__":  # pragma: no cover

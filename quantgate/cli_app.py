@@ -1,13 +1,32 @@
-"""The typer app and the helpers every command module shares (one-line errors, exit codes)."""
+"""The typer app and the helpers every command module shares (one-line errors, exit codes, literal text).
+
+Exit codes: 0 ok, 1 only "gate failed / file invalid" (commands raise typer.Exit(1) themselves), 2 every unusable
+input or environment fault, printed as ONE `error: ...` line on stderr, never a traceback (set QUANTGATE_DEBUG=1 to
+get the traceback as well). `handle_errors` (per command) and `run_app` (around the whole app) are the one place
+that maps exceptions to that line.
+
+Untrusted text (tensor names, paths, model names, metadata, dataset text, MLflow tags) is printed literally: pass it
+through `lit()` (markup-escaped, one line, control characters shown as \\xNN) or put `cell()` in table rows. The
+consoles also show any stray control character (ESC of an ANSI sequence, BEL, ...) escaped, and never read
+`:emoji:` codes.
+"""
 from __future__ import annotations
 
+import errno
 import functools
-from typing import Callable, TypeVar
+import os
+import re
+import sys
+import traceback
+from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from core.errors import QuantGateError
+from core.text import MAX_LINE, one_line
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -15,29 +34,132 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Quantize LLM checkpoints to GGUF v3 (bit-exact with ggml), inspect and verify the files.",
 )
-console = Console()
-err_console = Console(stderr=True)
+
+# Control characters except \n and \t (which rich lays out itself): shown as \xNN so no ANSI sequence, BEL or
+# carriage return from a file reaches the terminal.
+_STRAY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class _LiteralConsole(Console):
+    """A rich Console that never lets a control character through and never reads :emoji: codes."""
+
+    def __init__(self, **kw: Any) -> None:
+        kw.setdefault("emoji", False)
+        super().__init__(**kw)
+
+    def render_str(self, text: str, **kw: Any) -> Text:  # type: ignore[override]
+        return super().render_str(_STRAY_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text), **kw)
+
+
+console = _LiteralConsole()
+err_console = _LiteralConsole(stderr=True)
 F = TypeVar("F", bound=Callable)
+
+#: Set to 1 to print the traceback of an error (after its one line).
+DEBUG_ENV = "QUANTGATE_DEBUG"
+
+
+def lit(text: object, limit: int = MAX_LINE) -> str:
+    """Untrusted text for an f-string printed with rich markup: one line, control characters escaped, `[` escaped."""
+    return escape(one_line(text, limit))
+
+
+def cell(text: object, limit: int = MAX_LINE) -> Text:
+    """Untrusted text as a rich table cell: literal (a Text is never parsed as markup), one line."""
+    return Text(one_line(text, limit))
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one clear error line and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one clear error line (literal, one line, cut to a sane length) and exit non-zero."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def _errno_text(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno, "") if isinstance(e.errno, int) else ""
+    what = e.strerror or str(e) or type(e).__name__
+    where = e.filename if e.filename is not None else ""
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    return f"{what}" + (f" [{name}]" if name else "") + (f": {where}" if where != "" else "")
+
+
+def error_message(e: BaseException) -> str:
+    """The one `error:` line for an exception (the mapping every command shares)."""
+    if isinstance(e, QuantGateError):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return f"file not found: {e.filename if e.filename is not None else e}"
+    if isinstance(e, OSError):
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = " (free some space or write elsewhere)"
+        elif e.errno == errno.EFBIG:
+            hint = " (file size limit: check `ulimit -f`)"
+        elif e.errno == errno.EROFS:
+            hint = " (write to a writable location)"
+        elif e.errno == errno.ENAMETOOLONG:
+            hint = " (use a shorter name)"
+        return _errno_text(e) + hint
+    if isinstance(e, RecursionError):
+        return "input nested too deeply to read (RecursionError): not a usable file"
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if isinstance(e, (ValueError, OverflowError)):  # parsing: bad JSON/YAML/number, bad encoding, ...
+        return f"invalid input ({type(e).__name__}): {e}"
+    return f"internal error: {type(e).__name__}: {e} (rerun with {DEBUG_ENV}=1 for the traceback)"
+
+
+def _report(e: BaseException) -> None:
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        traceback.print_exception(e, file=sys.stderr)
+    fail(error_message(e))
+
+
+def _passes_through(e: BaseException) -> bool:
+    """typer/click control flow (Exit, Abort, usage errors) is not an error of ours."""
+    import click
+
+    return isinstance(e, (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort,
+                          click.ClickException))
+
+
 def handle_errors(fn: F) -> F:
-    """Turn expected failures (bad input, missing files) into one line on stderr and exit code 2."""
+    """Turn every failure of a command into one line on stderr and exit code 2 (see the module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except QuantGateError as e:
-            fail(str(e))
-        except FileNotFoundError as e:
-            fail(f"file not found: {e.filename or e}")
-        except (IsADirectoryError, PermissionError) as e:
-            fail(f"{e.strerror}: {e.filename}")
+        except KeyboardInterrupt:
+            err_console.print("interrupted", highlight=False)
+            raise typer.Exit(130)
+        except Exception as e:
+            if _passes_through(e):
+                raise
+            _report(e)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_app() -> int:
+    """Run the app with the same error mapping around it (for failures outside a command's body) and with
+    SIGXFSZ ignored, so exceeding `ulimit -f` makes the write raise EFBIG (one error line) instead of killing us."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        app(standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if isinstance(e, (typer.Exit, typer.Abort)):
+            return getattr(e, "exit_code", 1)
+        try:
+            _report(e)
+        except typer.Exit as x:
+            return x.exit_code
+    return 0

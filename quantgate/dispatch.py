@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from celery import chain, chord, group
@@ -62,6 +64,28 @@ def pipeline(spec: JobSpec, job_id: str) -> Any:
     return body
 
 
+def _safe_url(url: Any) -> str:
+    """A broker/backend URL without its password."""
+    return re.sub(r"://[^@/]*@", "://***@", str(url or ""))
+
+
+@contextlib.contextmanager
+def reported_unreachable() -> Any:
+    """For the CLI: Redis/RabbitMQ down or unreachable becomes one QuantGateError naming the URLs (exit 2), not a
+    client traceback. (submit/job_status themselves raise the client's error, which callers such as the tasks'
+    retry logic recognise as transient.)"""
+    try:
+        yield
+    except QuantGateError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only the broker clients' own errors and OSError are translated
+        if isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("redis", "kombu", "amqp", "celery"):
+            raise QuantGateError(
+                f"cannot reach the broker ({_safe_url(app.conf.broker_url)}) or result backend "
+                f"({_safe_url(app.conf.result_backend)}): {type(e).__name__}: {e}") from e
+        raise
+
+
 def submit(spec: JobSpec, job_id: str | None = None) -> str:
     """Send a job to the workers; returns its id (the id of its final task). The manifest lets `status` find
     the per-mix tasks later from the id alone."""
@@ -88,6 +112,23 @@ def _release(result: Any) -> None:
             with contextlib.suppress(Exception):
                 r.backend.remove_pending_result(r)
             r.backend = None
+    # Results the canvas created internally (a chord's header tasks) that the returned result does not reach: the
+    # backend holds them in its pending table; left there, their __del__ runs at interpreter exit and prints a
+    # 19-line "Exception ignored ... sys.meta_path is None" after every successful submit.
+    for r in _pending(app.backend):
+        with contextlib.suppress(Exception):
+            app.backend.remove_pending_result(r)
+        r.backend = None
+
+
+def _pending(backend: Any) -> list[Any]:
+    """Every result object an asynchronous backend still tracks (its pending table maps task id -> result, or
+    task id -> {id(result): result} in newer Celery)."""
+    out = []
+    for mapping in getattr(backend, "_pending_results", None) or ():
+        for v in list(mapping.values()):
+            out += list(v.values()) if isinstance(v, (dict, Mapping)) else [v]
+    return [r for r in out if hasattr(r, "backend")]
 
 
 def load_manifest(job_id: str) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ import numpy as np
 from core.atomic import atomic_write_text
 from core.png import png_data_uri, pyplot
 from core.templating import render
+from core.text import md_cell, md_code, md_escape, one_line
 from runtime.datasets import DEFAULT_EVAL
 from validation.evaluate import evaluate
 from validation.publish import (
@@ -28,6 +29,7 @@ from validation.publish import (
     default_report_root,
     eval_report_of,
     fmt,
+    plot_label,
 )
 from validation.structural import inspect_candidate, read_metadata
 from validation.thresholds import GateSet, GateSpec, evaluate_gates, expand
@@ -233,28 +235,34 @@ def summarize(r: DiffReport) -> str:
     return "; ".join(parts) + "."
 
 
+def _md_row(cells: list[Any]) -> str:
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+
 def render_markdown(r: DiffReport) -> str:
-    """diff.md: summary, metric deltas, gate changes, tensors whose type changed, metadata changes."""
-    lines = [f"## quantgate diff: `{Path(r.a['path']).name}` -> `{Path(r.b['path']).name}`", "", r.summary, ""]
+    """diff.md: summary, metric deltas, gate changes, tensors whose type changed, metadata changes. Every value
+    that comes from a file (names, paths, metadata keys and values) is escaped: literal text, never HTML/Markdown."""
+    lines = [f"## quantgate diff: {md_code(Path(r.a['path']).name)} -> {md_code(Path(r.b['path']).name)}", "",
+             md_escape(r.summary, 4000), ""]
     if r.metrics is not None:
         lines += ["| metric | A | B | delta |", "|---|---|---|---|"]
-        lines += [f"| {k} | {fmt(r.metrics['a'][k])} | {fmt(r.metrics['b'][k])} | {fmt(r.metrics['delta'][k], '+.4g')} |"
+        lines += [_md_row([k, fmt(r.metrics['a'][k]), fmt(r.metrics['b'][k]), fmt(r.metrics['delta'][k], '+.4g')])
                   for k in r.metrics["a"]]
         lines.append("")
     if r.gates:
         lines += ["| gate | A | B |", "|---|---|---|"]
-        lines += [f"| {g['name']} | {fmt(g['a_value'])} {'pass' if g['a_passed'] else 'FAIL'} | "
-                  f"{fmt(g['b_value'])} {'pass' if g['b_passed'] else 'FAIL'} |" for g in r.gates]
+        lines += [_md_row([g['name'], f"{fmt(g['a_value'])} {'pass' if g['a_passed'] else 'FAIL'}",
+                           f"{fmt(g['b_value'])} {'pass' if g['b_passed'] else 'FAIL'}"]) for g in r.gates]
         lines.append("")
     changed = [t for t in r.tensors if t["type_a"] != t["type_b"]]
     if changed:
         lines += ["| tensor | type A | type B | bytes A | bytes B | rel RMSE A | rel RMSE B |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t['name']} | {t['type_a']} | {t['type_b']} | {fmt(t['bytes_a'])} | {fmt(t['bytes_b'])} | "
-                  f"{fmt(t['rel_rmse_a'], '.5f')} | {fmt(t['rel_rmse_b'], '.5f')} |" for t in changed]
+        lines += [_md_row([t['name'], t['type_a'], t['type_b'], fmt(t['bytes_a']), fmt(t['bytes_b']),
+                           fmt(t['rel_rmse_a'], '.5f'), fmt(t['rel_rmse_b'], '.5f')]) for t in changed]
         lines.append("")
     for kind in ("added", "removed", "changed"):
         for k, v in r.metadata[kind].items():
-            lines.append(f"- metadata {kind}: `{k}` = `{v}`")
+            lines.append(f"- metadata {kind}: {md_code(k, 200)} = {md_code(json.dumps(v, default=str), 200)}")
     return "\n".join(lines) + "\n"
 
 
@@ -266,8 +274,8 @@ def _plot_rel_rmse(r: DiffReport) -> str | None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.2))
     x = range(len(rows))
-    ax.plot(x, [t["rel_rmse_a"] for t in rows], "o", label=Path(r.a["path"]).name, markersize=4)
-    ax.plot(x, [t["rel_rmse_b"] for t in rows], "s", label=Path(r.b["path"]).name, markersize=4)
+    ax.plot(x, [t["rel_rmse_a"] for t in rows], "o", label=plot_label(Path(r.a["path"]).name), markersize=4)
+    ax.plot(x, [t["rel_rmse_b"] for t in rows], "s", label=plot_label(Path(r.b["path"]).name), markersize=4)
     ax.set_yscale("log")
     ax.set_xlabel("tensor (file order)")
     ax.set_ylabel("relative RMSE vs baseline")
@@ -295,7 +303,12 @@ def render_html(r: DiffReport) -> str:
     tables.append({"title": "Metadata", "head": ["metadata", "key", "value"],
                    "rows": [[kind, k, json.dumps(v, default=str)[:200]] for kind in ("added", "removed", "changed")
                             for k, v in r.metadata[kind].items()]})
-    return render(_TEMPLATES, "diff.html.j2", summary=r.summary, tables=tables)
+    # every key the template reads, on every table (the environment's StrictUndefined fails on a missing one)
+    # control characters shown escaped, each value on one line (HTML escaping is the template's autoescape)
+    tables = [{"title": "", "image": None, "head": None, **t, "rows": [[one_line(c, 100_000) for c in row]
+                                                                       for row in t.get("rows", [])]}
+              for t in tables]
+    return render(_TEMPLATES, "diff.html.j2", summary=one_line(r.summary, 100_000), tables=tables)
 
 
 def write_diff_reports(r: DiffReport, report_dir: "str | os.PathLike[str] | None" = None) -> Path:

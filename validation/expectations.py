@@ -178,7 +178,8 @@ def _detail(r: Any, index_column: str | None, parameters: dict[str, Any]) -> tup
 def run_suites(tables: dict[str, Any], suites: list[SuiteFile], parameters: dict[str, Any], *,
                docs_dir: "str | os.PathLike[str] | None" = None) -> list[GateResult]:
     """Validate each table with the suites that target it (suites whose table is absent are skipped); one
-    GateResult (kind "expectation") per expectation. Data Docs go to `docs_dir` when given."""
+    GateResult (kind "expectation") per expectation. Data Docs go to `docs_dir` when given (a relative one is
+    resolved against the working directory: GX accepts only absolute folders)."""
     todo = [s for s in suites if s.table in tables]
     if not todo:
         return []
@@ -195,7 +196,7 @@ def run_suites(tables: dict[str, Any], suites: list[SuiteFile], parameters: dict
     actions = []
     if docs_dir is not None:
         site = {"class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}}
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())}}
         ctx.add_data_docs_site(site_name="quantgate", site_config=site)
         actions = [UpdateDataDocsAction(name="data_docs", site_names=["quantgate"])]
     source = ctx.data_sources.add_pandas("quantgate")

@@ -168,7 +168,9 @@ def gate_and_report(
     UnusableInput. kwargs: see run_validation."""
 
     candidate = Path(candidate)
-    root = Path(report_dir) if report_dir is not None else publish.default_report_root(candidate)
+    # absolute from here on: Great Expectations' Data Docs site refuses a relative base_directory, and the
+    # report paths recorded in the verdict must not depend on the working directory of whoever reads them
+    root = (Path(report_dir) if report_dir is not None else publish.default_report_root(candidate)).resolve()
     key = publish.artifact_key(candidate)
     staging = publish.Staging(root, key)
     try:

@@ -20,6 +20,7 @@ from core.atomic import atomic_write_text
 from core.hashing import file_sha256
 from core.png import png_data_uri, pyplot
 from core.templating import render
+from core.text import MdSafe, md_cell, md_code, md_escape, one_line
 from core.version import __version__
 from validation.eval_report import EvalReport
 from validation.junit import write_junit
@@ -174,32 +175,35 @@ def _metric_rows(rep: Any) -> tuple[list[str], list[list[str]]]:
     return head, [[label] + [fmt(getattr(m, f), spec) for _, m in sets] for label, f, spec in _MD_METRICS]
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = [[c.replace("|", "\\|") for c in r] for r in [head] + rows]
+def _md_table(head: list[Any], rows: list[list[Any]]) -> str:
+    """A Markdown table; every cell is escaped as literal text (md_cell) unless it is already MdSafe."""
+    esc = [[md_cell(c) for c in r] for r in [head] + rows]
     return "\n".join(["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(r) + " |" for r in esc[1:]])
 
 
-def _gate_rows(verdict: Any) -> list[list[str]]:
-    return [["skipped" if g.skipped else ("pass" if g.passed else "**FAIL**"), g.kind, g.name, fmt(g.value),
+def _gate_rows(verdict: Any) -> list[list[Any]]:
+    return [["skipped" if g.skipped else ("pass" if g.passed else MdSafe("**FAIL**")), g.kind, g.name, fmt(g.value),
              f"{g.comparator or ''} {fmt(g.threshold)}" if g.threshold is not None else "", g.detail[:200]]
             for g in verdict.gates]
 
 
 def render_markdown(v: Any) -> str:
-    """validation.md: verdict line, gate table, metrics table, worst tensors (fits a PR comment)."""
+    """validation.md: verdict line, gate table, metrics table, worst tensors (fits a PR comment). Every value that
+    comes from a file (names, paths, gate details, categories) is escaped: literal text, never HTML or Markdown."""
     vd = v.verdict
     icon = "✅" if vd.passed else "❌"
     lines = [f"## {icon} quantgate validation: {'PASSED' if vd.passed else 'FAILED'}", "",
-             f"`{Path(v.facts.path).name}` (sha256 `{vd.artifact_sha256[:16]}`, {fmt(v.facts.nbytes, ',d')} bytes) "
-             f"vs baseline `{Path(v.baseline).name}` (`{v.baseline_sha256[:16]}`); gate set `{vd.gate_set}`.", "",
-             f"**{summary_line(vd)}**", "", "### Gates", "",
+             f"{md_code(Path(v.facts.path).name)} (sha256 {md_code(vd.artifact_sha256[:16])}, "
+             f"{fmt(v.facts.nbytes, ',d')} bytes) vs baseline {md_code(Path(v.baseline).name)} "
+             f"({md_code(v.baseline_sha256[:16])}); gate set {md_code(vd.gate_set)}.", "",
+             f"**{md_escape(summary_line(vd), 2000)}**", "", "### Gates", "",
              _md_table(["result", "kind", "gate", "value", "threshold", "detail"], _gate_rows(vd)), ""]
     rep = v.eval_report
     if rep is not None:
         head, rows = _metric_rows(rep)
-        lines += [f"### Quality vs baseline ({rep.n_samples} samples, {rep.n_tokens} tokens, backend {rep.backend})",
-                  "", _md_table(head, rows), ""]
+        lines += [f"### Quality vs baseline ({fmt(rep.n_samples)} samples, {fmt(rep.n_tokens)} tokens, backend "
+                  f"{md_escape(rep.backend)})", "", _md_table(head, rows), ""]
         worst = sorted(rep.per_tensor, key=lambda e: -(e.rel_rmse or 0.0))[:5]
         lines += ["### Worst tensors (relative RMSE)", "",
                   _md_table(["tensor", "type", "rel RMSE", "cosine"],
@@ -217,6 +221,23 @@ def _layer(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def plot_label(text: Any, limit: int = 60) -> str:
+    """Untrusted text as a plot label: one line, control characters escaped, `$` escaped (no mathtext parsing)."""
+    return one_line(text, limit).replace("$", r"\$")
+
+
+def _plain(x: Any) -> Any:
+    """Strings in (nested lists/tuples/dicts of) report values on one line with control characters escaped;
+    HTML escaping itself is the template's autoescape."""
+    if isinstance(x, str):
+        return one_line(x, 100_000)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(i) for i in x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
 def plot_tensor_error(per_tensor: list[Any]) -> str:
     """Relative RMSE of every tensor by layer (one marker series per tensor kind), log scale, as a PNG data URI."""
     plt = pyplot()
@@ -227,7 +248,7 @@ def plot_tensor_error(per_tensor: list[Any]) -> str:
             kind = re.sub(r"^blk\.\d+\.", "", e.name).removesuffix(".weight")
             kinds.setdefault(kind, []).append((_layer(e.name), e.rel_rmse))
     for kind, pts in sorted(kinds.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "s", label=kind, markersize=4)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "s", label=plot_label(kind), markersize=4)
     ax.set_yscale("log")
     ax.set_xlabel("layer (-1: outside the blocks)")
     ax.set_ylabel("relative RMSE")
@@ -246,7 +267,7 @@ def plot_categories(rep: Any) -> str:
     fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3))
     for ax, m in zip(axes, metrics):
         vals = [getattr(x, m) for _, x in sets]
-        ax.bar([n for n, _ in sets], [v if v is not None and math.isfinite(v) else 0 for v in vals],
+        ax.bar([plot_label(n) for n, _ in sets], [v if v is not None and math.isfinite(v) else 0 for v in vals],
                color=["#4c72b0"] + ["#55a868"] * (len(sets) - 1))
         ax.set_title(m, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -266,7 +287,7 @@ def plot_kl_distribution(rep: Any) -> str:
     for i, s in enumerate(stats):
         ys = [max(getattr(m, s) or 0.0, 1e-12) for _, m in sets]
         ax.bar([j + i * width for j in range(len(sets))], ys, width=width, label=s.replace("kl_", ""))
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], [n for n, _ in sets])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], [plot_label(n) for n, _ in sets])
     ax.set_yscale("log")
     ax.set_ylabel("KL(baseline || candidate), nats")
     ax.set_title("KL divergence distribution per token")
@@ -298,7 +319,19 @@ def render_html(v: Any) -> str:
         ctx["tensor_rows"] = [[e.name, e.qtype, fmt(e.bits_per_weight, ".3f"), fmt(e.mse, ".3e"),
                                fmt(e.rel_rmse, ".5f"), fmt(e.cosine, ".6f"), fmt(e.max_abs_error, ".3e")]
                               for e in rep.per_tensor]
-    return render(_TEMPLATES, "validation.html.j2", **ctx)
+    plots = ctx.pop("plots", [])
+    ctx = {k: _PlainView(x) if k in ("vd", "rep") and x is not None else _plain(x) for k, x in ctx.items()}
+    return render(_TEMPLATES, "validation.html.j2", plots=plots, **ctx)
+
+
+class _PlainView:
+    """An object whose string attributes read as one line with control characters escaped (for templates)."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> Any:
+        return _plain(getattr(self._obj, name))
 
 
 def write_reports(folder: Path, v: Any, *, final: Path, junit_copy: "str | os.PathLike[str] | None" = None) -> dict:
@@ -324,5 +357,5 @@ def write_reports(folder: Path, v: Any, *, final: Path, junit_copy: "str | os.Pa
 
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "default_report_root", "artifact_key", "Staging", "write_error", "payload",
-           "eval_report_of", "fmt", "gate_line", "summary_line", "render_markdown", "render_html",
+           "eval_report_of", "fmt", "gate_line", "summary_line", "render_markdown", "render_html", "plot_label",
            "plot_tensor_error", "plot_categories", "plot_kl_distribution", "write_reports"]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from quantgate.cli_app import app, console, err_console, handle_errors
+from quantgate.cli_app import app, cell, console, err_console, handle_errors, lit
 
 cache_app = typer.Typer(no_args_is_help=True, help="The calibration cache (SQLite): stats, export, import, prune.")
 app.add_typer(cache_app, name="cache")
@@ -55,7 +55,7 @@ def imatrix_cmd(
         imat = cached_imatrix(model, _calib(calib), _model_sha(model), chunk_size=chunk_size, n_chunks=chunks,
                               cache=cache, tool_version=__version__, process_output=process_output)
     (save_imatrix_gguf if fmt == "gguf" else save_imatrix_legacy)(imat, out)
-    console.print(f"wrote {out}: {len(imat.entries)} tensors, {imat.chunk_count} chunks of {imat.chunk_size} tokens",
+    console.print(f"wrote {lit(out)}: {len(imat.entries)} tensors, {imat.chunk_count} chunks of {imat.chunk_size} tokens",
                   highlight=False)
 
 
@@ -117,7 +117,7 @@ def profile_cmd(
 
     def progress(i: int, n: int, name: str) -> None:
         if not quiet:
-            err_console.print(f"[dim]profile {i}/{n} {name}[/]", highlight=False)
+            err_console.print(f"[dim]profile {i}/{n} {lit(name)}[/]", highlight=False)
 
     with CalibrationCache(cache_dir) as cache:
         prof = build_profile(model, cal, imatrix=imat, imatrix_label=str(imatrix or ""), use_imatrix=not no_imatrix,
@@ -134,7 +134,7 @@ def profile_cmd(
     prof.save(out)
     if not quiet:
         render_profile(prof)
-        console.print(f"wrote {out} ({prof.timings['total_s']:.2f}s, {prof.timings['computed_tensors']} tensors "
+        console.print(f"wrote {lit(out)} ({prof.timings['total_s']:.2f}s, {prof.timings['computed_tensors']} tensors "
                       f"computed, the rest from the cache)", highlight=False)
 
 
@@ -151,7 +151,7 @@ def render_profile(prof) -> None:
         if not tp.quantizable:
             continue
         s = tp.candidates.get(tp.chosen)
-        t.add_row(tp.name, tp.chosen, str(tp.size_of(tp.chosen)), f"{s.est_error:.2e}" if s else "-",
+        t.add_row(cell(tp.name), cell(tp.chosen), str(tp.size_of(tp.chosen)), f"{s.est_error:.2e}" if s else "-",
                   f"{s.measured_kld:.2e}" if s and s.measured_kld is not None else "-", tp.reason)
     console.print(t)
     v = prof.validation
@@ -172,11 +172,11 @@ def cache_stats(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", he
     if as_json:
         print(json.dumps(st.to_dict(), indent=2, sort_keys=True))
         return
-    console.print(f"{st.path}: {st.entries} entries, {st.bytes} bytes, {st.hits} hits, {st.models} models, "
+    console.print(f"{lit(st.path)}: {st.entries} entries, {st.bytes} bytes, {st.hits} hits, {st.models} models, "
                   f"{st.calibration_sets} calibration sets, tool versions {', '.join(st.tool_versions) or '-'}",
                   highlight=False)
     for kind, d in st.by_kind.items():
-        console.print(f"  {kind}: {d['entries']} entries, {d['bytes']} bytes", highlight=False)
+        console.print(f"  {lit(kind)}: {d['entries']} entries, {d['bytes']} bytes", highlight=False)
 
 
 @cache_app.command("export")
@@ -188,7 +188,7 @@ def cache_export(file: Path = typer.Argument(..., help="JSONL file to write"),
 
     with CalibrationCache(cache_dir) as cache:
         n = cache.export(file)
-    console.print(f"exported {n} entries to {file}", highlight=False)
+    console.print(f"exported {n} entries to {lit(file)}", highlight=False)
 
 
 @cache_app.command("import")
@@ -199,7 +199,7 @@ def cache_import(file: Path = typer.Argument(..., help="JSONL file from `quantga
     from quantgate.pipeline import import_cache
 
     r = import_cache(file, cache_dir)
-    console.print(f"imported {r.added} of {r.entries} entries from {file} ({r.skipped} already present)",
+    console.print(f"imported {r.added} of {r.entries} entries from {lit(file)} ({r.skipped} already present)",
                   highlight=False)
 
 

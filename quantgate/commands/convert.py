@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from quantgate.cli_app import app, console, err_console, handle_errors
+from core.text import one_line
+from quantgate.cli_app import app, console, err_console, handle_errors, lit
 
 
 @app.command()
@@ -37,17 +38,17 @@ def convert(
     show = not quiet and not as_json
     with Progress(
         TextColumn("[bold]convert[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err_console, disable=not show, transient=True,
+        TextColumn("{task.description}", markup=False), console=err_console, disable=not show, transient=True,
     ) as progress:
         task = progress.add_task("", total=None)
 
         def on_tensor(i: int, n: int, name: str) -> None:
-            progress.update(task, total=n, completed=i, description=name)
+            progress.update(task, total=n, completed=i, description=one_line(name, 120))
 
         art = convert_model(model, out, outtype, generic, tokenizer_pre=tokenizer_pre, threads=threads or None,
                             on_tensor=on_tensor)
     if as_json:
         print(artifact_json(art))
     elif show:
-        console.print(f"wrote [bold]{art.path}[/] {art.nbytes / 2**20:.2f} MiB ({outtype.upper()}), "
+        console.print(f"wrote [bold]{lit(art.path)}[/] {art.nbytes / 2**20:.2f} MiB ({outtype.upper()}), "
                       f"{art.seconds:.1f}s, sha256 {art.sha256}")

@@ -1,6 +1,7 @@
 """Core commands: quantize, inspect, verify, sample, version."""
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Optional
@@ -8,7 +9,8 @@ from typing import Optional
 import typer
 
 from core.errors import QuantGateError
-from quantgate.cli_app import app, console, err_console, handle_errors
+from core.text import one_line
+from quantgate.cli_app import app, console, err_console, handle_errors, lit
 
 
 def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -99,12 +101,12 @@ def _run_quantize(req, as_json: bool, quiet: bool) -> None:
     show = not quiet and not as_json
     with Progress(
         TextColumn("[bold]quantize[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err_console, disable=not show, transient=True,
+        TextColumn("{task.description}", markup=False), console=err_console, disable=not show, transient=True,
     ) as progress:
         task = progress.add_task("", total=None)
 
         def on_tensor(i: int, n: int, name: str) -> None:
-            progress.update(task, total=n, completed=i, description=name)
+            progress.update(task, total=n, completed=i, description=one_line(name, 120))
 
         art = quantize_model(req, on_tensor=on_tensor)
     if as_json:
@@ -112,7 +114,7 @@ def _run_quantize(req, as_json: bool, quiet: bool) -> None:
         return
     if show:
         console.print(
-            f"wrote [bold]{art.path}[/] {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
+            f"wrote [bold]{lit(art.path)}[/] {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
             f"{art.seconds:.1f}s, sha256 {art.sha256}"
         )
 
@@ -130,7 +132,21 @@ def inspect(
     if as_json:
         print(report.to_json())
     else:
-        report.render(console)
+        _literal_report(report).render(console)
+
+
+def _literal_report(report):
+    """The inspect report with every name and string value on one line, control characters escaped (the report
+    itself escapes rich markup)."""
+    import dataclasses
+
+    big = 100_000  # the report cuts long values itself
+    report.path = one_line(report.path, big)
+    report.tensors = [dataclasses.replace(t, name=one_line(t.name, big)) for t in report.tensors]
+    report.metadata_types = {one_line(k, big): v for k, v in report.metadata_types.items()}
+    report.metadata = {one_line(k, big): one_line(v, big) if isinstance(v, str) else v
+                       for k, v in report.metadata.items()}
+    return report
 
 
 @app.command()
@@ -143,14 +159,18 @@ def verify(
     """Check a GGUF file against the spec and ggml's reader rules; exit 0 valid, 1 invalid (every problem listed)."""
     from quant.verify import verify_gguf
 
+    if not file.exists():  # unusable input (exit 2), not an invalid GGUF (exit 1)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(file))
+    if file.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(file))
     rep = verify_gguf(file, check_values=not no_values)
     if as_json:
         print(json.dumps(rep.to_dict() if hasattr(rep, "to_dict") else rep.__dict__, indent=2, default=str))
     else:
         for p in rep.problems:
-            err_console.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]problem:[/] {lit(p)}", highlight=False, soft_wrap=True)
         verdict = "valid" if rep.ok else f"INVALID ({len(rep.problems)} problems)"
-        console.print(f"{file}: {verdict}, {rep.n_tensors} tensors, {rep.file_size} bytes", highlight=False)
+        console.print(f"{lit(file)}: {verdict}, {rep.n_tensors} tensors, {rep.file_size} bytes", highlight=False)
     raise typer.Exit(0 if rep.ok else 1)
 
 
@@ -168,7 +188,7 @@ def sample(
     from quantgate.sample import SampleShape, make_sample_checkpoint
 
     path = make_sample_checkpoint(out, SampleShape(n_layer=layers, n_embd=embd, n_ff=ff, n_vocab=vocab), seed=seed)
-    console.print(f"wrote sample checkpoint to {path}")
+    console.print(f"wrote sample checkpoint to {lit(path)}", highlight=False)
 
 
 @app.command()

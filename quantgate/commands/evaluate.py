@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from quantgate.cli_app import app, console, err_console, handle_errors
+from quantgate.cli_app import app, cell, console, err_console, handle_errors, lit
 
 
 def _fmt(v: object, spec: str = ".4f") -> str:
@@ -19,14 +19,15 @@ def render_report(report) -> None:
 
     t = report.timings
     console.print(
-        f"[bold]{report.candidate.path}[/] vs [bold]{report.baseline.path}[/] on {report.dataset_path or 'dataset'}: "
-        f"{report.n_samples} samples, {report.n_tokens} scored tokens, backend {report.backend}"
+        f"[bold]{lit(report.candidate.path)}[/] vs [bold]{lit(report.baseline.path)}[/] on "
+        f"{lit(report.dataset_path or 'dataset')}: "
+        f"{report.n_samples} samples, {report.n_tokens} scored tokens, backend {lit(report.backend)}"
         + (" (baseline from cache)" if t.baseline_cache_hit else ""), highlight=False)
     sets = [("overall", report.overall)] + list(report.per_category.items())
     table = Table(title="quality vs baseline")
     table.add_column("metric")
     for name, _ in sets:
-        table.add_column(name, justify="right")
+        table.add_column(cell(name, 60), justify="right")
     for label, field, spec in (
         ("scored tokens", "n_tokens", "d"), ("PPL baseline", "ppl_baseline", ".4f"),
         ("PPL candidate", "ppl_candidate", ".4f"), ("PPL ratio", "ppl_ratio", ".5f"), ("KL mean", "kl_mean", ".6f"),
@@ -42,7 +43,7 @@ def render_report(report) -> None:
     for col in ("tensor", "type", "bpw", "MSE", "rel RMSE", "cosine", "max |err|"):
         tt.add_column(col, justify="left" if col == "tensor" else "right")
     for e in worst:
-        tt.add_row(e.name, e.qtype, _fmt(e.bits_per_weight, ".3f"), _fmt(e.mse, ".3e"), _fmt(e.rel_rmse),
+        tt.add_row(cell(e.name), cell(e.qtype), _fmt(e.bits_per_weight, ".3f"), _fmt(e.mse, ".3e"), _fmt(e.rel_rmse),
                    _fmt(e.cosine, ".6f"), _fmt(e.max_abs_error, ".3e"))
     console.print(tt)
     console.print(
@@ -90,4 +91,4 @@ def evaluate(
     if not quiet:
         render_report(report)
         if json_out is not None:
-            console.print(f"wrote {json_out}", highlight=False)
+            console.print(f"wrote {lit(json_out)}", highlight=False)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from quantgate.cli_app import app, console, err_console, fail, handle_errors
+from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit
 
 stage_app = typer.Typer(no_args_is_help=True, help="One DVC stage each (dvc.yaml calls these): prepare, quantize, "
                                                    "validate, register, plots.")
@@ -64,8 +64,8 @@ def _results_table(result: dict[str, Any]) -> None:
     t = Table("mix", "MiB", "bpw", "verdict", "version", "job key", "sha256")
     for r in summarize(result["results"]):
         verdict = "-" if r["passed"] is None else ("passed" if r["passed"] else "FAILED")
-        t.add_row(r["mix"], f"{r['nbytes'] / 2**20:.2f}", f"{r['bits_per_weight']:.3f}", verdict,
-                  r["version"] or "-", r["job_key"][:12], r["sha256"][:12])
+        t.add_row(cell(r["mix"]), f"{r['nbytes'] / 2**20:.2f}", f"{r['bits_per_weight']:.3f}", verdict,
+                  cell(r["version"] or "-"), cell(r["job_key"][:12]), cell(r["sha256"][:12]))
     console.print(t)
 
 
@@ -125,9 +125,12 @@ def submit(
              "dataset": str(Path(spec.dataset).resolve()) if spec.dataset else None,
              "profile_options": {**d["profile_options"], **({"calib": str(Path(calib).resolve())} if calib else {})}}
     spec = type(spec).from_dict({**d, **paths})  # workers may run elsewhere: absolute paths on shared storage
+    from quantgate.dispatch import reported_unreachable
     from quantgate.dispatch import submit as send
 
-    print(send(spec))
+    with reported_unreachable():
+        job_id = send(spec)
+    print(job_id)
 
 
 def _render_tasks(st: dict[str, Any]) -> None:
@@ -136,7 +139,7 @@ def _render_tasks(st: dict[str, Any]) -> None:
     t = Table("task", "state", "progress", "error")
     for name, info in st["tasks"].items():
         prog = f"{info['percent']:.0f}%" if "percent" in info else ""
-        t.add_row(name, info["state"], prog, info.get("error", ""))
+        t.add_row(cell(name), cell(info["state"]), cell(prog), cell(info.get("error", "")))
     console.print(t)
 
 
@@ -151,6 +154,13 @@ def status(
 ) -> None:
     """Show a submitted job's state and progress; exit 0 when it succeeded, 1 when it failed, 3 while running."""
     _use_broker(broker)
+    from quantgate.dispatch import reported_unreachable
+
+    with reported_unreachable():
+        _status(job, watch, interval, as_json)
+
+
+def _status(job: str, watch: bool, interval: float, as_json: bool) -> None:
     from quantgate.dispatch import job_status
 
     st = job_status(job)
@@ -166,9 +176,9 @@ def status(
         with Progress(TextColumn("[bold]{task.fields[job]}[/]"), BarColumn(), TaskProgressColumn(),
                       TimeElapsedColumn(), TextColumn("{task.description}"), console=err_console,
                       transient=False) as progress:
-            bar = progress.add_task(st["stage"], total=100.0, job=job[:12])
+            bar = progress.add_task(lit(st["stage"], 80), total=100.0, job=lit(job[:12]))
             while True:
-                progress.update(bar, completed=st["percent"], description=f"{st['stage']} ({st['done']}/"
+                progress.update(bar, completed=st["percent"], description=f"{lit(st['stage'], 80)} ({st['done']}/"
                                                                            f"{st['total']} tasks)")
                 if st["state"] in ("SUCCESS", "FAILURE"):
                     break
@@ -177,8 +187,8 @@ def status(
     if as_json:
         print(json.dumps(st, indent=2, sort_keys=True, default=str))
     else:
-        console.print(f"job {job}: [bold]{st['state']}[/] {st['percent']:.1f}% ({st['done']}/{st['total']} tasks) "
-                      f"{st['stage']}", highlight=False)
+        console.print(f"job {lit(job)}: [bold]{lit(st['state'])}[/] {st['percent']:.1f}% ({st['done']}/{st['total']} tasks) "
+                      f"{lit(st['stage'])}", highlight=False)
         _render_tasks(st)
         if st["result"]:
             _results_table(st["result"])
@@ -232,7 +242,7 @@ def stage_prepare(
     from quantgate.jobs import prepare_step
 
     ident = prepare_step(model, out)
-    console.print(f"{model}: {ident['kind']}, sha256 {ident['sha256'][:16]}", highlight=False)
+    console.print(f"{lit(model)}: {ident['kind']}, sha256 {ident['sha256'][:16]}", highlight=False)
 
 
 @stage_app.command("quantize")
@@ -266,7 +276,7 @@ def stage_quantize(
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    console.print(f"{mix}: {art['path']} {art['nbytes'] / 2**20:.2f} MiB {art['bits_per_weight']:.3f} bpw",
+    console.print(f"{lit(mix)}: {lit(art['path'])} {art['nbytes'] / 2**20:.2f} MiB {art['bits_per_weight']:.3f} bpw",
                   highlight=False)
 
 
@@ -292,7 +302,7 @@ def stage_validate(
     if metrics is not None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(metrics, json.dumps(validate_metrics(v), indent=2, sort_keys=True) + "\n")
-    console.print(f"{rec['recipe']['precision']}: {'passed' if v.get('passed') else 'FAILED'}", highlight=False)
+    console.print(f"{lit(rec['recipe']['precision'])}: {'passed' if v.get('passed') else 'FAILED'}", highlight=False)
 
 
 @stage_app.command("register")
@@ -312,7 +322,7 @@ def stage_register(
     rv = register_step(rec, v, model_name=model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(rv, indent=2, sort_keys=True) + "\n")
-    console.print(f"{rv['model_name']} v{rv['version']} ({rv['verdict']})", highlight=False)
+    console.print(f"{lit(rv['model_name'])} v{lit(rv['version'])} ({lit(rv['verdict'])})", highlight=False)
 
 
 @stage_app.command("plots")
@@ -327,4 +337,4 @@ def stage_plots(
     from quantgate.dvc_report import render_plots
 
     for p in render_plots(metrics, tensor_errors, out_dir):
-        console.print(f"wrote {p}", highlight=False)
+        console.print(f"wrote {lit(p)}", highlight=False)

@@ -9,11 +9,11 @@ from typing import List, Optional
 
 import typer
 
-from quantgate.cli_app import app, console, err_console, fail, handle_errors
+from quantgate.cli_app import app, console, err_console, fail, handle_errors, lit
 
 
 def _progress(quiet: bool):
-    return None if quiet else (lambda _done, _total, msg: err_console.print(f"[dim]validate: {msg}[/]", highlight=False))
+    return None if quiet else (lambda _done, _total, msg: err_console.print(f"[dim]validate: {lit(msg)}[/]", highlight=False))
 
 
 @app.command()
@@ -69,9 +69,9 @@ def validate(
     if not quiet:
         for g in verdict.gates:
             if not g.passed or g.kind == "metric":
-                console.print(gate_line(g), highlight=False, soft_wrap=True)
-        console.print(f"reports: {Path(verdict.report_paths['validation_json']).parent}", highlight=False)
-    console.print(summary_line(verdict), highlight=False, soft_wrap=True)
+                console.print(lit(gate_line(g), 2000), highlight=False, soft_wrap=True)
+        console.print(f"reports: {lit(Path(verdict.report_paths['validation_json']).parent)}", highlight=False)
+    console.print(lit(summary_line(verdict), 2000), highlight=False, soft_wrap=True)
     raise typer.Exit(exit_code(verdict))
 
 
@@ -102,8 +102,8 @@ def diff(
     rep = run_diff(a, b, baseline=baseline, dataset=dataset, gates=gate_set, backend=backend,
                    max_tokens=max_tokens, tolerance=fail_on_regression)
     folder = write_diff_reports(rep, report_dir)
-    console.print(rep.summary, highlight=False, soft_wrap=True)
-    console.print(f"reports: {folder}", highlight=False)
+    console.print(lit(rep.summary, 4000), highlight=False, soft_wrap=True)
+    console.print(f"reports: {lit(folder)}", highlight=False)
     regressions = rep.regressions if fail_on_regression is not None else []
-    console.print(rep.verdict_line(fail_on_regression), highlight=False, soft_wrap=True)
+    console.print(lit(rep.verdict_line(fail_on_regression), 2000), highlight=False, soft_wrap=True)
     raise typer.Exit(1 if regressions else 0)
