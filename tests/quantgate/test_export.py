@@ -217,9 +217,9 @@ def registered(ref_q8, store_dir):
     ds = work / "eval-small.jsonl"
     ds.write_text("".join(json.dumps(r) + "\n" for r in picked), encoding="utf-8")
     env = {**os.environ, "QUANTGATE_STORE_DIR": str(store_dir), "PYTHONPATH": str(ROOT)}
-    settings = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": str(store_dir)})
+    settings = RegistrySettings.from_env()  # the whole environment, as the CLI and the pipeline see it
     verdict = validate_artifact(REF, art.path, load_gates(ROOT / "params.yaml"), dataset=ds, max_tokens=32,
-                                expectations=False, report_dir=work / "reports", record=False)
+                                expectations=False, report_dir=work / "reports")  # recorded: registration checks the chain
     assert verdict.passed, verdict.gates
     rv = register_gguf(art.path, settings=settings, verdict=verdict, artifact=art, model_name="reference")
     promote("reference", rv.version, "validated", settings=settings)
