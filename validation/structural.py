@@ -240,8 +240,8 @@ def derived_from_gate(facts: CandidateFacts, baseline: "str | os.PathLike[str]",
         res.passed = True
         res.detail = f"quantgate.source_sha256 {facts.source_sha256[:16]} matches the baseline's {baseline_sha256[:16]}"
         return res
-    base_fp = weights_fingerprint(baseline)
     if facts.source_fingerprint is not None:
+        base_fp = weights_fingerprint(baseline)
         if facts.source_fingerprint == base_fp:
             res.passed = True
             res.detail = (f"quantgate.source_fingerprint {facts.source_fingerprint[:16]} matches the baseline's "
