@@ -2,12 +2,57 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 _BUFFER = 8 << 20  # big write buffer: tensor data goes out in large chunks
+#: Temp files are named .TARGET.<host8>-<pid>.<random>.tmp: the writer's host and PID, so a later write into the
+#: same folder can remove the leftovers of a writer that died (SIGKILL, SIGTERM, power loss) on this host.
+_TEMP_RE = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # never guess about a PID we cannot check
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale_temps(folder: "str | os.PathLike[str]") -> list[Path]:
+    """Remove temp files in `folder` left by atomic writers of this host whose process is gone; returns them.
+
+    Temps of live writers, of other hosts (shared storage) and files of any other name are never touched."""
+    me, host = os.getpid(), _host_tag()
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if not m or m["host"] != host or int(m["pid"]) == me or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # removed meanwhile by another writer, or not ours to remove
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -33,14 +78,20 @@ def _default_mode(target: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: "str | os.PathLike[str]") -> Iterator[BinaryIO]:
+def atomic_write(path: "str | os.PathLike[str]",
+                 before_replace: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file on a temp file beside `path`; on success fsync + rename over `path`, else remove it.
 
     Readers never see a half-written artifact, and an existing target stays untouched when writing fails.
+    `before_replace(temp_path)` runs after the data is durable and before the rename: whatever it records (an
+    audit event) exists before the file becomes visible; if it raises, the temp file is removed and nothing is
+    published. Temps left by dead writers of this host in the same folder are removed first.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    clean_stale_temps(folder)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp",
+                                    dir=folder)
     tmp = Path(tmp_name)
     try:
         if hasattr(os, "fchmod"):
@@ -50,6 +101,8 @@ def atomic_write(path: "str | os.PathLike[str]") -> Iterator[BinaryIO]:
             yield f  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, target)
     except BaseException:
         if fd != -1:
@@ -71,4 +124,4 @@ def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str =
     atomic_write_bytes(path, text.encode(encoding))
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["clean_stale_temps", "atomic_write", "atomic_write_bytes", "atomic_write_text"]

@@ -265,17 +265,26 @@ def write_gguf(
     tensors: Sequence[TensorSpec],
     alignment: int = GGUF_DEFAULT_ALIGNMENT,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    before_publish: Callable[[WriteResult], None] | None = None,
 ) -> WriteResult:
     """Write a GGUF v3 file atomically, streaming tensors one at a time; returns its SHA-256 and layout.
 
     KV pairs are written in the given order (general.alignment appended when alignment != 32).
     `on_tensor(done, total, name)` is called after each tensor is written (done counts from 1).
     Invalid input raises GGUFFormatError before anything is written; a failure mid-file leaves no file.
+    `before_publish(result)` runs once the bytes are durable in the temp file and before it is renamed to `path`
+    (the pipeline appends its audit event there); if it raises, no file is published.
     """
     meta, offsets, sizes = build_metadata(kv, tensors, alignment)
     target = Path(path)
     h = hashlib.sha256(meta)
-    with atomic_write(target) as f:
+    pos = len(meta)
+
+    def result() -> WriteResult:
+        return WriteResult(target, h.hexdigest(), pos, {s.name: len(meta) + o for s, o in zip(tensors, offsets)})
+
+    hook = None if before_publish is None else (lambda _tmp: before_publish(result()))
+    with atomic_write(target, before_replace=hook) as f:
         f.write(meta)
         pos = len(meta)
         for i, (spec, size) in enumerate(zip(tensors, sizes)):
@@ -289,9 +298,7 @@ def write_gguf(
             pos += size + len(pad)
             if on_tensor is not None:
                 on_tensor(i + 1, len(tensors), spec.name)
-    return WriteResult(
-        target, h.hexdigest(), pos, {s.name: len(meta) + o for s, o in zip(tensors, offsets)}
-    )
+    return result()
 
 
 __all__ = ["TensorSpec", "WriteResult", "write_gguf", "build_metadata", "encode_kv", "GGUF_VERSION"]

@@ -7,6 +7,7 @@ the converter adds them, followed by the tokenizer KVs (quant.tokenizer_gguf) so
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, tokenizer_kvs
 GENERIC_ARCH = "quantgate-generic"
 MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
 _PIPELINE_KEYS = ("general.file_type", "general.quantization_version")
+_GGUF_INT_HPARAMS = (".block_count", ".embedding_length", ".attention.head_count", ".attention.head_count_kv",
+                     ".feed_forward_length", ".vocab_size", ".expert_count")
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
@@ -114,12 +117,170 @@ def _gguf_value(kvs: list[KV], key: str, default: Any = None) -> Any:
     return default
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Semantic checks: does a tensor list + hyperparameters describe a model llama.cpp can build? (docs/security/
+# semantic-checks.md). Used on GGUF files by quant.verify and on HF checkpoints while planning, before any data
+# is read.
+
+#: architectures whose required tensors and shapes are checked (llama.cpp's llama / qwen2 loaders)
+CHECKED_ARCHS = ("llama", "qwen2")
+MAX_HPARAM_INT = 2**31 - 1          # llama.cpp keeps every hyperparameter in an int32_t / uint32_t
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_pos_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and 1 <= x <= MAX_HPARAM_INT
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+
+
+def _hp_int(kv: dict[str, Any], key: str, problems: list[str], *, required: bool) -> int | None:
+    """A positive integer hyperparameter; None, with a problem added, when absent-but-required or not one."""
+    if key not in kv:
+        if required:
+            problems.append(f"{key} is missing")
+        return None
+    if not _is_pos_int(kv[key]):
+        problems.append(f"{key} must be a positive integer, got {_short(kv[key])}")
+        return None
+    return int(kv[key])
+
+
+def _hp_layers(kv: dict[str, Any], key: str, problems: list[str], n_layer: int, *,
+               required: bool) -> list[int] | None:
+    """A per-layer hyperparameter (a scalar, or an array with one positive integer per block) as n_layer values."""
+    if key not in kv:
+        if required:
+            problems.append(f"{key} is missing")
+        return None
+    v = kv[key]
+    if not isinstance(v, (list, tuple, np.ndarray)):
+        return [x] * n_layer if (x := _hp_int(kv, key, problems, required=required)) is not None else None
+    vals = list(v)
+    if len(vals) != n_layer or not all(_is_pos_int(x) for x in vals):
+        problems.append(f"{key} must be a positive integer or one per block ({n_layer}), got {_short(v)}")
+        return None
+    return [int(x) for x in vals]
+
+
+def _short(v: Any) -> str:
+    s = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _hp_positive_float(kv: dict[str, Any], key: str, problems: list[str]) -> None:
+    if key in kv and not all(_is_number(x) and math.isfinite(float(x)) and float(x) > 0 for x in _as_list(kv[key])):
+        problems.append(f"{key} must be a finite positive number, got {_short(kv[key])}")
+
+
+def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Problems that make the model unbuildable: zero tensors; for llama / qwen2 also a missing or
+    non-positive/non-finite hyperparameter, a tensor a block needs that is absent, a shape that disagrees with the
+    hyperparameters, a block beyond block_count, a tensor the architecture does not have. `shapes` are numpy-order
+    (rows, cols); `kv` maps GGUF keys to values (per-layer arrays allowed). Other architectures: zero tensors only."""
+    problems: list[str] = []
+    if not shapes:
+        return ["the model has no tensors"]
+    if arch not in CHECKED_ARCHS:
+        return problems
+    n_layer = _hp_int(kv, f"{arch}.block_count", problems, required=True)
+    if n_layer is not None and n_layer > len(shapes):
+        problems.append(f"{arch}.block_count is {n_layer} but there are only {len(shapes)} tensors")
+        return problems
+    nl = n_layer or 1
+    n_embd = _hp_int(kv, f"{arch}.embedding_length", problems, required=True)
+    heads = _hp_layers(kv, f"{arch}.attention.head_count", problems, nl, required=True)
+    heads_kv = _hp_layers(kv, f"{arch}.attention.head_count_kv", problems, nl, required=False) or heads
+    ffs = _hp_layers(kv, f"{arch}.feed_forward_length", problems, nl, required=False)
+    dk = _hp_int(kv, f"{arch}.attention.key_length", problems, required=False)
+    dv = _hp_int(kv, f"{arch}.attention.value_length", problems, required=False)
+    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=False)
+    for key in ("context_length", "vocab_size", "rope.dimension_count"):
+        _hp_int(kv, f"{arch}.{key}", problems, required=False)
+    for key in ("rope.freq_base", "rope.freq_scale", "rope.scaling.factor", "attention.layer_norm_rms_epsilon"):
+        _hp_positive_float(kv, f"{arch}.{key}", problems)
+    if heads and heads_kv:
+        bad = next((i for i in range(nl) if heads[i] % heads_kv[i]), None)
+        if bad is not None:
+            problems.append(f"{arch}.attention.head_count {heads[bad]} is not a multiple of head_count_kv "
+                            f"{heads_kv[bad]}" + (f" (block {bad})" if len(set(heads + heads_kv)) > 2 else ""))
+    if n_embd and heads and (dk is None or dv is None) and n_embd % heads[0]:
+        problems.append(f"{arch}.embedding_length {n_embd} is not divisible by head_count {heads[0]}")
+    if n_layer is None or n_embd is None or heads is None or heads_kv is None or problems:
+        return problems
+    dk = dk or n_embd // heads[0]          # llama.cpp: n_embd_head_k = n_embd / n_head(layer 0)
+    dv = dv or n_embd // heads[0]
+    tokens = kv.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else None
+    if n_vocab is None and _is_pos_int(kv.get(f"{arch}.vocab_size")):
+        n_vocab = int(kv[f"{arch}.vocab_size"])
+    if ffs is None and (g := shapes.get("blk.0.ffn_gate.weight")) is not None and len(g) == 2:
+        ffs = [g[0]] * n_layer
+    v, e = n_vocab, n_embd
+    want: dict[str, tuple[int | None, ...]] = {"token_embd.weight": (v, e), "output_norm.weight": (e,)}
+    optional: dict[str, tuple[int | None, ...]] = {"output.weight": (v, e), "rope_freqs.weight": (dk // 2,)}
+    for i in range(n_layer):
+        b, h, hk, ff = f"blk.{i}.", heads[i], heads_kv[i], (ffs[i] if ffs else None)
+        want |= {b + "attn_norm.weight": (e,), b + "attn_q.weight": (h * dk, e),
+                 b + "attn_k.weight": (hk * dk, e), b + "attn_v.weight": (hk * dv, e),
+                 b + "attn_output.weight": (e, h * dv), b + "ffn_norm.weight": (e,)}
+        if n_expert:
+            want |= {b + "ffn_gate_inp.weight": (n_expert, e), b + "ffn_gate_exps.weight": (n_expert, ff, e),
+                     b + "ffn_up_exps.weight": (n_expert, ff, e), b + "ffn_down_exps.weight": (n_expert, e, ff)}
+        else:
+            want |= {b + "ffn_gate.weight": (ff, e), b + "ffn_up.weight": (ff, e), b + "ffn_down.weight": (e, ff)}
+        biases = {b + "attn_q.bias": (h * dk,), b + "attn_k.bias": (hk * dk,), b + "attn_v.bias": (hk * dv,)}
+        (want if arch == "qwen2" else optional).update(biases)
+        optional |= {b + "attn_output.bias": (e,)}
+    known: set[str] | None = None
+    missing = [n for n in want if n not in shapes]
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the {arch} architecture needs for {n_layer} blocks are missing "
+                        f"(first: {', '.join(missing[:3])})")
+    for name, shape in shapes.items():
+        exp = want.get(name, optional.get(name))
+        if exp is None:
+            m = _BLOCK.match(name)
+            if m and int(m.group(1)) >= n_layer:
+                problems.append(f"tensor {name!r} belongs to block {m.group(1)} but {arch}.block_count is {n_layer}")
+            elif name not in (known := known if known is not None else _arch_tensor_names(arch, n_layer)):
+                problems.append(f"tensor {name!r} is not a tensor of the {arch} architecture")
+            continue
+        if len(shape) != len(exp) or any(x is not None and x != s for x, s in zip(exp, shape)):
+            problems.append(f"tensor {name!r} has shape {list(shape)} but the hyperparameters give "
+                            f"{[x if x is not None else '*' for x in exp]}")
+    return problems
+
+
+def _arch_tensor_names(arch: str, n_layer: int) -> set[str]:
+    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    out: set[str] = set()
+    for t in gguf.MODEL_TENSORS[enum]:
+        pattern = gguf.TENSOR_NAMES[t]
+        bases = [pattern.format(bid=i) for i in range(n_layer)] if "{bid}" in pattern else [pattern]
+        out |= {f"{b}.{s}" for b in bases for s in ("weight", "bias")}
+    return out
+
+
 def _plan_gguf(ckpt: Checkpoint) -> ModelPlan:
     arch = ckpt.architecture
     if not arch:
         raise CheckpointError(f"{ckpt.path}: GGUF file has no general.architecture")
+    if not ckpt.tensors:
+        raise CheckpointError(f"{ckpt.path}: the GGUF file has no tensors; nothing to quantize")
     kvs = [kv for kv in ckpt.gguf_kv if kv.key not in _PIPELINE_KEYS and not kv.key.startswith("quantgate.")]
     tensors = [PlannedTensor(t.name, t.shape, t) for t in ckpt.tensors]
+    for kv in kvs:
+        if kv.key.startswith(f"{arch}.") and kv.key.endswith(_GGUF_INT_HPARAMS):
+            if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0
+                       for x in _as_list(kv.value)):
+                raise CheckpointError(f"{ckpt.path}: {kv.key} must be a non-negative integer, got {_short(kv.value)}")
     n_head = int(_gguf_value(kvs, f"{arch}.attention.head_count", 0))
     n_vocab = _gguf_value(kvs, f"{arch}.vocab_size")
     if n_vocab is None:
@@ -240,6 +401,58 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: in
     return kvs, file_type_index
 
 
+_HF_INT_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "head_dim", "max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                "model_max_length", "prefix_dense_intermediate_size", "dense_intermediate_size",
+                "intermediate_size", "n_inner", "hidden_dim", "num_local_experts")
+_HF_FLOAT_KEYS = ("rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
+                  "rms_norm_eps", "norm_eps")
+_ROPE_INT_KEYS = ("original_max_position_embeddings",)
+_ROPE_FLOAT_KEYS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")
+
+
+def _check_hf_config(ckpt: Checkpoint, cfg: dict) -> None:
+    """Refuse hostile or inconsistent config.json values with one CheckpointError, before anything is allocated:
+    sizes must be integers in [1, 2**31-1] (no bools, strings, floats, objects), rope/eps values finite and
+    positive, heads must divide the hidden size and KV heads the heads, and block_count cannot exceed the number
+    of tensors present (each block needs several)."""
+    where = f"{ckpt.path}: config.json"
+    for k in _HF_INT_KEYS:
+        v = cfg.get(k)
+        if v is not None and not _is_pos_int(v):
+            raise CheckpointError(f"{where} {k} must be an integer between 1 and {MAX_HPARAM_INT}, got {_short(v)}")
+    for k in _HF_FLOAT_KEYS:
+        v = cfg.get(k)
+        if v is not None and not (_is_number(v) and math.isfinite(float(v)) and float(v) > 0):
+            raise CheckpointError(f"{where} {k} must be a finite positive number, got {_short(v)}")
+    for k in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(k)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{where} {k} must be an object, got {_short(rope)}")
+        for sub in [rope] + [v for v in rope.values() if isinstance(v, dict)]:
+            for rk in _ROPE_INT_KEYS:
+                if sub.get(rk) is not None and not _is_pos_int(sub[rk]):
+                    raise CheckpointError(f"{where} {k}.{rk} must be a positive integer, got {_short(sub[rk])}")
+            for rk in _ROPE_FLOAT_KEYS:
+                v = sub.get(rk)
+                if v is not None and not (_is_number(v) and math.isfinite(float(v)) and float(v) > 0):
+                    raise CheckpointError(f"{where} {k}.{rk} must be a finite positive number, got {_short(v)}")
+            for rk in ("rope_type", "type"):
+                if sub.get(rk) is not None and not isinstance(sub[rk], str):
+                    raise CheckpointError(f"{where} {k}.{rk} must be a string, got {_short(sub[rk])}")
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    if n_head % n_kv:
+        raise CheckpointError(f"{where} num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv}")
+    if cfg.get("head_dim") is None and n_embd % n_head:
+        raise CheckpointError(f"{where} hidden_size {n_embd} is not divisible by num_attention_heads {n_head}")
+    if cfg["num_hidden_layers"] > len(ckpt.tensors):
+        raise CheckpointError(f"{where} num_hidden_layers is {cfg['num_hidden_layers']} but the checkpoint has only "
+                              f"{len(ckpt.tensors)} tensors")
+
+
 def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | None) -> ModelPlan:
     raw_cfg = dict(cfg)  # the converter's tokenizer code sees config.json without our defaults
     for k, v in spec.defaults.items():
@@ -247,6 +460,7 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
         if k not in cfg:
             raise CheckpointError(f"{ckpt.path}: config.json lacks {k!r}")
+    _check_hf_config(ckpt, cfg)
     if cfg.get("num_key_value_heads") is None:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and cfg.get("head_dim") is None:
@@ -257,6 +471,7 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     tensors: list[PlannedTensor] = []
     if spec.llama_extras and (rf := _llama3_rope_freqs(cfg, rope)) is not None:
         tensors.append(PlannedTensor(rf.name, rf.shape, rf))
+    mapped: dict[str, str] = {}
     for t in ckpt.tensors:
         name = t.name.replace("language_model.", "")
         if name.endswith(_SKIP_SUFFIXES):
@@ -271,12 +486,21 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
             transform = lambda a, h=n_head: permute_qk(a, h, h)  # noqa: E731
         elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
             transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
+        if new_name in mapped:
+            raise CheckpointError(f"{ckpt.path}: tensors {mapped[new_name]!r} and {t.name!r} both map to GGUF "
+                                  f"tensor {new_name!r}; refused (one would be silently dropped)")
+        mapped[new_name] = t.name
         tensors.append(PlannedTensor(new_name, t.shape, t, transform))
     n_params = sum(int(np.prod(p.shape, dtype=np.int64)) for p in tensors)
     kvs, file_type_index = _hf_kvs(ckpt, spec, cfg, rope, n_params)
     model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     tok = tokenizer_kvs(model_dir, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], raw_cfg, tokenizer_pre=tokenizer_pre)
     kvs += tok.kv
+    arch_name = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
+    problems = check_architecture(arch_name, {kv.key: kv.value for kv in kvs}, {t.name: t.shape for t in tensors})
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: config.json and the tensors present disagree: "
+                              + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
     hparams = {
         "n_layer": int(n_layer), "n_embd": int(cfg["hidden_size"]), "n_head": int(n_head),
         "n_head_kv": int(n_head_kv), "n_ff": int(cfg.get("intermediate_size") or 0),
@@ -287,6 +511,8 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
 
 
 def _plan_generic(ckpt: Checkpoint) -> ModelPlan:
+    if not ckpt.tensors:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint has no tensors; nothing to quantize")
     tensors = []
     for t in ckpt.tensors:
         if len(t.name.encode("utf-8")) > MAX_TENSOR_NAME_BYTES:
@@ -317,6 +543,8 @@ def plan_model(ckpt: Checkpoint, *, generic: bool = False, tokenizer_pre: str | 
         return _plan_generic(ckpt)
     cfg = _hf_config(ckpt)
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"{ckpt.path}: config.json 'architectures' must be a list of strings, got {_short(archs)}")
     hf_arch = archs[0] if archs else None
     spec = _HF_ARCHS.get(hf_arch) if hf_arch else None
     if spec is None:

@@ -12,6 +12,7 @@ from core.errors import GGUFFormatError, UnsupportedTypeError
 from quant.api import dequantize
 from quant.formats import QTYPES
 from quant.gguf_reader import GGML_TYPES, GGUFFile, TensorInfo, gguf_pad, read_gguf
+from quant.model_plan import CHECKED_ARCHS, check_architecture
 
 GGML_QNT_VERSION = 2                      # ggml.h: bump on quantization format changes
 #: llama.h llama_ftype values (general.file_type) and their names
@@ -51,8 +52,8 @@ def _check_metadata(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
         problems.append("general.architecture must be a non-empty STRING")
     quantized = [t for t in g.tensors if t.qtype not in UNQUANTIZED_TYPES]
     ft = g.get("general.file_type")
-    if ft is None:
-        (problems if quantized else notes).append("general.file_type is missing")
+    if ft is None:  # optional in the GGUF spec; llama.cpp guesses it (general.quantization_version is the required one)
+        notes.append("general.file_type is missing (optional)")
     elif ft.vtype != GGUFValueType.UINT32:
         problems.append(f"general.file_type must be UINT32 (llama.cpp reads it as u32), got {ft.vtype.name}")
     elif int(ft.value) not in LLAMA_FTYPES:
@@ -76,6 +77,17 @@ def _check_metadata(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
         problems.append(
             f"general.quantization_version must be UINT32 {GGML_QNT_VERSION}, got {qv.value!r} ({qv.vtype.name})"
         )
+
+
+def _check_architecture(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
+    """Zero tensors is a problem; for llama / qwen2 every tensor each block needs must be there with the shape the
+    hyperparameters give, and the hyperparameters must be positive and finite (quant.model_plan.check_architecture)."""
+    arch = g.value("general.architecture")
+    arch = arch if isinstance(arch, str) else ""
+    kv = {k.key: k.value for k in g.kv}
+    problems.extend(check_architecture(arch, kv, {t.name: tuple(t.shape) for t in g.tensors}))
+    if g.tensors and arch and arch not in CHECKED_ARCHS:
+        notes.append(f"tensor completeness is checked for {', '.join(CHECKED_ARCHS)} only, not {arch!r}")
 
 
 def _check_padding(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
@@ -173,9 +185,8 @@ def verify_gguf(path: "str | os.PathLike[str]", *, check_values: bool = True) ->
         notes: list[str] = []
         if g.version != 3:
             notes.append(f"GGUF version {g.version} (quantgate writes version 3)")
-        if not g.tensors:
-            notes.append("the file has no tensors")
         _check_metadata(g, problems, notes)
+        _check_architecture(g, problems, notes)
         _check_padding(g, problems, notes)
         if check_values:
             _check_values(g, problems, notes)

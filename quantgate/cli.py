@@ -10,7 +10,7 @@ import sys
 from quantgate.cli_app import app
 
 #: Command modules, in the order their commands appear in `quantgate --help`.
-COMMAND_MODULES = ("core", "convert", "evaluate", "validate", "registry", "run", "analyze")
+COMMAND_MODULES = ("core", "convert", "evaluate", "validate", "registry", "run", "analyze", "export")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"quantgate.commands.{_name}")

@@ -16,7 +16,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from core.errors import QuantGateError
 from core.hashing import cache_dir
+from core.safe_yaml import YAMLLimitError, load_yaml_file
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 #: Broker URLs that mean "no broker: run the tasks in this process".
@@ -27,6 +29,29 @@ def _params_file() -> Path:
     return Path(os.environ.get("QUANTGATE_PARAMS", "params.yaml"))
 
 
+class ParamsError(QuantGateError):
+    """params.yaml cannot be used (unreadable, not a mapping, anchors/aliases, too big)."""
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """params.yaml as a dict ({} when there is no such file): bounded, alias-free YAML (core.safe_yaml)."""
+    if not path.exists():
+        return {}
+    try:
+        data = load_yaml_file(path, "params file")
+    except FileNotFoundError:
+        return {}
+    except YAMLLimitError as e:
+        raise ParamsError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"cannot read params file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"params file {path}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
 class _ParamsYamlSource(PydanticBaseSettingsSource):
     """The `settings:` mapping of params.yaml (the same file DVC reads), when the file exists."""
 
@@ -34,12 +59,7 @@ class _ParamsYamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = _params_file()
-        if not path.is_file():
-            return {}
-        import yaml
-
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_params_file(_params_file())
         section = data.get("settings") if isinstance(data, dict) else None
         return {k: v for k, v in (section or {}).items() if k in self.settings_cls.model_fields}
 
@@ -57,9 +77,16 @@ class Settings(BaseSettings):
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: Optional[str] = None        # None: the broker URL (Redis keeps results too)
     workdir: Path = Path("out/jobs")            # where job artifacts land, one folder per job key
+    # Celery workers read models/datasets only under these folders (os.pathsep-separated; QUANTGATE_MODEL_ROOTS);
+    # None: the worker's current directory. Workers write only under `workdir`. See docs/security/inputs.md.
+    model_roots: Optional[str] = None
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     mlflow_uri: Optional[str] = None            # passed through to the registry as QUANTGATE_MLFLOW_URI
-    visibility_timeout: int = 6 * 3600          # must exceed the longest job, else Redis redelivers running tasks
+    # Dead-worker recovery (docs/SCALING.md, "Dead workers"): a live worker renews its messages and task leases
+    # every lease_renew_interval s, so the visibility timeout bounds only how long a DEAD worker's job waits.
+    visibility_timeout: int = 60                # Redis: a dead worker's unacked message is back after this long
+    lease_ttl: int = 30                         # a running task's lease outlives its last renewal by this long
+    lease_renew_interval: int = 10              # renewal period (clamped to a third of the two above)
     soft_time_limit: int = 4 * 3600             # a task gets SoftTimeLimitExceeded after this many seconds
     time_limit: int = 4 * 3600 + 300            # ... and is killed after this many
     max_retries: int = 5                        # transient-error retries (broker/MLflow unreachable)
@@ -76,6 +103,13 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when no broker is configured: tasks run eagerly in the calling process."""
         return self.broker_url.strip().lower() in EMBEDDED_BROKERS
+
+    @property
+    def model_root_paths(self) -> list[Path]:
+        """The folders workers may read models and datasets from, resolved (symlinks followed); default: the
+        current directory."""
+        parts = [x for x in (self.model_roots or "").split(os.pathsep) if x.strip()]
+        return [Path(x).expanduser().resolve() for x in parts] or [Path.cwd().resolve()]
 
     @property
     def backend_url(self) -> str:

@@ -18,7 +18,8 @@ from celery.canvas import Signature
 from core.errors import QuantGateError
 from core.records import is_auto
 from quantgate.broker import app
-from quantgate.jobs import JobSpec
+from quantgate.config import load_settings
+from quantgate.jobs import JobSpec, check_job_paths
 
 STAGES = ("quantize", "validate", "register")
 _MANIFEST = "quantgate-job-{}"
@@ -64,6 +65,7 @@ def pipeline(spec: JobSpec, job_id: str) -> Any:
 def submit(spec: JobSpec, job_id: str | None = None) -> str:
     """Send a job to the workers; returns its id (the id of its final task). The manifest lets `status` find
     the per-mix tasks later from the id alone."""
+    check_job_paths(spec, load_settings())  # what the workers would refuse, refused before sending
     job_id = job_id or uuid.uuid4().hex
     manifest = {"job_id": job_id, "spec": spec.to_dict(), "stages": stage_list(spec), "submitted_at": time.time()}
     app.loader.import_default_modules()  # the task modules named in the app's `include` (eager mode runs them here)

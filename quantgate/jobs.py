@@ -29,6 +29,7 @@ from core.records import (
     is_auto,
     job_key,
 )
+from core.text import one_line
 from core.version import __version__
 from quant.loaders import open_checkpoint
 from quant.mixes import get_mix
@@ -383,6 +384,52 @@ def check_mixes(spec: "JobSpec") -> None:
     for m in spec.mixes:
         if not is_auto(m):
             mix_recipe(m)
+
+
+class JobPathError(QuantGateError):
+    """A job names a path a worker may not touch: a model or dataset outside the model roots, or a workdir or
+    artifact outside the configured workdir. Bad input: the task fails at once, never retried."""
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def check_read_path(path: "str | os.PathLike[str]", settings: Any, what: str = "model") -> Path:
+    """`path` resolved (symlinks and `..` followed), or JobPathError when it lies outside settings.model_root_paths
+    (QUANTGATE_MODEL_ROOTS; default the current directory) and outside the datasets shipped with quantgate."""
+    p = Path(path).expanduser().resolve()
+    roots = list(settings.model_root_paths)
+    if _inside(p, roots + [DEFAULT_CALIBRATION.parent.resolve()]):
+        return p
+    where = os.pathsep.join(str(r) for r in roots)
+    raise JobPathError(f"{what} {one_line(path, 200)} lies outside the model roots ({one_line(where, 200)}); "
+                       "set QUANTGATE_MODEL_ROOTS on the worker to allow it")
+
+
+def check_write_path(path: "str | os.PathLike[str]", settings: Any, what: str = "workdir") -> Path:
+    """`path` resolved, or JobPathError when it lies outside settings.workdir (QUANTGATE_WORKDIR)."""
+    p = Path(path).expanduser().resolve()
+    root = Path(settings.workdir).expanduser().resolve()
+    if _inside(p, [root]):
+        return p
+    raise JobPathError(f"{what} {one_line(path, 200)} lies outside the configured workdir ({one_line(root, 200)}); "
+                       "set QUANTGATE_WORKDIR on the worker to allow it")
+
+
+def check_job_paths(spec: "JobSpec | Mapping[str, Any]", settings: Any) -> None:
+    """What a worker may touch for this job: the model, eval dataset and calibration file under the model roots,
+    the workdir under the configured workdir. Called by every Celery task and by `submit` before sending; the
+    in-process `quantgate run` does not call it (a CLI user's own paths are theirs to use)."""
+    if not isinstance(spec, JobSpec):
+        spec = JobSpec.from_dict(spec)
+    check_read_path(spec.model, settings, "model")
+    if spec.dataset:
+        check_read_path(spec.dataset, settings, "dataset")
+    calib = (spec.profile_options or {}).get("calib")
+    if calib:
+        check_read_path(calib, settings, "calibration file")
+    check_write_path(spec.workdir, settings, "workdir")
 
 
 def run_mix(spec: JobSpec, mix: str, on_progress: ProgressFn | None = None) -> dict[str, Any]:

@@ -207,37 +207,45 @@ def quantize_model(
         by_name = {pt.name: pt for pt in plan.tensors}
         ordered = [by_name[n] for n in llama_quantize_order(list(by_name))]
         specs = [TensorSpec(pt.name, tuple(pt.shape), types[pt.name], producer(pt, types[pt.name])) for pt in ordered]
-        with quant.threads(req.threads):
-            result = write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor)
-        t_write = time.perf_counter()
+        n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
+        tensor_bytes = {s.name: get_qtype(s.qtype).nbytes(s.shape) for s in specs}
+        total = sum(tensor_bytes.values())
+        made: list[QuantizedArtifact] = []
 
-    n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
-    tensor_bytes = {s.name: get_qtype(s.qtype).nbytes(s.shape) for s in specs}
-    total = sum(tensor_bytes.values())
-    art = QuantizedArtifact(
-        path=str(result.path),
-        sha256=result.sha256,
-        nbytes=result.nbytes,
-        source=str(req.source),
-        source_sha256=source_sha,
-        recipe=recipe,
-        job_key=key,
-        tool_version=__version__,
-        file_type=mix.llama_ftype,
-        tensor_types=dict(types),
-        tensor_bytes=tensor_bytes,
-        n_params=n_params,
-        bits_per_weight=8.0 * total / max(n_params, 1),
-        seconds=t_write - t0,
-        timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
-    )
-    if record:
-        inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
-        if req.imatrix is not None:
-            inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
-        audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,
-              outputs=[{"role": "gguf", "path": art.path, "sha256": art.sha256}],
-              config={"recipe": recipe.as_dict(), "bits_per_weight": art.bits_per_weight, "nbytes": art.nbytes})
+        def publish(result) -> None:
+            """Runs with the bytes durable in the temp file, before the rename: the audit event exists before the
+            GGUF is visible at req.out; an audit failure removes the temp file and publishes nothing."""
+            t_write = time.perf_counter()
+            art = QuantizedArtifact(
+                path=str(result.path),
+                sha256=result.sha256,
+                nbytes=result.nbytes,
+                source=str(req.source),
+                source_sha256=source_sha,
+                recipe=recipe,
+                job_key=key,
+                tool_version=__version__,
+                file_type=mix.llama_ftype,
+                tensor_types=dict(types),
+                tensor_bytes=tensor_bytes,
+                n_params=n_params,
+                bits_per_weight=8.0 * total / max(n_params, 1),
+                seconds=t_write - t0,
+                timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
+            )
+            if record:
+                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
+                if req.imatrix is not None:
+                    inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
+                audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,
+                      outputs=[{"role": "gguf", "path": art.path, "sha256": art.sha256}],
+                      config={"recipe": recipe.as_dict(), "bits_per_weight": art.bits_per_weight,
+                              "nbytes": art.nbytes})
+            made.append(art)
+
+        with quant.threads(req.threads):
+            write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
+    art = made[0]
     return art
 
 
@@ -254,12 +262,15 @@ def validate_artifact(baseline: Path, candidate: Path, gates, *, record: bool = 
                   config={"gate_set": gates.name}, verdict="unusable", detail=str(e))
         raise
     if record:
-        audit("validate", artifact_sha256=verdict.artifact_sha256,
-              inputs=[{"role": "baseline", "path": str(baseline)},
-                      {"role": "candidate", "path": str(candidate), "sha256": verdict.artifact_sha256}],
-              outputs=[{"role": "verdict", "path": verdict.report_paths["verdict"]}] if "verdict" in verdict.report_paths else [],
-              config={"gate_set": verdict.gate_set, "metrics": verdict.metrics},
-              verdict="passed" if verdict.passed else "failed")
+        from registry.trust import (
+            record_validation,  # lazy: SQLAlchemy/MLflow load at first use (light worker start)
+        )
+
+        outputs = [{"role": "verdict", "path": verdict.report_paths["verdict"]}] if "verdict" in verdict.report_paths \
+            else []
+        record_validation(verdict, db_url=registry_settings().audit_db_url, outputs=outputs,
+                          inputs=[{"role": "baseline", "path": str(baseline)},
+                                  {"role": "candidate", "path": str(candidate), "sha256": verdict.artifact_sha256}])
     return verdict
 
 

@@ -38,8 +38,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
+from core.errors import QuantGateError
 from core.hashing import canonical_json, file_sha256
 from registry.config import RegistrySettings
 
@@ -303,8 +304,27 @@ def record_event(action: str, *, db_url: str | None = None, **fields: Any) -> Au
     """
     if db_url is None:
         db_url = RegistrySettings.from_env().audit_db_url
-    with AuditLog(db_url) as log:
-        return log.append(action, **fields)
+    try:
+        with AuditLog(db_url) as log:
+            return log.append(action, **fields)
+    except (SQLAlchemyError, OSError) as e:
+        msg = " ".join(str(getattr(e, "orig", None) or e).split())[:200]
+        raise AuditUnavailable(f"cannot append the {action!r} audit event to {_redact(db_url)}: "
+                               f"{type(e).__name__}: {msg}") from None
+
+
+class AuditUnavailable(QuantGateError):
+    """The audit trail cannot be written: nothing that needs an audit event may be published."""
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: show it as given
+        return url
 
 
 # ---------------------------------------------------------------------------------------------- verification
@@ -415,6 +435,54 @@ def verify_rows(rows: Sequence[Mapping[str, Any]], head: Mapping[str, Any] | Non
     return ChainReport(ok=not problems, n_events=len(rows), head_hash=head_hash, problems=problems)
 
 
+def _readonly_engine(url: str) -> "tuple[Engine | None, str]":
+    """An engine that cannot write: SQLite opened with mode=ro (no file is created), other databases in
+    read-only transactions. (None, why) when a SQLite file is missing."""
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(url[len("sqlite:///"):].split("?", 1)[0])
+        if not path.is_file():
+            return None, f"no audit database at {path}"
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        return create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=120)), ""
+    if url.startswith(("postgresql", "postgres")):
+        return create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True}), ""
+    return create_engine(url, pool_pre_ping=True), ""
+
+
+def read_only_verify(url: str) -> "tuple[ChainReport, list[AuditEvent]]":
+    """Verify the chain without writing anything (no table, head row or file is created): a missing database, a
+    missing table or a missing head row is reported as deleted. Also returns the events whose bodies parse."""
+    from sqlalchemy import inspect
+
+    engine, why = _readonly_engine(url)
+    if engine is None:
+        return ChainReport(False, 0, GENESIS, [ChainProblem("deleted", 1, why)]), []
+    try:
+        names = set(inspect(engine).get_table_names())
+        gone = [t.name for t in (events_table, head_table) if t.name not in names]
+        if gone:
+            return ChainReport(False, 0, GENESIS, [ChainProblem("deleted", 1, f"table(s) {', '.join(gone)} missing "
+                                                                              "from the audit database")]), []
+        with engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(select(events_table).order_by(events_table.c.seq))]
+            head = conn.execute(select(head_table).where(head_table.c.id == 1)).first()
+    finally:
+        engine.dispose()
+    rep = verify_rows(rows, None if head is None else dict(head._mapping))
+    if head is None:
+        rep.problems.append(ChainProblem("deleted", len(rows) + 1, "the head row is missing"))
+        rep.ok = False
+    events = []
+    for r in rows:
+        try:
+            events.append(AuditEvent(**{**json.loads(r["body"]), "hash": r["hash"]}))
+        except (TypeError, ValueError):
+            continue  # verify_rows named it
+    return rep, events
+
+
 def iter_jsonl(events: Iterable[AuditEvent]) -> Iterator[str]:
     """Events as JSON lines (canonical JSON, hash included) for export."""
     for e in events:
@@ -422,4 +490,4 @@ def iter_jsonl(events: Iterable[AuditEvent]) -> Iterator[str]:
 
 
 __all__ = ["AuditEvent", "AuditLog", "ChainProblem", "ChainReport", "record_event", "file_ref", "event_hash",
-           "verify_rows", "iter_jsonl", "tool_versions", "actor", "make_engine", "GENESIS", "ACTIONS"]
+           "verify_rows", "read_only_verify", "iter_jsonl", "AuditUnavailable", "tool_versions", "actor", "make_engine", "GENESIS", "ACTIONS"]

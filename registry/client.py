@@ -1,13 +1,15 @@
 """Registry basics: the MLflow client, model names and references, verdict states, and the registry's errors."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from core.errors import QuantGateError
 from core.records import Verdict
+from core.text import one_line
 from registry.config import RegistrySettings
 
 PASSED, FAILED, UNVALIDATED = "passed", "failed", "unvalidated"
@@ -27,15 +29,38 @@ class PromotionRefused(RegistryError):
     """An alias was asked for a version that did not pass the validation gate."""
 
 
-def mlflow_client(settings: RegistrySettings) -> Any:
-    """An MlflowClient on the settings' tracking and registry URIs (imports mlflow; telemetry off)."""
+class VerdictRefused(RegistryError):
+    """A registration brought a verdict that quantgate's own validation (the audit chain) does not back."""
+
+
+#: HTTP limits for interactive read commands (models list/show/download) unless the user set MLflow's own
+#: variables: MLflow's defaults (120 s timeout, 7 retries with backoff) made `models list` hang for minutes.
+QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def mlflow_client(settings: RegistrySettings, *, quick: bool = False) -> Any:
+    """An MlflowClient on the settings' tracking and registry URIs (imports mlflow; telemetry off). quick=True (CLI
+    read commands): HTTP requests time out after 10 s with one retry (QUICK_HTTP_ENV; the user's MLFLOW_HTTP_*
+    variables win), so an unreachable server is reported in seconds; see `unreachable_as_error`."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if quick:
+        for k, v in QUICK_HTTP_ENV.items():
+            os.environ.setdefault(k, v)
     settings.ensure_local_dirs()
     import mlflow
     from mlflow import MlflowClient
 
+    # set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: keep the process environment as it was, so
+    # the next RegistrySettings.from_env() (another job in this worker, another command) is not steered by this one
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.registry_uri)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
@@ -97,10 +122,56 @@ def resolve(client: Any, ref: str) -> Any:
     raise RegistryError(f"{ref!r}: expected MODEL@ALIAS or MODEL/VERSION")
 
 
-def gguf_artifact_uri(client: Any, mv: Any) -> str:
-    """URI of the GGUF inside the version's pyfunc model (the artifact MLflow stores once)."""
+_BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\:]")
+
+
+def safe_gguf_file(mv: Any) -> str:
+    """The version's `gguf_file` tag when it is a plain file name (no folder, no `..`, no control characters, not
+    hidden, ending in .gguf); anything else is refused: tags are editable by anyone with registry write access."""
     if "gguf_file" not in mv.tags:
         raise RegistryError(f"{mv.name} v{mv.version} was not registered by quantgate (no gguf_file tag)")
+    name = mv.tags["gguf_file"]
+    if (not isinstance(name, str) or not name.lower().endswith(".gguf") or name.startswith(".")
+            or _BAD_NAME_CHARS.search(name) or os.path.basename(name) != name or len(name) > 255):
+        raise RegistryError(f"{one_line(mv.name, 100)} v{mv.version}: refusing gguf_file tag {one_line(repr(name), 200)}"
+                            ": not a plain file name ending in .gguf")
+    return name
+
+
+def gguf_artifact_uri(client: Any, mv: Any) -> str:
+    """URI of the GGUF inside the version's pyfunc model (the artifact MLflow stores once)."""
+    name = safe_gguf_file(mv)
     model_id = getattr(mv, "model_id", None) or str(mv.source).removeprefix("models:/")
     loc = client.get_logged_model(model_id).artifact_location.rstrip("/")
-    return f"{loc}/artifacts/{mv.tags['gguf_file']}"
+    return f"{loc}/artifacts/{name}"
+
+
+_UNREACHABLE = ("Max retries exceeded", "Connection refused", "timed out", "Read timed out", "Failed to establish",
+                "NameResolutionError", "Name or service not known", "RemoteDisconnected", "Connection aborted",
+                "Connection reset")
+
+
+def _reason(msg: str) -> str:
+    for needle in ("Connection refused", "Read timed out", "timed out", "Name or service not known",
+                   "NameResolutionError", "Connection reset", "RemoteDisconnected", "Connection aborted"):
+        if needle in msg:
+            return needle.lower() if needle != "NameResolutionError" else "name not resolved"
+    return "no answer"
+
+
+@contextlib.contextmanager
+def unreachable_as_error(settings: RegistrySettings) -> Iterator[None]:
+    """Turn "the MLflow server cannot be reached" (refused, timed out, unknown host) into one RegistryError line:
+    `MLflow at URI unreachable (reason)`. Other errors pass through unchanged."""
+    try:
+        yield
+    except QuantGateError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MlflowException or requests' errors, depending on where it failed
+        msg = str(e)
+        mod = type(e).__module__
+        if (mod.startswith(("mlflow", "requests", "urllib3")) or isinstance(e, (ConnectionError, TimeoutError))) \
+                and any(n in msg for n in _UNREACHABLE):
+            raise RegistryError(f"MLflow at {one_line(settings.tracking_uri, 200)} unreachable "
+                                f"({_reason(msg)})") from None
+        raise

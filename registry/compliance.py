@@ -15,6 +15,7 @@ from core.png import png_data_uri, pyplot
 from core.templating import environment
 from registry.audit import AuditEvent, AuditLog, tool_versions
 from registry.client import (
+    PASSED,
     UNVALIDATED,
     RegistryError,
     get_version,
@@ -23,6 +24,7 @@ from registry.client import (
 )
 from registry.config import RegistrySettings
 from registry.queries import attach_to_version, iter_run_artifacts, run_artifact_text
+from registry.trust import verdict_key, version_events, version_status
 
 FORMATS = ("html", "md", "json")
 NOT_VALIDATED = "not validated"
@@ -116,8 +118,12 @@ def build_report(model: str, version: str | int, *, settings: RegistrySettings |
         events = log.events(model=model, version=mv.version, artifact_sha256=sha, job_key=job)
         model_events = log.events(model=model)
         chain = log.verify()
+        backing = version_status(version_events(log, model, mv.version), model, mv.version, verdict_key(),
+                                 artifact_sha256=sha)
     reg = next((e for e in events if e.action == "register" and e.version == str(mv.version)), None)
-    status = mv.tags.get("verdict", UNVALIDATED)
+    tag_status = mv.tags.get("verdict", UNVALIDATED)
+    status = PASSED if backing.ok else backing.status  # the chain's word, never the tag's
+    aliases = list(mv.aliases or [])
     lineage = [
         {"step": "source checkpoint", "sha256": params.get("source_sha256") or mv.tags.get("source_sha256"),
          "detail": params.get("source_model", "")},
@@ -135,8 +141,10 @@ def build_report(model: str, version: str | int, *, settings: RegistrySettings |
     return {
         "schema_version": 1,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "model": model, "version": str(mv.version), "verdict": status,
-        "rejected": mv.tags.get("rejected") == "true", "aliases": list(mv.aliases or []),
+        "model": model, "version": str(mv.version), "verdict": status, "verdict_tag": tag_status,
+        "verdict_backing": backing.reason,
+        "rejected": mv.tags.get("rejected") == "true", "aliases": aliases,
+        "unbacked_aliases": [] if backing.ok else aliases,
         "tags": dict(mv.tags), "run_id": mv.run_id, "params": params, "metrics": metrics,
         "lineage": lineage, "gates": (verdict or {}).get("gates", []), "gate_set": (verdict or {}).get("gate_set"),
         "validation": None if validation is None else {

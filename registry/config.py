@@ -35,8 +35,14 @@ class RegistrySettings:
     def from_env(cls, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> "RegistrySettings":
         """Settings from the environment (or `env`), defaulting to an embedded store under `cwd`."""
         e = os.environ if env is None else env
-        store = Path(e.get("QUANTGATE_STORE_DIR") or (Path(cwd or Path.cwd()) / DEFAULT_STORE_DIR)).resolve()
-        tracking = e.get("QUANTGATE_MLFLOW_URI") or e.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
+        tracking = e.get("QUANTGATE_MLFLOW_URI") or e.get("MLFLOW_TRACKING_URI")
+        if e.get("QUANTGATE_STORE_DIR"):
+            store = Path(e["QUANTGATE_STORE_DIR"]).resolve()
+        elif tracking and tracking.startswith("sqlite:///"):  # a SQLite store keeps its artifacts beside it
+            store = Path(tracking[len("sqlite:///"):]).resolve().parent
+        else:
+            store = (Path(cwd or Path.cwd()) / DEFAULT_STORE_DIR).resolve()
+        tracking = tracking or f"sqlite:///{store / 'mlflow.db'}"
         registry = e.get("MLFLOW_REGISTRY_URI") or tracking
         artifacts = e.get("QUANTGATE_MLFLOW_ARTIFACTS")
         if not artifacts and _is_local_db(tracking):

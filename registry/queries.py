@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 from core.atomic import atomic_write_text
 from core.hashing import file_sha256
+from core.text import one_line
 from registry.audit import AuditLog, iter_jsonl
 from registry.client import (
     RegistryError,
@@ -16,28 +17,64 @@ from registry.client import (
     gguf_artifact_uri,
     mlflow_client,
     resolve,
+    safe_gguf_file,
     sanitize_name,
+    unreachable_as_error,
 )
 from registry.config import RegistrySettings
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _target_inside(root: Path, name: str) -> Path:
+    """root/name, refused when it resolves (an existing symlink followed) anywhere but directly inside root."""
+    target = root / name
+    if target.resolve().parent != root or (target.exists() and not target.is_file()):
+        raise RegistryError(f"download target {one_line(target, 200)} resolves outside {one_line(root, 200)} "
+                            "(or is not a file); refused")
+    return target
+
+
 def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistrySettings | None = None) -> Path:
-    """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it."""
+    """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it.
+
+    The file lands only directly inside out_dir: the `gguf_file` tag must be a plain file name (registry.client.
+    safe_gguf_file), the final path is checked after resolving symlinks, the bytes go to a temp folder inside
+    out_dir, are hashed and fsynced there, and are renamed into place only when the SHA-256 matches the registry's.
+    """
     import mlflow
 
-
     s = settings or RegistrySettings.from_env()
-    client = mlflow_client(s)
-    mv = resolve(client, ref)
+    client = mlflow_client(s, quick=True)
+    with unreachable_as_error(s):
+        mv = resolve(client, ref)
+        name = safe_gguf_file(mv)
+        uri = gguf_artifact_uri(client, mv)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / mv.tags["gguf_file"]
-    with tempfile.TemporaryDirectory(prefix=".quantgate-dl-", dir=out) as tmp:
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=gguf_artifact_uri(client, mv), dst_path=tmp))
+    root = out.resolve()
+    target = _target_inside(root, name)
+    with tempfile.TemporaryDirectory(prefix=".quantgate-dl-", dir=root) as tmp:
+        with unreachable_as_error(s):
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        if got.is_symlink() or not got.is_file() or Path(tmp).resolve() not in got.resolve().parents:
+            raise RegistryError(f"{ref}: the registry's artifact {one_line(name, 200)} is not a plain file; refused")
         sha = file_sha256(got)
         if sha != mv.tags.get("sha256"):
-            raise RegistryError(f"downloaded {got.name} has SHA-256 {sha}, the registry says {mv.tags.get('sha256')}")
+            raise RegistryError(f"downloaded {one_line(got.name, 200)} has SHA-256 {sha}, the registry says "
+                                f"{one_line(mv.tags.get('sha256'), 80)}")
+        _fsync(got)
+        target = _target_inside(root, name)  # again, just before the rename
         os.replace(got, target)
+    _fsync(root, directory=True)
     with AuditLog(s.audit_db_url) as log:
         log.append("download", model=mv.name, version=mv.version, artifact_sha256=sha, job_key=mv.tags.get("job_key"),
                    inputs=[{"role": "model_version", "uri": ref}],
@@ -47,13 +84,15 @@ def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistryS
 
 
 def list_models(settings: RegistrySettings | None = None) -> list[dict[str, Any]]:
-    """Registered models with their aliases and number of versions."""
-    client = mlflow_client(settings or RegistrySettings.from_env())
+    """Registered models with their aliases and number of versions (an unreachable server: one RegistryError)."""
+    s = settings or RegistrySettings.from_env()
+    client = mlflow_client(s, quick=True)
     out = []
-    for rm in client.search_registered_models():
-        versions = client.search_model_versions(f"name='{rm.name}'")
-        out.append({"name": rm.name, "versions": len(versions), "aliases": dict(rm.aliases or {}),
-                    "source_sha256": (rm.tags or {}).get("source_sha256", "")})
+    with unreachable_as_error(s):
+        for rm in client.search_registered_models():
+            versions = client.search_model_versions(f"name='{rm.name}'")
+            out.append({"name": rm.name, "versions": len(versions), "aliases": dict(rm.aliases or {}),
+                        "source_sha256": (rm.tags or {}).get("source_sha256", "")})
     return out
 
 
@@ -66,7 +105,12 @@ def version_info(client: Any, mv: Any) -> dict[str, Any]:
 
 def show(model: str, version: str | None = None, *, settings: RegistrySettings | None = None) -> list[dict]:
     """One version's details, or every version of a model (oldest first)."""
-    client = mlflow_client(settings or RegistrySettings.from_env())
+    s = settings or RegistrySettings.from_env()
+    with unreachable_as_error(s):
+        return _show(mlflow_client(s, quick=True), model, version)
+
+
+def _show(client: Any, model: str, version: str | None) -> list[dict]:
     if version is not None:
         return [version_info(client, get_version(client, model, version))]
     versions = client.search_model_versions(f"name='{model}'")

@@ -29,6 +29,7 @@ from registry.client import (
     UNVALIDATED,
     PromotionRefused,
     RegistryError,
+    VerdictRefused,
     default_model_name,
     get_version,
     mlflow_client,
@@ -36,6 +37,15 @@ from registry.client import (
 )
 from registry.config import RegistrySettings
 from registry.facts import GGUFFacts, _metrics, _params, gguf_facts
+from registry.trust import (
+    Backing,
+    check_verdict,
+    sign_registration,
+    verdict_digest,
+    verdict_key,
+    version_events,
+    version_status,
+)
 
 CLAIM_STALE_SECONDS = float(os.environ.get("QUANTGATE_CLAIM_STALE_SECONDS", "900"))
 
@@ -184,13 +194,22 @@ def register_gguf(
     status = verdict_status(verdict)
     key = sha256_text(f"{name}\n{f.sha256}\n{f.job_key}")
     with AuditLog(s.audit_db_url) as log:
+        backing = None
+        if verdict is not None:
+            backing = check_verdict(verdict, log.events(artifact_sha256=f.sha256), verdict_key())
+            if not backing.ok:
+                why = f"the verdict for {f.path.name} is not backed by quantgate's validation: {backing.reason}"
+                log.append("refuse", model=name, artifact_sha256=f.sha256, job_key=f.job_key,
+                           config={"action": "register", "verdict_sha256": verdict_digest(verdict),
+                                   "claimed": status, "reason": backing.reason}, verdict=status, detail=why)
+                raise VerdictRefused(f"refused to register {f.path.name} as {name}: {why}")
         claim = _claim(log, key, name, f.sha256, f.job_key, wait_timeout)
         if not claim.mine:
             return RegisteredVersion(name, str(claim.version), str(claim.run_id), f.sha256, f.job_key,
                                      _version_verdict(s, name, str(claim.version)), False,
                                      f"models:/{name}/{claim.version}")
         try:
-            rv = _create_version(s, log, f, name, status, verdict, rep, dict(extra_params or {}))
+            rv = _create_version(s, log, f, name, status, verdict, rep, dict(extra_params or {}), backing)
         except BaseException:
             _settle_claim(log, key, None, None)
             raise
@@ -203,7 +222,8 @@ def _version_verdict(s: RegistrySettings, name: str, version: str) -> str:
 
 
 def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str, status: str,
-                    verdict: Verdict | None, rep: Mapping[str, Path], extra: dict[str, Any]) -> RegisteredVersion:
+                    verdict: Verdict | None, rep: Mapping[str, Path], extra: dict[str, Any],
+                    backing: Backing | None = None) -> RegisteredVersion:
     client = mlflow_client(s)
     existing = _find_existing(client, name, f.sha256, f.job_key)
     if existing is not None:  # made by a worker that died before settling its claim
@@ -242,15 +262,22 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
     mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, tags=tags,
                                      model_id=info.model_id,
                                      description=f"{f.path.name} ({f.precision}), verdict: {status}")
+    digest = verdict_digest(verdict) if verdict is not None else None
+    vkey = verdict_key()
+    trust_cfg: dict[str, Any] = {"verdict_sha256": digest,
+                                 "validate_event": backing.event.hash if backing and backing.event else None}
+    if vkey is not None and digest is not None:
+        trust_cfg["signature"] = sign_registration(vkey, name, str(mv.version), f.sha256, digest, status)
     ev = log.append("register", model=name, version=mv.version, artifact_sha256=f.sha256, job_key=f.job_key,
                     inputs=[{"role": "gguf", "path": str(f.path), "sha256": f.sha256, "bytes": f.nbytes}]
                     + [{"role": r, "path": str(p), "sha256": _sha(p)} for r, p in rep.items()],
                     outputs=[{"role": "model_version", "uri": f"models:/{name}/{mv.version}",
                               "run_id": run.info.run_id, "sha256": f.sha256}],
                     config={"recipe": f.recipe, "source_sha256": f.source_sha256, "gate_set": tags["gate_set"],
-                            "tracking_uri": s.tracking_uri},
+                            "tracking_uri": s.tracking_uri, **trust_cfg},
                     verdict=status, detail=f"registered {f.path.name} as {name} v{mv.version}")
     client.set_model_version_tag(name, mv.version, "audit_event_hash", ev.hash)
+    client.set_tag(run.info.run_id, "quantgate.audit_event_hash", ev.hash)  # a second anchor, on the run
     _log_audit_excerpt(client, log, run.info.run_id, name, str(mv.version), f)
     return RegisteredVersion(name, str(mv.version), run.info.run_id, f.sha256, f.job_key, status, True,
                              f"models:/{name}/{mv.version}")
@@ -301,19 +328,27 @@ def _requirements() -> list[str]:
 
 def promote(model: str, version: str | int, alias: str, *, settings: RegistrySettings | None = None,
             reason: str = "") -> Any:
-    """Point `alias` at a version that passed the gate; refuse (and audit the refusal) for any other version."""
+    """Point `alias` at a version that passed the gate; refuse (and audit the refusal) for any other version.
+
+    "Passed" is what the audit chain says (registry.trust.version_status: the version's register event, backed by
+    quantgate's own passing validate event), never the version's `verdict` tag, which anyone with MLflow access
+    can set."""
     s = settings or RegistrySettings.from_env()
     if not _ALIAS_RE.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
         raise RegistryError(f"invalid alias {alias!r}: letters, digits, '_' and '-', not 'latest' or v<number>")
     client = mlflow_client(s)
     mv = get_version(client, model, version)
-    status = mv.tags.get("verdict", UNVALIDATED)
     sha, job = mv.tags.get("sha256"), mv.tags.get("job_key")
     with AuditLog(s.audit_db_url) as log:
-        if status != PASSED:
-            why = f"version {mv.version} of {model} is {status}: only a version whose validation passed gets an alias"
+        backing = version_status(version_events(log, model, mv.version), model, mv.version, verdict_key(),
+                                 artifact_sha256=sha)
+        status = PASSED if backing.ok else backing.status
+        if not backing.ok:
+            why = (f"version {mv.version} of {model} is {status} in the audit chain ({backing.reason}): only a "
+                   "version whose validation passed gets an alias")
             log.append("refuse", model=model, version=mv.version, artifact_sha256=sha, job_key=job,
-                       config={"alias": alias, "reason": reason}, verdict=status, detail=why)
+                       config={"alias": alias, "reason": reason, "tag_verdict": mv.tags.get("verdict"),
+                               "why": backing.reason}, verdict=status, detail=why)
             raise PromotionRefused(f"refused to set alias {alias!r}: {why}")
         try:
             previous = client.get_model_version_by_alias(model, alias).version

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,11 @@ DEFAULT_MAX_TOKENS = 512
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt",)
 SCHEMA_FIELDS = ("id", "category", "text", "source")
+#: Hard limits (DatasetError, checked before the text is split or tokenized): calibration and evaluation sets are
+#: a few MB of samples of a few thousand characters. A 40 MB one-line file used to take 5.7 GB.
+MAX_DATASET_BYTES = 64 * 1024 * 1024
+MAX_SAMPLE_CHARS = 200_000      # one sample (one JSONL line, or one paragraph); DEFAULT_MAX_CHARS is the soft check
+MAX_SAMPLES = 200_000
 
 
 class DatasetError(QuantGateError, ValueError):
@@ -112,16 +119,61 @@ def canonical_sha256(samples: Sequence[Sample]) -> str:
     return h.hexdigest()
 
 
-def _read_text(path: Path) -> str:
-    """The file's text as UTF-8 (a BOM is allowed), or DatasetError."""
+def _read_text(path: Path, max_bytes: int) -> str:
+    """The file's text as UTF-8 (a BOM is allowed), or DatasetError: only regular files (a FIFO or device is refused
+    before any blocking read: O_NONBLOCK open + fstat), at most max_bytes bytes."""
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
-    if not path.is_file():
-        raise DatasetError(f"dataset is not a file: {path}")
     try:
-        return path.read_text(encoding="utf-8-sig")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DatasetError(f"cannot open dataset {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DatasetError(f"dataset is not a file: {path} (only regular files are read: no folder, FIFO or device)")
+        if st.st_size > max_bytes:
+            raise DatasetError(f"dataset {path} has {st.st_size} bytes, more than the {max_bytes} allowed")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = f.read(max_bytes + 1)
+    finally:
+        if fd != -1:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise DatasetError(f"dataset {path} grew past the {max_bytes} bytes allowed while being read")
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DatasetError(f"dataset is not UTF-8 text: {path} (byte {e.start})") from None
+
+
+def _check_lines(path: Path, raw: str, max_sample_chars: int) -> None:
+    """Refuse a line longer than a sample may be, before it is parsed or split into words (JSON escapes and the
+    other fields get 2x + 4096 characters of room)."""
+    limit = 2 * max_sample_chars + 4096
+    start = 0
+    n = len(raw)
+    lineno = 1
+    while start < n:
+        end = raw.find("\n", start)
+        if end == -1:
+            end = n
+        if end - start > limit:
+            raise DatasetError(f"dataset {path}: line {lineno} has {end - start} characters, more than a sample "
+                               f"may have ({max_sample_chars} characters)")
+        start = end + 1
+        lineno += 1
+
+
+def _check_rows(path: Path, rows: list[tuple[int, "Sample"]], max_sample_chars: int, max_samples: int) -> None:
+    if len(rows) > max_samples:
+        raise DatasetError(f"dataset {path} has {len(rows)} samples, more than the {max_samples} allowed")
+    for lineno, s in rows:
+        if len(s.text) > max_sample_chars:
+            raise DatasetError(f"dataset {path}: sample {s.id[:80]!r} (line {lineno}) has {len(s.text)} characters, "
+                               f"more than the {max_sample_chars} allowed")
 
 
 def _parse_jsonl(path: Path, raw: str, strict_schema: bool) -> tuple[list[tuple[int, Sample]], list[Problem]]:
@@ -216,22 +268,32 @@ def _content_problems(rows: list[tuple[int, Sample]], max_chars: int,
 
 def load_dataset(path: str | Path, *, max_chars: int = DEFAULT_MAX_CHARS,
                  tokenizer: Callable[[str], Sequence[int]] | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 one_per_line: bool = False, strict_schema: bool = False) -> Dataset:
+                 one_per_line: bool = False, strict_schema: bool = False,
+                 max_bytes: int | None = None, max_sample_chars: int | None = None,
+                 max_samples: int | None = None) -> Dataset:
     """Read a .jsonl/.ndjson or .txt dataset; raise DatasetError when unusable, list every other problem.
 
     Over-long means more than max_chars characters, or more than max_tokens tokens when `tokenizer`
-    (a callable text -> token ids, e.g. a SentencePiece processor's encode) is given.
+    (a callable text -> token ids, e.g. a SentencePiece processor's encode) is given: a problem, not an error.
+    Hard limits raise DatasetError before the text is split or tokenized: file bytes (max_bytes, default
+    MAX_DATASET_BYTES), characters of one sample (max_sample_chars, MAX_SAMPLE_CHARS) and samples (max_samples,
+    MAX_SAMPLES).
     """
+    max_bytes = MAX_DATASET_BYTES if max_bytes is None else max_bytes
+    max_sample_chars = MAX_SAMPLE_CHARS if max_sample_chars is None else max_sample_chars
+    max_samples = MAX_SAMPLES if max_samples is None else max_samples
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in JSONL_SUFFIXES + TEXT_SUFFIXES:
         raise DatasetError(f"unsupported dataset format {suffix or '(no extension)'!r}: {p} "
                            f"(use {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)})")
-    raw = _read_text(p)
+    raw = _read_text(p, max_bytes)
+    _check_lines(p, raw, max_sample_chars)
     if suffix in JSONL_SUFFIXES:
         rows, problems = _parse_jsonl(p, raw, strict_schema)
     else:
         rows, problems = _parse_txt(p, raw, one_per_line), []
+    _check_rows(p, rows, max_sample_chars, max_samples)
     problems += _content_problems(rows, max_chars, tokenizer, max_tokens)
     problems.sort(key=lambda q: (q.line if q.line is not None else 0))
     samples = [s for _, s in rows]

@@ -14,8 +14,9 @@ from typing import Any, Iterator, Mapping
 from celery import Task
 
 from core.errors import QuantGateError
-from quantgate import jobs
+from quantgate import jobs, lease
 from quantgate.broker import app
+from quantgate.config import load_settings
 from quantgate.dispatch import job_status, load_manifest, submit  # noqa: F401 (callers holding this module)
 
 _log = logging.getLogger(__name__)
@@ -87,6 +88,16 @@ def transient_guard() -> Iterator[None]:
         raise
 
 
+def _check(spec: jobs.JobSpec, *artifacts: Any) -> None:
+    """Refuse a job touching paths outside this worker's model roots / workdir (JobPathError: FAILURE, no retry);
+    settings are read per task so a worker follows QUANTGATE_MODEL_ROOTS / QUANTGATE_WORKDIR."""
+    settings = load_settings()
+    jobs.check_job_paths(spec, settings)
+    for art in artifacts:
+        if isinstance(art, Mapping) and art.get("path"):
+            jobs.check_write_path(art["path"], settings, "artifact")
+
+
 class QuantgateTask(Task):
     """Base task: autoretry transient errors with backoff, never bad input; throttled PROGRESS reports."""
 
@@ -98,6 +109,26 @@ class QuantgateTask(Task):
     max_retries = 5
     acks_late = True
     reject_on_worker_lost = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body under the task's lease (quantgate.lease): a copy of a task that a live worker is still
+        running waits for it, then returns its stored result; a dead owner's lease expires and the copy runs."""
+        gate = lease.TaskLease.for_task(self)
+        if gate is None:
+            return super().__call__(*args, **kwargs)
+        waited = gate.acquire()
+        try:
+            if waited > 0 or (self.request.delivery_info or {}).get("redelivered"):
+                meta: Mapping[str, Any] = {}
+                with contextlib.suppress(Exception):   # backend unreachable: just run (every task is idempotent)
+                    meta = self.backend.get_task_meta(self.request.id)
+                if meta.get("status") == "SUCCESS":
+                    _log.warning("%s already finished on another worker (waited %.1f s): returning its result",
+                                 self.request.id, waited)
+                    return meta.get("result")
+            return super().__call__(*args, **kwargs)
+        finally:
+            gate.release()
 
     def progress_fn(self, stage: str, min_interval: float = 0.5):
         """A (done, total, stage) callback that records PROGRESS meta at most every `min_interval` seconds."""
@@ -129,6 +160,7 @@ def profile(self: QuantgateTask, model: str, workdir: str, options: Mapping[str,
             ) -> dict[str, Any]:
     """Sensitivity profile of the source model (cached by its SHA-256 and the profile options)."""
     self.report("profile", 0, 1)
+    _check(jobs.JobSpec(model=model, mixes=(), workdir=workdir, profile_options=dict(options or {})))
     with transient_guard():
         return jobs.profile_step(model, workdir=workdir, options=options)
 
@@ -143,6 +175,7 @@ def quantize(self: QuantgateTask, model: str, mix: str, workdir: str, name: str 
     spec = jobs.JobSpec(model=model, mixes=(mix,), workdir=workdir, model_name=name,
                         profile_options=dict(a.get("profile_options") or {}),
                         auto_target=a.get("auto_target") or jobs.DEFAULT_AUTO_TARGET)
+    _check(spec)
     with transient_guard():
         art = jobs.quantize_for(spec, mix, on_progress=self.progress_fn("quantize"))
     return {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": None, "version": None}
@@ -153,6 +186,8 @@ def validate(self: QuantgateTask, record: dict[str, Any], baseline: str, gates: 
              dataset: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the validation gate on the record's artifact; returns the record with its verdict."""
     self.report("validate", 0, 1)
+    _check(jobs.JobSpec(model=baseline, mixes=(), workdir=str(load_settings().workdir), dataset=dataset),
+           record.get("artifact"))
     with transient_guard():
         verdict = jobs.validate_step(record["artifact"], baseline=baseline, gates=gates, dataset=dataset,
                                      options=options, on_progress=self.progress_fn("validate"))
@@ -163,6 +198,9 @@ def validate(self: QuantgateTask, record: dict[str, Any], baseline: str, gates: 
 def register(self: QuantgateTask, record: dict[str, Any], model_name: str | None = None) -> dict[str, Any]:
     """Register the record's artifact (and verdict) in the model registry; idempotent."""
     self.report("register", 0, 1)
+    artifact = record.get("artifact")
+    if isinstance(artifact, Mapping) and artifact.get("path"):
+        jobs.check_write_path(artifact["path"], load_settings(), "artifact")
     with transient_guard():
         version = jobs.register_step(record["artifact"], record.get("verdict"), model_name=model_name)
     return {**record, "version": version}
@@ -171,6 +209,7 @@ def register(self: QuantgateTask, record: dict[str, Any], model_name: str | None
 @app.task(bind=True, base=QuantgateTask, name="quantgate.collect")
 def collect(self: QuantgateTask, records: list[dict[str, Any]], model: str) -> dict[str, Any]:
     """Chord callback: the job's result, in the same shape as jobs.run_job's."""
+    jobs.check_read_path(model, load_settings(), "model")
     with transient_guard():
         ident = jobs.source_identity(model)
     return {"model": model, "source_sha256": ident["sha256"], "results": list(records)}

@@ -8,6 +8,7 @@ A file that cannot be parsed at all (missing, not GGUF, truncated, corrupt tenso
   structural:sha256        the file's SHA-256 equals the expected one (manifest / registry record), when given
   structural:derived_from  the candidate comes from the baseline's weights, when a baseline is given: same source
                            file, same weights fingerprint, or every tensor within its type's error (LINEAGE.md)
+  structural:tokenizer     tokenizer KVs and chat template equal the baseline's, when a baseline is given
 """
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ import numpy as np
 from core.errors import CheckpointError, GGUFFormatError, QuantGateError
 from core.hashing import file_sha256
 from core.records import GateResult
+from core.text import one_line
 from quant.api import dequantize
 from quant.fingerprint import weights_fingerprint
 from quant.formats import QTYPES
 from quant.gguf_reader import read_gguf
+from quant.loaders import open_checkpoint
 from quant.mixes import _FALLBACK, PRECISIONS
+from quant.model_plan import plan_model
 from quant.verify import LLAMA_FTYPES, UNQUANTIZED_TYPES, verify_gguf
 from validation.evaluate import model_sha256
 from validation.tensor_error import weights_lineage
@@ -266,6 +270,99 @@ def derived_from_gate(facts: CandidateFacts, baseline: "str | os.PathLike[str]",
     return res
 
 
+#: the tokenizer KVs that decide what text a model sees and emits (tokenizer.ggml.pre is left out: it may be
+#: overridden at conversion with --tokenizer-pre and only picks the pre-tokenizer regex for BPE vocabularies)
+TOKENIZER_FIELDS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.bos_token_id",
+                    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")
+
+
+def baseline_tokenizer_kv(baseline: "str | os.PathLike[str]") -> dict[str, Any]:
+    """The baseline's tokenizer KVs ({key: value}, only TOKENIZER_FIELDS): a GGUF's own, or for an HF checkpoint
+    the ones quantgate's converter writes for it (quant.tokenizer_gguf.tokenizer_kvs via plan_model)."""
+    with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt:
+        if ckpt.kind == "gguf":
+            kvs = ckpt.gguf_kv
+        else:
+            tok = plan_model(ckpt).tokenizer
+            kvs = tok.kv if tok is not None else []
+    return {kv.key: kv.value for kv in kvs if kv.key in TOKENIZER_FIELDS}
+
+
+def _plain(v: Any) -> Any:
+    """Arrays as lists, and GGUFWriter's bytes strings (how the converter holds SentencePiece pieces) as str."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode("utf-8", errors="surrogateescape")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _first_difference(key: str, cand: Any, base: Any) -> str | None:
+    """None when equal; else what differs, without quoting more than a short excerpt of either value."""
+    if cand is None or base is None:
+        if cand is None and base is None:
+            return None
+        return f"{key} is {'missing from the candidate' if cand is None else 'absent from the baseline'}"
+    cand, base = _plain(cand), _plain(base)
+    if key == "tokenizer.ggml.scores" and isinstance(cand, list) and isinstance(base, list):
+        try:  # bit-for-bit as float32 (the type GGUF stores them in)
+            a, b = np.asarray(cand, np.float32).view(np.uint32), np.asarray(base, np.float32).view(np.uint32)
+        except (TypeError, ValueError):
+            return f"{key} is not an array of numbers"
+        if a.shape != b.shape:
+            return f"{key} has {a.size} entries, the baseline {b.size}"
+        diff = np.flatnonzero(a != b)
+        return None if not diff.size else f"{key} differs from the baseline's at index {int(diff[0])}"
+    if isinstance(cand, list) and isinstance(base, list):
+        if len(cand) != len(base):
+            return f"{key} has {len(cand)} entries, the baseline {len(base)}"
+        i = next((i for i, (x, y) in enumerate(zip(cand, base)) if x != y), None)
+        if i is None:
+            return None
+        return f"{key} differs from the baseline's at index {i}: {one_line(repr(cand[i]))[:40]} vs " \
+               f"{one_line(repr(base[i]))[:40]}"
+    if type(cand) is not type(base) and not (isinstance(cand, (int, float)) and isinstance(base, (int, float))
+                                             and not isinstance(cand, bool) and not isinstance(base, bool)):
+        return f"{key} has type {type(cand).__name__}, the baseline {type(base).__name__}"
+    if cand != base:
+        return f"{key} differs from the baseline's ({one_line(repr(cand))[:40]} vs {one_line(repr(base))[:40]})"
+    return None
+
+
+def tokenizer_gate(candidate_meta: dict[str, Any], baseline: "str | os.PathLike[str]") -> GateResult:
+    """structural:tokenizer: the candidate's tokenizer (model, tokens, types, merges, scores, special ids, add_bos,
+    chat template) equals the baseline's. Scoring tokenizes with the baseline, so a tampered vocabulary or chat
+    template would otherwise pass every metric gate; fails on the first differing field."""
+    res = GateResult(name="structural:tokenizer", kind="structural", comparator="==", threshold=0.0)
+    try:
+        base = baseline_tokenizer_kv(baseline)
+    except QuantGateError as e:
+        base, why = None, one_line(str(e))
+    problems: list[str] = []
+    if base is None:
+        problems.append(f"cannot read the baseline's tokenizer to compare: {why}")
+    else:
+        for key in TOKENIZER_FIELDS:
+            d = _first_difference(key, candidate_meta.get(key), base.get(key))
+            if d is not None:
+                problems.append(d)
+    res.passed = not problems
+    res.value = float(len(problems))
+    if problems:
+        res.detail = problems[0] + (f" (+{len(problems) - 1} more differing fields)" if len(problems) > 1 else "")
+    else:
+        n = len(base.get("tokenizer.ggml.tokens") or []) if base else 0
+        res.detail = (f"tokenizer identical to the baseline's ({n} tokens, {len(base)} fields compared)" if base
+                      else "neither the candidate nor the baseline carries a tokenizer")
+    return res
+
+
 def read_metadata(path: "str | os.PathLike[str]") -> dict[str, Any]:
     """The GGUF's KVs as {key: value} (arrays as lists)."""
 
@@ -289,9 +386,11 @@ def structural_gates(candidate: "str | os.PathLike[str]", *, baseline: "str | os
 
             baseline_sha256 = model_sha256(baseline)
         gates.append(derived_from_gate(facts, baseline, baseline_sha256))
+    if baseline is not None:
+        gates.append(tokenizer_gate(meta, baseline))
     return facts, gates
 
 
 __all__ = ["CandidateFacts", "inspect_candidate", "verify_gate", "count_non_finite", "finite_gate",
            "file_type_gate", "expected_sha256", "sha256_gate", "derived_from_gate", "read_metadata",
-           "structural_gates"]
+           "structural_gates", "tokenizer_gate", "baseline_tokenizer_kv", "TOKENIZER_FIELDS"]

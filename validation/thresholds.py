@@ -17,6 +17,7 @@ from typing import Any, Callable
 from core.errors import QuantGateError
 from core.hashing import canonical_json, sha256_text
 from core.records import GateResult
+from core.safe_yaml import YAMLLimitError, load_yaml_file
 from validation.metrics import Metrics
 
 COMPARATORS: dict[str, Callable[[float, float], bool]] = {
@@ -138,15 +139,15 @@ def gates_from_config(cfg: Any, name: str = "gates") -> GateSet:
 
 def load_gates(path: "str | os.PathLike[str]") -> GateSet:
     """Read a gate set from a YAML file (gates.yaml, or params.yaml with a `validate.gates` key)."""
-    import yaml
-
     p = Path(path)
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+        cfg = load_yaml_file(p, "gate file")  # no anchors/aliases, size-capped, regular files only
     except FileNotFoundError:
         raise GateSpecError(f"gate file not found: {p}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise GateSpecError(f"cannot read gate file {p}: {e}") from None
+    except YAMLLimitError as e:
+        raise GateSpecError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GateSpecError(f"cannot read gate file {p}: {getattr(e, 'strerror', None) or e}") from None
     return gates_from_config(cfg, name=p.stem)
 
 

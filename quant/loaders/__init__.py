@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from core.errors import CheckpointError
-from quant.loaders.base import Checkpoint, SourceTensor
+from quant.loaders.base import Checkpoint, SourceTensor, check_regular, open_regular
 
 __all__ = ["Checkpoint", "SourceTensor", "open_checkpoint"]
 
@@ -14,7 +14,7 @@ _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 def _sniff(path: Path) -> str | None:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(9)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file: {e.strerror or e}") from None
@@ -58,6 +58,8 @@ def open_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bool = 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
+    if not p.is_dir():
+        check_regular(p)  # a FIFO would block the first read forever, a device never ends
     kind, target = _kind_of(p)
     if kind == "safetensors":
         from quant.loaders.safetensors_src import (

@@ -1,15 +1,53 @@
 """What every checkpoint loader returns: lazily-read tensors plus the source's metadata and identity."""
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import BinaryIO, Callable, Literal
 
 import numpy as np
 
 from quant.gguf_kv import KV
 
 SourceKind = Literal["safetensors", "torch", "gguf"]
+
+
+def check_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> None:
+    """Refuse a path that is not a regular file (FIFO, device, socket) without opening it: opening a FIFO blocks
+    until a writer appears, reading /dev/zero never ends. Symlinks are followed (their target must be regular).
+    Missing files raise FileNotFoundError (callers word that themselves)."""
+    from core.errors import CheckpointError
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: {what} is not a regular file ({_kind(st.st_mode)}); refused")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def open_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> BinaryIO:
+    """Open a regular file for binary reading, race-free: O_NONBLOCK so a FIFO swapped in after a stat cannot block
+    the open, then fstat on the opened descriptor; anything but a regular file raises CheckpointError."""
+    from core.errors import CheckpointError
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: {what} is not a regular file ({_kind(st.st_mode)}); refused")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Registry and audit commands: models list|show|download, register, promote, audit verify|export, report."""
+"""Registry and audit commands: models list|show|download|check, register, promote, audit verify|export, report."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +12,7 @@ import typer
 from quantgate.cli_app import app, console, err_console, fail, handle_errors
 
 F = TypeVar("F", bound=Callable)
-models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, show, download.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, show, download, check.")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit trail: verify, export.")
 app.add_typer(models_app, name="models")
 app.add_typer(audit_app, name="audit")
@@ -69,11 +69,16 @@ def register(
 ) -> None:
     """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one."""
     from core.records import QuantizedArtifact, Verdict, load_record
+    from registry.client import VerdictRefused
     from registry.registration import register_gguf
 
-    rv = register_gguf(gguf, settings=_settings(), verdict=load_record(Verdict, verdict) if verdict else None,
-                       artifact=load_record(QuantizedArtifact, artifact) if artifact else None, reports=_parse_reports(report),
-                       model_name=model_name, source_name=source_name)
+    try:
+        rv = register_gguf(gguf, settings=_settings(), verdict=load_record(Verdict, verdict) if verdict else None,
+                           artifact=load_record(QuantizedArtifact, artifact) if artifact else None,
+                           reports=_parse_reports(report), model_name=model_name, source_name=source_name)
+    except VerdictRefused as e:
+        fail(str(e), 1)
+        return
     if as_json:
         print(json.dumps(rv.to_dict(), indent=2, sort_keys=True))
         return
@@ -162,22 +167,59 @@ def models_download(
     console.print(f"downloaded {ref} to {path}", highlight=False)
 
 
+def _registry_check(settings, events):
+    from registry.trust import check_registry, verdict_key
+
+    return check_registry(settings, events, verdict_key())
+
+
+def _print_findings(check) -> None:
+    for f in check.findings:
+        err_console.print(f"[red]{f.kind}[/] {f.model} v{f.version}: {f.message}", highlight=False, soft_wrap=True)
+    console.print(check.summary(), highlight=False)
+
+
+@models_app.command("check")
+@_registry_errors
+def models_check(as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
+    """Check MLflow against the audit chain: every alias on a version whose validation passed (per the chain, not
+    tags), every version's audit_event_hash anchor in the chain. Reads only; exit 1 when anything is not backed."""
+    from registry.audit import read_only_verify
+
+    s = _settings()
+    _, events = read_only_verify(s.audit_db_url)
+    check = _registry_check(s, events)
+    if as_json:
+        print(json.dumps(check.to_dict(), indent=2, sort_keys=True))
+    else:
+        _print_findings(check)
+    raise typer.Exit(0 if check.ok else 1)
+
+
 @audit_app.command("verify")
 @_registry_errors
-def audit_verify(as_json: bool = typer.Option(False, "--json", help="Machine-readable output")) -> None:
-    """Recompute the audit chain; list every edited, deleted, inserted or reordered event; exit 1 if tampered."""
-    from registry.audit import AuditLog
+def audit_verify(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+    chain_only: bool = typer.Option(False, "--chain-only", help="Skip the MLflow cross-check (`models check`)"),
+) -> None:
+    """Recompute the audit chain (read-only); list every edited, deleted, inserted or reordered event; cross-check
+    MLflow (aliases on unvalidated versions, anchors the chain lacks); exit 1 if anything is wrong."""
+    from registry.audit import read_only_verify
 
-    with AuditLog(_settings().audit_db_url) as log:
-        rep = log.verify()
+    s = _settings()
+    rep, events = read_only_verify(s.audit_db_url)
+    check = None if chain_only else _registry_check(s, events)
+    ok = rep.ok and (check is None or check.ok)
     if as_json:
-        print(json.dumps(rep.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps(rep.to_dict() | ({"registry": check.to_dict()} if check else {}), indent=2, sort_keys=True))
     else:
         for p in rep.problems:
             err_console.print(f"[red]{p.kind}[/] at position {p.position}: {p.message}", highlight=False,
                               soft_wrap=True)
         console.print(rep.summary(), highlight=False)
-    raise typer.Exit(0 if rep.ok else 1)
+        if check is not None:
+            _print_findings(check)
+    raise typer.Exit(0 if ok else 1)
 
 
 @audit_app.command("export")

@@ -18,12 +18,10 @@ app.add_typer(stage_app, name="stage")
 
 
 def read_params(path: Path) -> dict[str, Any]:
-    """params.yaml as a dict ({} when the file is absent)."""
-    if not path.is_file():
-        return {}
-    import yaml
+    """params.yaml as a dict ({} when the file is absent); anchors/aliases and oversized files are refused."""
+    from quantgate.config import read_params_file
 
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return read_params_file(path)
 
 
 def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workdir: Optional[Path],
@@ -203,6 +201,14 @@ def worker(
     s = load_settings()
     if s.embedded:
         fail("no broker configured (QUANTGATE_BROKER_URL is empty or memory://): a worker needs Redis")
+    from core.errors import QuantGateError
+
+    try:
+        from quantgate.broker import check_settings  # raises on import too: the app is configured there
+
+        check_settings(s)
+    except QuantGateError as e:
+        fail(str(e))
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", "quantgate",
             "--concurrency", str(concurrency or s.worker_concurrency), "--loglevel", loglevel,
             "--hostname", hostname or "quantgate@%h", "--without-gossip", "--without-mingle"]

@@ -186,11 +186,19 @@ def test_requantize_guard():
 
 def test_hf_plan_types(tmp_path):
     """HF sources: 1-D tensors stay F32 (as convert_hf_to_gguf writes them) whatever the source dtype."""
+    block = {"input_layernorm": (256,), "post_attention_layernorm": (256,), "self_attn.q_proj": (256, 256),
+             "self_attn.k_proj": (64, 256), "self_attn.v_proj": (64, 256), "self_attn.o_proj": (256, 256),
+             "mlp.gate_proj": (512, 256), "mlp.up_proj": (512, 256), "mlp.down_proj": (256, 512)}
     ck = Checkpoint(tmp_path, "safetensors", [], [
         SourceTensor("model.norm.weight", (256,), "BF16", lambda: np.zeros(256, np.float32)),
         SourceTensor("model.embed_tokens.weight", (512, 256), "BF16", lambda: np.zeros((512, 256), np.float32)),
-    ], config={"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": 256,
-               "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 512})
+    ] + [SourceTensor(f"model.layers.0.{k}.weight", s, "BF16", lambda s=s: np.zeros(s, np.float32))  # a complete
+         for k, s in block.items()],                                                                # model
+        config={"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": 256,
+                "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 512})
     plan = plan_model(ck)
-    assert tensor_types(plan, "BF16") == {"output_norm.weight": "F32", "token_embd.weight": "BF16"}
-    assert tensor_types(plan, "Q8_0") == {"output_norm.weight": "F32", "token_embd.weight": "Q8_0"}
+    bf16, q8 = tensor_types(plan, "BF16"), tensor_types(plan, "Q8_0")
+    assert {k: bf16[k] for k in ("output_norm.weight", "token_embd.weight", "blk.0.attn_norm.weight")} == {
+        "output_norm.weight": "F32", "token_embd.weight": "BF16", "blk.0.attn_norm.weight": "F32"}
+    assert {k: q8[k] for k in ("output_norm.weight", "token_embd.weight", "blk.0.attn_norm.weight")} == {
+        "output_norm.weight": "F32", "token_embd.weight": "Q8_0", "blk.0.attn_norm.weight": "F32"}

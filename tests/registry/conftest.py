@@ -26,6 +26,15 @@ def make_verdict(art: QuantizedArtifact, passed: bool) -> Verdict:
                    metrics={"kl_mean": kl, "top1_agreement": 0.96}, created_at="2026-01-01T00:00:00Z")
 
 
+def validated(verdict: Verdict, db_url: str) -> Verdict:
+    """Record the "validate" event quantgate's gate appends (registry.trust.record_validation), so registration
+    finds the verdict backed by the audit chain; returns the verdict."""
+    from registry.trust import record_validation
+
+    record_validation(verdict, db_url=db_url)
+    return verdict
+
+
 def make_validation_json(art: QuantizedArtifact, baseline: Path, out: Path) -> Path:
     """An EvalReport-shaped JSON: real per-tensor errors (validation.tensor_error) and fabricated per-category
     metrics (the evaluator's numbers are not needed to test the registry)."""
@@ -85,6 +94,8 @@ def store(tmp_path_factory, tiny_artifacts) -> Store:
         record_event("quantize", db_url=settings.audit_db_url, artifact_sha256=art.sha256, job_key=art.job_key,
                      inputs=[{"role": "source", "path": art.source, "sha256": art.source_sha256}],
                      outputs=[art.path], config=art.recipe.__dict__, detail=f"quantized to {art.recipe.precision}")
+    validated(vp, settings.audit_db_url)
+    validated(vf, settings.audit_db_url)
     passing = register_gguf(q4.path, settings=settings, verdict=vp, artifact=q4,
                             reports={"validation_json": vjson})
     failing = register_gguf(q8.path, settings=settings, verdict=vf, artifact=q8)

@@ -222,9 +222,11 @@ def test_cli_audit_verify_exits_1_and_names_the_position(tmp_path, monkeypatch):
     log, db = _sqlite_log(tmp_path)
     log.close()
     monkeypatch.setenv("QUANTGATE_AUDIT_DB_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("QUANTGATE_MLFLOW_URI", f"sqlite:///{tmp_path / 'no-mlflow' / 'mlflow.db'}")  # chain only
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     runner = CliRunner()
     r = runner.invoke(app, ["audit", "verify"])
-    assert r.exit_code == 0 and "intact: 6 events" in r.output
+    assert r.exit_code == 0 and "intact: 6 events" in r.output, r.output
     _raw(db, "DELETE FROM quantgate_audit_events WHERE seq = 4")
     r = runner.invoke(app, ["audit", "verify", "--json"])
     assert r.exit_code == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry.conftest import make_verdict
+from tests.registry.conftest import make_verdict, validated
 
 
 def _free_port() -> int:
@@ -71,6 +71,8 @@ def test_register_promote_download_through_mlflow_server(mlflow_server, tiny_art
     _, _, q4, q8 = tiny_artifacts
     s = RegistrySettings.from_env(env={"QUANTGATE_MLFLOW_URI": mlflow_server, "QUANTGATE_STORE_DIR": str(tmp_path)})
     assert s.artifact_location is None and s.audit_db_url.startswith("sqlite:///")
+    for art, passed in ((q4, True), (q8, False)):
+        validated(make_verdict(art, passed), s.audit_db_url)
     ok = register_gguf(q4.path, settings=s, verdict=make_verdict(q4, True), artifact=q4, model_name="served")
     bad = register_gguf(q8.path, settings=s, verdict=make_verdict(q8, False), artifact=q8, model_name="served")
     again = register_gguf(q4.path, settings=s, verdict=make_verdict(q4, True), artifact=q4, model_name="served")

@@ -165,7 +165,7 @@ def test_audit_export_writes_jsonl_and_attaches_it(store, cli, tmp_path):
     r = cli("audit", "export", "--model", store.model, "--version", store.passing.version, "--out", str(out))
     assert r.exit_code == 0, r.output
     events = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [e["action"] for e in events][:2] == ["quantize", "register"]
+    assert [e["action"] for e in events][:3] == ["quantize", "validate", "register"]
     assert all(e["artifact_sha256"] == store.art_pass.sha256 or e["version"] == store.passing.version for e in events)
     for e in events:
         h = e.pop("hash")
@@ -204,11 +204,13 @@ def test_pipeline_register_step_aliases_only_passing_versions(tiny_artifacts, tm
     from quantgate.jobs import register_step
     from registry.client import mlflow_client
     from registry.config import RegistrySettings
-    from tests.registry.conftest import make_verdict
+    from tests.registry.conftest import make_verdict, validated
 
     monkeypatch.setenv("QUANTGATE_STORE_DIR", str(tmp_path / "mlruns-store"))
     monkeypatch.setenv("QUANTGATE_AUDIT_DB_URL", f"sqlite:///{tmp_path / 'audit.db'}")
     _, _, q4, q8 = tiny_artifacts
+    for art, ok in ((q4, True), (q8, False)):
+        validated(make_verdict(art, ok), f"sqlite:///{tmp_path / 'audit.db'}")
     ok = register_step(q4.to_dict(), asdict(make_verdict(q4, True)), model_name="aliased")
     bad = register_step(q8.to_dict(), asdict(make_verdict(q8, False)), model_name="aliased")
     again = register_step(q4.to_dict(), asdict(make_verdict(q4, True)), model_name="aliased")

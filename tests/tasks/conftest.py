@@ -1,5 +1,7 @@
 """Real Redis and real Celery worker processes for the task tests: each test session starts its own redis-server on
-a free port (--save '', so killing and restarting it is safe) and workers via `quantgate worker`."""
+a free port (--save '', so killing and restarting it is safe) and workers via `quantgate worker`. RabbitMQ tests
+use the machine's RabbitMQ (scripts/test.sh starts it) in a throwaway vhost, with the test Redis as result backend.
+Workers run with quantgate's DEFAULT reliability settings unless a test passes others."""
 from __future__ import annotations
 
 import gc
@@ -75,14 +77,19 @@ class _suppress:
 class Worker:
     """A `quantgate worker` process (its own process group, so it can be killed whole)."""
 
-    def __init__(self, name: str, folder: Path, env: dict[str, str], concurrency: int = 1):
+    def __init__(self, name: str, folder: Path, env: dict[str, str], concurrency: int = 1,
+                 celery_app: str | None = None):
         self.name = name
         self.pidfile = folder / f"{name}.pid"
         self.logfile = folder / f"{name}.log"
-        self.proc = subprocess.Popen(
-            QUANTGATE + ["worker", "-c", str(concurrency), "--pidfile", str(self.pidfile), "--logfile",
-                         str(self.logfile), "-n", f"{name}@%h", "-l", "INFO"],
-            env=env, cwd=folder, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        common = ["--pidfile", str(self.pidfile), "--logfile", str(self.logfile), "-n", f"{name}@%h", "-l", "INFO"]
+        if celery_app is None:     # the production entry point
+            argv = QUANTGATE + ["worker", "-c", str(concurrency)] + common
+        else:                      # the same app plus test-only tasks (e.g. tests.tasks.slow_app)
+            argv = [sys.executable, "-m", "celery", "-A", celery_app, "worker", "-Q", "quantgate", "-c",
+                    str(concurrency), "--without-gossip", "--without-mingle"] + common
+        self.proc = subprocess.Popen(argv, env=env, cwd=folder, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.logfile.exists() and "ready." in self.logfile.read_text(errors="replace"), 60,
                  f"worker {name} to be ready")
 
@@ -126,19 +133,43 @@ def redis_server(tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture
-def cluster(redis_server, tmp_path, monkeypatch):
-    """Worker environment + client app on the test Redis; returns a helper to start workers. Workers are stopped
-    and the Redis database flushed afterwards."""
+def rabbitmq_up() -> bool:
+    return bool(shutil.which("rabbitmqctl")) and subprocess.run(
+        ["rabbitmq-diagnostics", "-q", "ping"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def rabbit_vhost():
+    """A throwaway vhost on the machine's RabbitMQ (so other users of the server never see our queues); one per
+    session (rabbitmqctl is slow to start), its queue drains as every test waits for its jobs to end."""
+    if not rabbitmq_up():
+        pytest.skip("RabbitMQ is not running (scripts/test.sh starts it)")
+    vhost = f"qgtest-{os.getpid()}-{free_port()}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
+                   capture_output=True)
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
+
+
+def _cluster(redis_server, tmp_path, monkeypatch, broker_url: str | None = None):
+    """Worker environment + client app on the test Redis (or `broker_url`, results in the test Redis); yields a
+    helper to start workers. Workers are stopped and the Redis database flushed afterwards."""
     from quantgate.config import load_settings
 
-    env = {**os.environ, "QUANTGATE_BROKER_URL": redis_server.url, "QUANTGATE_CACHE_DIR": str(tmp_path / "cache"),
+    env = {**os.environ, "QUANTGATE_BROKER_URL": broker_url or redis_server.url,
+           "QUANTGATE_RESULT_BACKEND": redis_server.url, "QUANTGATE_CACHE_DIR": str(tmp_path / "cache"),
            "QUANTGATE_STORE_DIR": str(tmp_path / "store"), "QUANTGATE_WORKDIR": str(tmp_path / "jobs"),
-           "QUANTGATE_VISIBILITY_TIMEOUT": "3600", "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "QUANTGATE_PARAMS": str(tmp_path / "no-params.yaml")}
-    for k in ("QUANTGATE_BROKER_URL", "QUANTGATE_CACHE_DIR", "QUANTGATE_STORE_DIR", "QUANTGATE_WORKDIR",
-              "QUANTGATE_PARAMS"):
-        monkeypatch.setenv(k, env[k])
+           "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "QUANTGATE_PARAMS": str(tmp_path / "no-params.yaml"),
+           "QUANTGATE_MODEL_ROOTS": str(tmp_path.parent)}  # workers read models under the test tmp folders
+    for k in [k for k in env if k.startswith("QUANTGATE_")] + [k for k in os.environ if k.startswith("QUANTGATE_")
+                                                                 and k not in env]:
+        if k in env:
+            monkeypatch.setenv(k, env[k])
+        else:
+            monkeypatch.delenv(k)      # e.g. a QUANTGATE_VISIBILITY_TIMEOUT of the caller: tests use the defaults
+    env = {k: v for k, v in env.items() if not k.startswith("QUANTGATE_") or k in os.environ}
     from tasks.app import app, configure
 
     configure(app, load_settings())
@@ -148,9 +179,11 @@ def cluster(redis_server, tmp_path, monkeypatch):
         folder = tmp_path
         workdir = tmp_path / "jobs"
         redis = redis_server
+        broker = broker_url or redis_server.url
 
-        def worker(self, name: str, concurrency: int = 1, **extra_env: str) -> Worker:
-            w = Worker(name, tmp_path, {**env, **extra_env}, concurrency)
+        def worker(self, name: str, concurrency: int = 1, celery_app: str | None = None, **extra_env: str
+                   ) -> Worker:
+            w = Worker(name, tmp_path, {**env, **extra_env}, concurrency, celery_app)
             workers.append(w)
             return w
 
@@ -160,6 +193,18 @@ def cluster(redis_server, tmp_path, monkeypatch):
         w.stop()
     if redis_server.ping():
         subprocess.run(["redis-cli", "-p", str(redis_server.port), "flushall"], capture_output=True)
+
+
+@pytest.fixture
+def cluster(redis_server, tmp_path, monkeypatch):
+    """Redis broker and result backend (see _cluster)."""
+    yield from _cluster(redis_server, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def rabbit_cluster(redis_server, rabbit_vhost, tmp_path, monkeypatch):
+    """RabbitMQ broker (a quorum queue in a throwaway vhost), results and leases in the test Redis."""
+    yield from _cluster(redis_server, tmp_path, monkeypatch, broker_url=rabbit_vhost)
 
 
 @pytest.fixture(scope="session")

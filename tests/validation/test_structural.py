@@ -30,7 +30,7 @@ def test_good_candidate_passes_every_gate(gate_env, tmp_path):  # noqa: F811
     facts, gates = structural_gates(q8, baseline=gate_env["model"], manifest=tmp_path / "SHA256SUMS")
     g = _by_name(gates)
     assert set(g) == {"structural:verify", "structural:finite", "structural:file_type", "structural:sha256",
-                      "structural:derived_from"}
+                      "structural:derived_from", "structural:tokenizer"}
     assert all(x.passed and x.kind == "structural" for x in gates), [x.detail for x in gates]
     assert facts.precision == "Q8_0" and facts.file_type == 7
 
