@@ -27,6 +27,7 @@ from core.records import (
     job_key,
 )
 from core.version import __version__
+from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
@@ -50,12 +51,16 @@ _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
 
 
-def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str) -> list[KV]:
-    """The quantgate.* keys every file we write carries: tool version, source identity, recipe and job key."""
+def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
+                source_fingerprint: str | None = None) -> list[KV]:
+    """The quantgate.* keys every file we write carries: tool version, source identity (file SHA-256 and, when
+    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md), recipe and job key."""
     s = GGUFValueType.STRING
+    fp = [KV("quantgate.source_fingerprint", source_fingerprint, s)] if source_fingerprint else []
     return [
         KV("quantgate.version", __version__, s),
         KV("quantgate.source_sha256", source_sha, s),
+        *fp,
         KV("quantgate.source_format", source_kind, s),
         KV("quantgate.precision", recipe.precision, s),
         KV("quantgate.recipe", canonical_json(recipe.as_dict()), s),
@@ -65,10 +70,11 @@ def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str) -> 
 
 
 def _provenance_kv(
-    recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str]
+    recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str],
+    source_fingerprint: str | None = None,
 ) -> list[KV]:
     s = GGUFValueType.STRING
-    kv = identity_kv(recipe, source_sha, source_kind, key)
+    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint)
     kv.append(KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s))
     if recipe.imatrix_sha256:
         kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
@@ -182,7 +188,7 @@ def quantize_model(
             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32),
             KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
         ]
-        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types)
+        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, weights_fingerprint(req.source))
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             qt = get_qtype(qtype)

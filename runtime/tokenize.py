@@ -1,6 +1,7 @@
 """The one tokenizer dispatch: token ids of texts with a model's own tokenizer, whatever the container.
 
-HF folder: transformers' AutoTokenizer; GGUF: llama.cpp's vocab-only tokenizer. Evaluation (tokenize_samples: one
+HF folder: transformers' AutoTokenizer; GGUF: llama.cpp's vocab-only tokenizer when llama-cpp-python is installed,
+else the same ids from a tokenizer rebuilt from the GGUF's tokenizer.ggml.* KVs (runtime.backends.gguf_tokenizer). Evaluation (tokenize_samples: one
 sample per sequence) and calibration (calibration_chunks: llama-imatrix's concatenated chunks) both come through
 `tokenize`, so baseline, candidate and analyzer see the same ids.
 """
@@ -12,15 +13,17 @@ from typing import Sequence
 
 from core.errors import QuantGateError
 from runtime.backends import is_gguf
-from runtime.backends.llamacpp_backend import llama_tokenize
+from runtime.backends.gguf_tokenizer import gguf_tokenize
+from runtime.backends.llamacpp_backend import llama_available, llama_tokenize
 from runtime.backends.torch_backend import hf_tokenize
 
 
 def tokenize(model: "str | os.PathLike[str]", texts: list[str]) -> tuple[int | None, list[list[int]]]:
     """(BOS id or None, token ids of each text without special tokens) with `model`'s own tokenizer."""
     if is_gguf(model):
-
-        return llama_tokenize(model, texts)
+        if llama_available():
+            return llama_tokenize(model, texts)
+        return gguf_tokenize(model, texts)
 
     return hf_tokenize(model, texts)
 

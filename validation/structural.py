@@ -6,7 +6,8 @@ A file that cannot be parsed at all (missing, not GGUF, truncated, corrupt tenso
   structural:finite        no NaN or Inf in any dequantized tensor
   structural:file_type     general.file_type agrees with the tensor types present (and quantgate.* provenance)
   structural:sha256        the file's SHA-256 equals the expected one (manifest / registry record), when given
-  structural:derived_from  quantgate.source_sha256 equals the baseline's checkpoint SHA-256, when a baseline is given
+  structural:derived_from  the candidate comes from the baseline's weights, when a baseline is given: same source
+                           file, same weights fingerprint, or every tensor within its type's error (LINEAGE.md)
   structural:tokenizer     tokenizer KVs and chat template equal the baseline's, when a baseline is given
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from core.hashing import file_sha256
 from core.records import GateResult
 from core.text import one_line
 from quant.api import dequantize
+from quant.fingerprint import weights_fingerprint
 from quant.formats import QTYPES
 from quant.gguf_reader import read_gguf
 from quant.loaders import open_checkpoint
@@ -33,6 +35,7 @@ from quant.mixes import _FALLBACK, PRECISIONS
 from quant.model_plan import plan_model
 from quant.verify import LLAMA_FTYPES, UNQUANTIZED_TYPES, verify_gguf
 from validation.evaluate import model_sha256
+from validation.tensor_error import weights_lineage
 
 _CHUNK_ELEMENTS = 1 << 22          # dequantize at most this many values at a time (16 MiB of float32)
 _HEX64 = re.compile(r"\b[0-9a-fA-F]{64}\b")
@@ -51,6 +54,7 @@ class CandidateFacts:
     tensor_types: dict[str, str] = field(default_factory=dict)
     tensor_shapes: dict[str, list[int]] = field(default_factory=dict)
     tensor_bytes: dict[str, int] = field(default_factory=dict)
+    source_fingerprint: str | None = None   # quantgate.source_fingerprint (quant.fingerprint), when recorded
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,6 +83,7 @@ def inspect_candidate(path: "str | os.PathLike[str]") -> CandidateFacts:
             tensor_types={t.name: t.qtype for t in g.tensors},
             tensor_shapes={t.name: list(t.shape) for t in g.tensors},
             tensor_bytes={t.name: t.nbytes for t in g.tensors},
+            source_fingerprint=_str_or_none(g.value("quantgate.source_fingerprint")),
         )
 
 
@@ -228,22 +233,40 @@ def sha256_gate(facts: CandidateFacts, expected: str, source: str) -> GateResult
 
 
 def derived_from_gate(facts: CandidateFacts, baseline: "str | os.PathLike[str]", baseline_sha256: str) -> GateResult:
-    """structural:derived_from: the candidate records the baseline's checkpoint SHA-256 as its source; a file
-    without quantgate provenance passes only when every tensor exists in the baseline with the same shape."""
+    """structural:derived_from: the candidate comes from the baseline's weights (docs/LINEAGE.md). In order:
+    quantgate.source_sha256 equals the baseline's checkpoint SHA-256 (same file); quantgate.source_fingerprint
+    equals the baseline's weights fingerprint (same weights in another container: HF folder, F32/F16/BF16 GGUF of
+    quantgate's or llama.cpp's converter); otherwise (no quantgate metadata: llama-quantize output, a downloaded
+    GGUF; or another container's rounding) every dequantized tensor must be within its type's relative-RMSE bound
+    of the baseline's tensor, and the first tensor that is not is named."""
     res = GateResult(name="structural:derived_from", kind="structural")
-    if facts.source_sha256 is not None:
-        res.passed = facts.source_sha256 == baseline_sha256
-        res.detail = (f"quantgate.source_sha256 {facts.source_sha256[:16]} "
-                      f"{'matches' if res.passed else 'differs from'} the baseline's {baseline_sha256[:16]}")
+    if facts.source_sha256 is not None and facts.source_sha256 == baseline_sha256:
+        res.passed = True
+        res.detail = f"quantgate.source_sha256 {facts.source_sha256[:16]} matches the baseline's {baseline_sha256[:16]}"
         return res
-
-    with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt:
-        planned = {t.name: list(t.shape) for t in plan_model(ckpt).tensors}
-    missing = [n for n, s in facts.tensor_shapes.items() if planned.get(n) != s]
-    res.passed = not missing
-    res.detail = ("no quantgate.source_sha256 in the file; every tensor matches a baseline tensor's name and shape"
-                  if res.passed else f"no quantgate.source_sha256, and {len(missing)} tensors do not match the "
-                                     f"baseline by name and shape (first: {missing[0]})")
+    if facts.source_fingerprint is not None:
+        base_fp = weights_fingerprint(baseline)
+        if facts.source_fingerprint == base_fp:
+            res.passed = True
+            res.detail = (f"quantgate.source_fingerprint {facts.source_fingerprint[:16]} matches the baseline's "
+                          "weights fingerprint (same weights, another container)")
+            return res
+        why = (f"quantgate.source_fingerprint {facts.source_fingerprint[:16]} differs from the baseline's "
+               f"{(base_fp or 'none')[:16]}")
+    elif facts.source_sha256 is not None:
+        why = (f"quantgate.source_sha256 {facts.source_sha256[:16]} differs from the baseline's "
+               f"{baseline_sha256[:16]} and the file records no weights fingerprint")
+    else:
+        why = "no quantgate provenance in the file"
+    chk = weights_lineage(baseline, facts.path)
+    res.passed = chk.problem is None
+    if res.passed:
+        w = chk.worst
+        res.detail = (f"{why}; checked by weights: all {chk.n_checked} tensors are within their type's error bound "
+                      f"of the baseline" + (f" (closest: {w.name} {w.qtype}, relative RMSE {w.rel_rmse:.3g})"
+                                            if w is not None and w.rel_rmse is not None else ""))
+    else:
+        res.detail = f"{why}; checked by weights: {chk.problem}"
     return res
 
 

@@ -90,3 +90,61 @@ def per_tensor_errors(baseline: "str | os.PathLike[str]", candidate: "str | os.P
             if on_tensor is not None:
                 on_tensor(i + 1, len(g.tensors), t.name)
     return out
+
+
+#: The largest relative RMSE a tensor of each candidate type may have against the baseline tensor it was quantized
+#: from, for structural:derived_from's weights check (docs/LINEAGE.md: about 2-4x the worst per-tensor error
+#: measured on models/reference and a tiny Qwen2, without an importance matrix). Weights of another model sit near
+#: sqrt(2) (independent weights of the same scale) or above 1: far outside every bound.
+LINEAGE_REL_RMSE: dict[str, float] = {
+    "F32": 0.01, "F16": 0.01, "BF16": 0.01,
+    "Q8_0": 0.02, "Q6_K": 0.05, "Q5_K": 0.08, "Q5_1": 0.08, "Q5_0": 0.10,
+    "Q4_K": 0.15, "Q4_1": 0.16, "Q4_0": 0.20, "Q3_K": 0.35, "Q2_K": 0.60,
+}
+
+
+@dataclass
+class LineageCheck:
+    """Outcome of checking a candidate's weights against a baseline: `problem` names the first tensor that cannot
+    come from the baseline (None when every tensor is within its type's bound)."""
+
+    n_checked: int
+    n_tensors: int
+    problem: str | None
+    worst: TensorError | None   # the tensor closest to its bound (relative to the bound), when any was checked
+
+
+def weights_lineage(baseline: "str | os.PathLike[str]", candidate: "str | os.PathLike[str]") -> LineageCheck:
+    """Check that every candidate tensor could be a quantization of the baseline's tensor of the same GGUF name:
+    present in the baseline (in GGUF names and layout, quant.model_plan), same shape, and relative RMSE within
+    LINEAGE_REL_RMSE of its type. Stops at the first tensor that fails (one tensor in memory at a time)."""
+    worst: TensorError | None = None
+    worst_ratio = -1.0
+    n = 0
+    with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt, read_gguf(Path(candidate)) as g:
+        try:
+            planned = {pt.name: pt for pt in plan_model(ckpt).tensors}
+        except CheckpointError as e:
+            return LineageCheck(0, len(g.tensors), f"the baseline cannot be laid out as a GGUF: {e}", None)
+        for t in g.tensors:  # names, shapes and types first: no value is read for a file of another layout
+            pt = planned.get(t.name)
+            if pt is None:
+                return LineageCheck(0, len(g.tensors), f"tensor {t.name} is not in the baseline", None)
+            if tuple(pt.shape) != tuple(t.shape):
+                return LineageCheck(0, len(g.tensors), f"tensor {t.name} has shape {tuple(t.shape)}, the "
+                                    f"baseline's {tuple(pt.shape)}", None)
+            if t.qtype not in LINEAGE_REL_RMSE:
+                return LineageCheck(0, len(g.tensors), f"tensor {t.name} is {t.qtype}, a type quantgate cannot "
+                                    "dequantize: its lineage cannot be checked", None)
+        for t in g.tensors:
+            bound = LINEAGE_REL_RMSE[t.qtype]
+            err = tensor_error(planned[t.name].read(), read_tensor_f32(g, t), name=t.name, qtype=t.qtype,
+                               nbytes=t.nbytes)
+            n += 1
+            rel = err.rel_rmse if err.rel_rmse is not None else (0.0 if err.mse == 0.0 else math.inf)
+            if rel / bound > worst_ratio:
+                worst, worst_ratio = err, rel / bound
+            if not rel <= bound:
+                return LineageCheck(n, len(g.tensors), f"tensor {t.name} ({t.qtype}) differs from the baseline's: "
+                                    f"relative RMSE {rel:.4g} > {bound:g} allowed for {t.qtype}", worst)
+    return LineageCheck(n, n, None, worst)

@@ -9,6 +9,15 @@ import numpy as np
 from core.errors import CheckpointError, QuantGateError
 
 
+def llama_available() -> bool:
+    """True when llama-cpp-python can be imported (the preferred GGUF tokenizer and the llama.cpp backend)."""
+    try:
+        import llama_cpp  # noqa: F401  # lazy: only probes the optional package
+    except ImportError:
+        return False
+    return True
+
+
 def _llama(path: "str | os.PathLike[str]", **kw):
     try:
         import llama_cpp

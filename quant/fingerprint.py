@@ -1,0 +1,143 @@
+"""Weights fingerprint: one SHA-256 naming a model's weights whatever the container (HF safetensors / PyTorch folder,
+F32/F16/BF16 GGUF written by quantgate convert or llama.cpp's convert_hf_to_gguf.py).
+
+Definition (version "quantgate-weights-v1", docs/LINEAGE.md):
+  1. Every tensor is brought to its HF name and HF layout: GGUF names are mapped back and llama's Q/K RoPE row
+     permutation undone (quant.gguf_to_hf); HF names are kept. Non-weight entries are dropped: `*.rotary_emb.inv_freq`
+     and, when the HF config ties the embeddings, `lm_head.weight` (GGUFs of tied models carry no output.weight).
+  2. Its values (as float32) are rounded to BF16 bits, round-to-nearest-even, NaN made quiet (what gguf-py and
+     quantgate write for --outtype bf16), little-endian, C order: digest_i = SHA-256 of those bytes.
+  3. The fingerprint is the SHA-256 of "quantgate-weights-v1\\n" followed by one line "name\\tshape\\tdigest_i\\n" per
+     tensor, sorted by name, shape written as comma-separated dims (HF order).
+BF16 is the coarsest of the three float containers, so the F32, F16 and BF16 GGUFs of one F16 (or F32 or BF16)
+checkpoint round to the same bits, whatever order the files store the tensors in. What it does not cover: an F16
+GGUF of a BF16 (or F32) checkpoint went through F16 first, and values F16 cannot hold (below 6.1e-5 in magnitude,
+above 65504) round differently: that file gets another fingerprint (validation then checks its weights one by one).
+
+Computed tensor by tensor (one float32 tensor in memory at a time) and cached by the files' (path, size, mtime).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import CheckpointError
+from core.hashing import cache_dir
+from quant.gguf_reader import read_gguf
+from quant.loaders import Checkpoint, open_checkpoint
+
+VERSION = "quantgate-weights-v1"
+_CHUNK = 1 << 22  # elements rounded per step
+_CACHE_NAME = "fingerprint_cache.json"
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values -> BF16 bit patterns (uint16), round-to-nearest-even, NaN kept NaN (quiet)."""
+    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (n & 0x7FFFFFFF) > 0x7F800000
+    r = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
+    r = np.where(nan, (n >> 16) | 0x40, r)
+    return r.astype("<u2")
+
+
+def tensor_digest(arr: np.ndarray) -> str:
+    """SHA-256 of a tensor's BF16 bits (C order, little-endian), rounded in chunks."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    h = hashlib.sha256()
+    for s in range(0, flat.size, _CHUNK):
+        h.update(bf16_bits(flat[s:s + _CHUNK]).tobytes())
+    return h.hexdigest()
+
+
+def combine(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """The fingerprint of {HF name: (shape, tensor digest)} (step 3 of the definition)."""
+    h = hashlib.sha256(f"{VERSION}\n".encode())
+    for name in sorted(entries):
+        shape, digest = entries[name]
+        h.update(f"{name}\t{','.join(str(int(d)) for d in shape)}\t{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def _skip(name: str, tied: bool) -> bool:
+    return name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight")
+
+
+def _gguf_entries(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    from quant.gguf_to_hf import hf_config_from_gguf, iter_hf_tensors
+
+    with read_gguf(path) as g:
+        cfg = hf_config_from_gguf(g)
+        return {name: (tuple(arr.shape), tensor_digest(arr)) for name, arr in iter_hf_tensors(g, cfg)
+                if not _skip(name, False)}
+
+
+def _hf_entries(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
+    tied = bool((ckpt.config or {}).get("tie_word_embeddings", False))
+    out = {}
+    for t in ckpt.tensors:
+        if _skip(t.name, tied):
+            continue
+        out[t.name] = (tuple(t.shape), tensor_digest(t.read()))
+    return out
+
+
+def _cache_key(files: list[Path]) -> str:
+    parts = []
+    for f in sorted(Path(p).resolve() for p in files):
+        st = f.stat()
+        parts.append([str(f), st.st_size, st.st_mtime_ns])
+    return VERSION + ":" + json.dumps(parts, separators=(",", ":"))
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store(path: Path, key: str, value: str) -> None:
+    try:
+        data = _load_cache(path)  # re-read: another process may have added entries meanwhile
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".fingerprint_cache.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a recomputation next time
+
+
+def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
+    """The weights fingerprint of a checkpoint (HF folder, .safetensors, .bin, GGUF), or None for a GGUF whose
+    architecture or tensors cannot be mapped back to HF names (quant.gguf_to_hf: llama and qwen2 families)."""
+    p = Path(path)
+    with warnings.catch_warnings():  # a quantized GGUF is fingerprinted as dequantized, not requantized: no warning
+        warnings.simplefilter("ignore")
+        ckpt = open_checkpoint(p, allow_requantize=True)
+    with ckpt:
+        key = _cache_key(ckpt.files)
+        cache_file = cache_dir() / _CACHE_NAME
+        hit = _load_cache(cache_file).get(key)
+        if isinstance(hit, str) and (hit == "none" or len(hit) == 64):
+            return None if hit == "none" else hit
+        if ckpt.kind == "gguf":
+            try:
+                fp: str | None = combine(_gguf_entries(ckpt.files[0]))
+            except CheckpointError:
+                fp = None
+        else:
+            fp = combine(_hf_entries(ckpt))
+    _store(cache_file, key, fp or "none")
+    return fp
+
+
+__all__ = ["VERSION", "bf16_bits", "tensor_digest", "combine", "weights_fingerprint"]

@@ -1,0 +1,79 @@
+"""Weights fingerprint: one value for an HF folder and its F32/F16/BF16 GGUFs, whoever converted them (quantgate
+convert or llama.cpp's pinned convert_hf_to_gguf.py), another for another model; BF16 rounding; the cache."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.hashing import cache_dir
+from quant.fingerprint import bf16_bits, combine, tensor_digest, weights_fingerprint
+from quantgate.convert import convert_model
+from tests.conftest import require_llamacpp_src
+from tests.quantgate.test_convert import _RUN_CONVERTER
+from tests.quantgate.tiny_hf import make_tiny_model
+
+
+def llama_cpp_convert(model: Path, out: Path, outtype: str, pre: str = "") -> Path:
+    """Run the pinned llama.cpp convert_hf_to_gguf.py (as tests/quantgate/test_convert.py does)."""
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
+    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), pre, str(model), "--outfile", str(out),
+                    "--outtype", outtype], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("fp")
+    return {"llama": make_tiny_model(d / "llama", "llama", seed=0), "qwen2": make_tiny_model(d / "qwen2", "qwen2", seed=1),
+            "other": make_tiny_model(d / "other", "llama", seed=7)}
+
+
+@pytest.mark.parametrize("arch,pre", [("llama", ""), ("qwen2", "qwen2")])
+def test_same_fingerprint_for_every_float_container(models, tmp_path, arch, pre):
+    hf = models[arch]
+    want = weights_fingerprint(hf)
+    files = {f"ours-{t}": convert_model(hf, tmp_path / f"ours-{t}.gguf", t) and tmp_path / f"ours-{t}.gguf"
+             for t in ("f32", "f16", "bf16")}
+    files.update({f"llama.cpp-{t}": llama_cpp_convert(hf, tmp_path / f"lc-{t}.gguf", t, pre)
+                  for t in ("f32", "f16", "bf16")})
+    got = {k: weights_fingerprint(p) for k, p in files.items()}
+    assert got == {k: want for k in files}
+    assert weights_fingerprint(models["other"]) != want
+
+
+def test_bf16_rounding_is_round_to_nearest_even_and_nan_stays_nan():
+    import gguf
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(4096).astype(np.float32) * 0.02,
+                        np.array([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -0.0, np.inf, np.nan], dtype=np.float32)])
+    ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).view("<u2")  # what gguf-py writes for bf16
+    assert np.array_equal(bf16_bits(x), ref)
+    assert bf16_bits(np.array([1.0 + 2 ** -8], np.float32))[0] == 0x3F80     # tie -> even
+    assert bf16_bits(np.array([1.0 + 3 * 2 ** -8], np.float32))[0] == 0x3F82
+    # values that differ below BF16's precision share a digest; one BF16 step apart they do not
+    a = np.float32(0.5) + np.arange(8, dtype=np.float32) * 2 ** -6
+    assert tensor_digest(a) == tensor_digest(a + 2 ** -14) != tensor_digest(a + 2 ** -7)
+    assert combine({"b": ((2,), "x"), "a": ((1,), "y")}) == combine({"a": ((1,), "y"), "b": ((2,), "x")})
+    assert combine({"a": ((1, 2), "y")}) != combine({"a": ((2, 1), "y")})
+
+
+def test_fingerprint_is_cached_by_path_size_and_mtime(models, tmp_path):
+    gguf_path = convert_model(models["llama"], tmp_path / "m.gguf", "f16") and tmp_path / "m.gguf"
+    fp = weights_fingerprint(gguf_path)
+    cache = json.loads((cache_dir() / "fingerprint_cache.json").read_text())
+    key = next(k for k in cache if str(gguf_path.resolve()) in k)
+    assert cache[key] == fp
+    cache[key] = "f" * 64  # a cached value is trusted while (path, size, mtime) are unchanged...
+    (cache_dir() / "fingerprint_cache.json").write_text(json.dumps(cache))
+    assert weights_fingerprint(gguf_path) == "f" * 64
+    gguf_path.touch()  # ...and recomputed once the file changes
+    import os
+    st = gguf_path.stat()
+    os.utime(gguf_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert weights_fingerprint(gguf_path) == fp
