@@ -1,7 +1,7 @@
 """The evaluation engine: score a quantized candidate GGUF against its baseline on a text dataset.
 
 Two passes with one model in memory at a time: the baseline's log-probs are computed once per cache key and stored
-in a compact top-k form (validation.logits_cache), then the candidate streams over the samples in batches and is
+in llama-perplexity's compact uint16 form (validation.logits_cache), then the candidate streams over the samples in batches and is
 scored against them (docs/EVALUATION.md: the format, its measured error, the memory bound). Returns
 an EvalReport with perplexity, KL divergence, top-1 agreement and accuracy overall and per category, plus the
 per-tensor weight error. Metric definitions: docs/METRICS.md.
@@ -27,7 +27,6 @@ from runtime.datasets import load_dataset
 from runtime.tokenize import tokenize_samples
 from validation.eval_report import EvalReport, ModelRef, Timings
 from validation.logits_cache import (
-    DEFAULT_TOP_K,
     CachedLogProbs,
     CacheKey,
     LogitsCache,
@@ -75,13 +74,11 @@ def _samples_and_tokens(baseline: Path, dataset: Any, max_tokens: int) -> tuple[
     return ds, ds_path, samples, tokenize_samples(baseline, [s.text for s in samples], max_tokens)
 
 
-def _check_args(backend: str, batch_size: int, top_k: int, *paths: Path) -> None:
+def _check_args(backend: str, batch_size: int, *paths: Path) -> None:
     if backend not in BACKENDS:
         raise QuantGateError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if batch_size < 1:
         raise QuantGateError(f"batch_size must be at least 1, got {batch_size}")
-    if top_k < 1:
-        raise QuantGateError(f"top_k must be at least 1, got {top_k}")
     for p in paths:
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or folder")
@@ -104,7 +101,7 @@ def _baseline_pass(baseline: Path, token_ids: list[list[int]], key: CacheKey, ca
                 idx = range(start, min(start + batch_size, len(token_ids)))
                 for i, lg in zip(idx, base.logits([token_ids[i] for i in idx])):
                     targets = np.asarray(token_ids[i][1:], dtype=np.int64)
-                    writer.append(compress(log_softmax(lg[:-1]), targets, key.top_k))
+                    writer.append(compress(log_softmax(lg[:-1]), targets))
                 if progress is not None:
                     progress(idx.stop, len(token_ids), "baseline")
     finally:
@@ -123,18 +120,17 @@ def cache_baseline(
     *,
     max_tokens: int = 256,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    top_k: int = DEFAULT_TOP_K,
     cache_dir: "str | os.PathLike[str] | None" = None,
     progress: ProgressFn | None = None,
 ) -> tuple[CacheKey, bool]:
     """Run only the baseline pass of `evaluate` (nothing else in memory) and store its records in the cache:
     (the cache key, whether the entry was already there)."""
     baseline = Path(baseline)
-    _check_args("torch", batch_size, top_k, baseline)
+    _check_args("torch", batch_size, baseline)
     _check_float_baseline(baseline)
     ds, _ds_path, _samples, token_ids = _samples_and_tokens(baseline, dataset, max_tokens)
     key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids),
-                   "torch", int(top_k))
+                   "torch")
     _records, hit, _s = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress)
     return key, hit
 
@@ -180,7 +176,6 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: "str | os.PathLike[str] | None" = None,
     progress: ProgressFn | None = None,
-    top_k: int = DEFAULT_TOP_K,
     exact: bool = False,
 ) -> EvalReport:
     """Compare `candidate` (a GGUF) with `baseline` (HF folder or float GGUF) on `dataset` (a JSONL path or a
@@ -188,17 +183,17 @@ def evaluate(
     max_tokens-1 text tokens).
 
     Two passes, one model in memory at a time: the baseline (torch, float32) runs once per cache key and leaves
-    compact top-`top_k` records on disk (validation.logits_cache), then the candidate runs in `backend` and is
+    compact records on disk (llama-perplexity's uint16 log-probs) (validation.logits_cache), then the candidate runs in `backend` and is
     scored against them. `exact=True` instead holds both models and compares full float64 log-probs (the
     reference the cached path is measured against: docs/EVALUATION.md). `progress(done, total, what)` is called
     after each batch, what = "baseline" or "evaluate"."""
     t_start = time.perf_counter()
     baseline, candidate = Path(baseline), Path(candidate)
-    _check_args(backend, batch_size, top_k, baseline, candidate)
+    _check_args(backend, batch_size, baseline, candidate)
     _check_float_baseline(baseline)
     ds, ds_path, samples, token_ids = _samples_and_tokens(baseline, dataset, max_tokens)
     key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids),
-                   "torch", int(top_k))
+                   "torch")
     overall = MetricsAccumulator()
     per_cat: dict[str, MetricsAccumulator] = {}
     n_fed = sum(len(ids) for ids in token_ids)
@@ -247,8 +242,8 @@ def evaluate(
         total_seconds=time.perf_counter() - t_start,
         baseline_cache_hit=hit,
     )
-    notes = [] if exact else [f"KL over the baseline's top-{top_k} tokens plus the rest (a lower bound of the full "
-                              "KL; docs/EVALUATION.md)"]
+    notes = [] if exact else ["KL from the cached uint16 baseline log-probs (llama-perplexity's format; "
+                              "docs/EVALUATION.md)"]
     if (dropped := len(ds.samples) - len(samples)):
         notes.append(f"{dropped} empty or duplicate samples skipped")
     if (short := sum(1 for ids in token_ids if len(ids) < 2)):

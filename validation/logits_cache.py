@@ -1,19 +1,20 @@
-"""On-disk cache of the baseline's log-probabilities in a compact top-k form, so scoring a candidate needs only the
-candidate in memory and the baseline runs once per (model, dataset, settings, tool version).
+"""On-disk cache of the baseline's log-probabilities in llama-perplexity's compact form, so scoring a candidate needs
+only the candidate in memory and the baseline runs once per (model, dataset, settings, tool version).
 
-Per scored position the entry keeps one fixed-size record (`record_dtype(top_k)`, little-endian):
+Per scored position the entry keeps one fixed-size record (`record_dtype(n_vocab)`, little-endian):
 
-  ids[k]     int32    the baseline's k most probable next tokens, most probable first (ids[0] is its top-1)
-  lp[k]      float32  their log-probabilities (log-softmax computed in float64 from the float32 logits)
-  lp_rest    float32  log of the probability mass of every other token (-inf when k covers the vocabulary)
-  lp_target  float32  log-probability of the true next token (exact PPL, accuracy and delta-p, not top-k bound)
+  scale      float32  quantization step: (max log-prob - min_lp) / 65535
+  min_lp     float32  max(min log-prob, max log-prob - 16): the clamp (llama.cpp's min_log_prob)
+  lp_target  float32  log-probability of the true next token (exact PPL, accuracy, delta-p)
+  top1       int32    the baseline's most probable token (exact top-1 agreement)
+  q[n_vocab] uint16   round((log p - min_lp) / scale), 0 for entries at or below the clamp
 
-i.e. 8*k + 8 bytes a token (k = 64: 520 B) instead of 2*n_vocab (llama-perplexity's --kl-divergence-base file keeps,
-per token, two floats and n_vocab uint16 log-probs quantized between max-16 nats and the max: 256 KB a token at a
-128k vocabulary). KL divergence from it is the divergence between the two distributions collapsed to k+1 outcomes
-(the k tokens and "the rest"), a lower bound of the exact one: docs/EVALUATION.md gives its measured error.
+i.e. llama-perplexity's --kl-divergence-base record (tools/perplexity/perplexity.cpp: two floats then n_vocab uint16
+log-probs quantized between max-16 nats and the max) plus the target's log-prob and the argmax: 2*n_vocab + 16 bytes
+a token, half of float32. The candidate is put on the same grid before comparing (docs/EVALUATION.md gives why, and
+the error measured against the exact float64 path).
 
-An entry is two files under <cache_dir>/baseline/: `<key>.topk` (the records, row-major) and `<key>.json` (its
+An entry is two files under <cache_dir>/baseline/: `<key>.lp16` (the records, row-major) and `<key>.json` (its
 manifest: key fields, n_vocab, per-sample row offsets). Both are written atomically, the manifest last: an entry
 without a manifest is never read.
 """
@@ -35,73 +36,81 @@ from core.atomic import atomic_write, atomic_write_text
 from core.hashing import cache_dir
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT = "quantgate-baseline-topk-v2"
-#: Default number of baseline tokens kept per position (docs/EVALUATION.md: error measured at this k).
-DEFAULT_TOP_K = 64
+CACHE_FORMAT = "quantgate-baseline-lp16-v2"
+#: llama.cpp's clamp: log-probs more than this many nats below the max are stored as the clamp.
+CLAMP_NATS = 16.0
+#: Documented bound on the relative error of kl_mean from the stored records vs the exact float64 full-vocabulary KL,
+#: measured on the reference model (docs/EVALUATION.md), asserted live in tests/validation/test_baseline_cache.py.
+KLD_REL_ERROR_BOUND = 1e-3
 
 
-def record_dtype(top_k: int) -> np.dtype:
-    """The structured little-endian dtype of one cached position for `top_k` kept tokens."""
-    return np.dtype([("ids", "<i4", (top_k,)), ("lp", "<f4", (top_k,)), ("lp_rest", "<f4"), ("lp_target", "<f4")])
+def record_dtype(n_vocab: int) -> np.dtype:
+    """The structured little-endian dtype of one cached position for a vocabulary of `n_vocab`."""
+    return np.dtype([("scale", "<f4"), ("min_lp", "<f4"), ("lp_target", "<f4"), ("top1", "<i4"),
+                     ("q", "<u2", (n_vocab,))])
 
 
-def _tail_log_mass(lp: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """log sum exp of each row of float64 log-probs `lp` over the tokens NOT in that row of `ids` (float64)."""
-    rest = lp.copy()
-    np.put_along_axis(rest, ids, -np.inf, axis=-1)
-    m = rest.max(axis=-1, keepdims=True)
-    finite = np.isfinite(m)
-    m0 = np.where(finite, m, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.exp(rest - m0).sum(axis=-1, keepdims=True)) + m0
-    return np.where(finite, out, -np.inf)[:, 0]
-
-
-def compress(log_probs: np.ndarray, targets: np.ndarray, top_k: int) -> np.ndarray:
-    """Records (n,) of record_dtype(k) from (n, n_vocab) normalized float64 log-probs and the n true next tokens;
-    k = min(top_k, n_vocab). Ties keep the lower token id first (np.argmax's choice, so ids[0] is the argmax)."""
+def compress(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Records (n,) of record_dtype(n_vocab) from (n, n_vocab) normalized float64 log-probs and the n true next
+    tokens, quantized as llama-perplexity does (nearest step between the clamp and the max)."""
     lp = np.asarray(log_probs, dtype=np.float64)
     t = np.asarray(targets, dtype=np.int64)
     n, n_vocab = lp.shape
-    k = min(int(top_k), n_vocab)
-    out = np.zeros(n, dtype=record_dtype(top_k))
+    out = np.zeros(n, dtype=record_dtype(n_vocab))
     if n == 0:
         return out
-    ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
-    out["ids"][:, :k] = ids
-    out["lp"][:, :k] = np.take_along_axis(lp, ids, axis=-1)
-    if k < top_k:   # vocabulary smaller than top_k: pad with impossible entries that weigh nothing
-        out["ids"][:, k:] = ids[:, :1]
-        out["lp"][:, k:] = -np.inf
-    out["lp_rest"] = _tail_log_mass(lp, ids)
+    hi = lp.max(axis=-1)
+    lo = np.maximum(lp.min(axis=-1), hi - CLAMP_NATS).astype(np.float32)
+    scale = ((hi - lo) / 65535.0).astype(np.float32)
+    out["scale"], out["min_lp"] = scale, lo
     out["lp_target"] = lp[np.arange(n), t]
+    out["top1"] = lp.argmax(axis=-1)
+    out["q"] = _on_grid(lp, out)
     return out
+
+
+def _on_grid(lp: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """Grid indices (float64, 0..65535) of log-probs `lp` on each record's grid; at or below the clamp -> 0."""
+    lo = records["min_lp"].astype(np.float64)[:, None]
+    sc = records["scale"].astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(sc > 0, np.rint((lp - lo) / np.where(sc > 0, sc, 1.0)), 0.0)
+    return np.clip(q, 0, 65535)
+
+
+def decode(records: np.ndarray) -> np.ndarray:
+    """(n, n_vocab) float64 log-probs of records, renormalized so each row sums to 1."""
+    lp = records["min_lp"].astype(np.float64)[:, None] + records["scale"].astype(np.float64)[:, None] * records["q"]
+    return _log_normalize(lp)
+
+
+def _log_normalize(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 def score_against(records: np.ndarray, cand_log_probs: np.ndarray, targets: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-token values of a candidate against cached baseline records: (baseline log-prob of the target, candidate
-    log-prob of the target, baseline top-1, candidate top-1, KL(base || cand) over the k+1 collapsed outcomes).
+    log-prob of the target, baseline top-1, candidate top-1, KL(base || cand)).
 
-    The candidate's values are rounded to float32 exactly as the baseline's were, so a candidate identical to the
-    baseline scores exactly KL 0, ratio 1."""
+    KL compares the decoded baseline with the candidate put on the same grid (same clamp, same step; its values
+    above the baseline's max are kept unclipped), both renormalized: a candidate identical to the baseline scores
+    exactly KL 0, ratio 1. Targets and top-1 come from full precision (float32 targets on both sides)."""
     lc = np.asarray(cand_log_probs, dtype=np.float64)
     t = np.asarray(targets, dtype=np.int64)
     rows = np.arange(t.size)
-    lb_k = records["lp"].astype(np.float64)
-    ids = records["ids"].astype(np.int64)
-    lc_k = np.take_along_axis(lc, ids, axis=-1).astype(np.float32).astype(np.float64)
-    pb_k = np.exp(lb_k)
-    with np.errstate(invalid="ignore"):
-        head = np.where(pb_k > 0, pb_k * (lb_k - lc_k), 0.0).sum(axis=-1)
-    # the tail is the complement of the (unique) kept ids; padding repeats ids[0], which put_along_axis ignores
-    lb_rest = records["lp_rest"].astype(np.float64)
-    lc_rest = _tail_log_mass(lc, ids).astype(np.float32).astype(np.float64)
-    pb_rest = np.exp(lb_rest)
-    with np.errstate(invalid="ignore"):
-        tail = np.where(pb_rest > 0, pb_rest * (lb_rest - lc_rest), 0.0)
+    lo = records["min_lp"].astype(np.float64)[:, None]
+    sc = records["scale"].astype(np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        qc = np.where(sc > 0, np.maximum(np.rint((lc - lo) / np.where(sc > 0, sc, 1.0)), 0.0), 0.0)
+    lb_n = decode(records)
+    lc_n = _log_normalize(lo + sc * qc)
+    pb = np.exp(lb_n)
+    kl = (pb * (lb_n - lc_n)).sum(axis=-1)
     lp_target_c = lc[rows, t].astype(np.float32).astype(np.float64)
-    return (records["lp_target"].astype(np.float64), lp_target_c, ids[:, 0], lc.argmax(axis=-1), head + tail)
+    return (records["lp_target"].astype(np.float64), lp_target_c, records["top1"].astype(np.int64),
+            lc.argmax(axis=-1), kl)
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,6 @@ class CacheKey:
     tool_version: str
     tokens_sha256: str
     backend: str = "torch"
-    top_k: int = DEFAULT_TOP_K
 
     def digest(self) -> str:
         """SHA-256 (hex) of the canonical JSON of the key fields: the entry's file name."""
@@ -151,7 +159,7 @@ class CacheWriter:
 
     def __init__(self, f, key: CacheKey, n_vocab: int) -> None:
         self._f, self._key, self._n_vocab = f, key, n_vocab
-        self._dtype = record_dtype(key.top_k)
+        self._dtype = record_dtype(n_vocab)
         self._offsets = [0]
         self._memory: list[np.ndarray] = []
 
@@ -189,17 +197,17 @@ class LogitsCache:
     def paths(self, key: CacheKey) -> tuple[Path, Path]:
         """(records file, manifest) of `key`'s entry."""
         d = key.digest()
-        return self.folder / f"{d}.topk", self.folder / f"{d}.json"
+        return self.folder / f"{d}.lp16", self.folder / f"{d}.json"
 
     def lookup(self, key: CacheKey) -> CachedLogProbs | None:
         """The entry for `key`, or None when absent, incomplete or inconsistent (then it is recomputed)."""
         data_path, meta_path = self.paths(key)
-        dtype = record_dtype(key.top_k)
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             if meta.get("format") != CACHE_FORMAT or meta.get("key") != asdict(key):
                 return None
             n_rows, n_vocab, offsets = int(meta["n_rows"]), int(meta["n_vocab"]), [int(o) for o in meta["offsets"]]
+            dtype = record_dtype(n_vocab)
             if data_path.stat().st_size != n_rows * dtype.itemsize or offsets[-1] != n_rows or offsets[0] != 0:
                 return None
             rows = np.memmap(data_path, dtype=dtype, mode="r", shape=(n_rows,)) if n_rows else np.zeros(0, dtype)
@@ -210,7 +218,7 @@ class LogitsCache:
     @contextlib.contextmanager
     def writer(self, key: CacheKey, n_vocab: int) -> Iterator[CacheWriter]:
         """Context for writing an entry; when the folder is not writable the writer keeps the records in memory
-        (8*k+8 bytes a token) instead. The entry is published (records renamed into place, then the manifest) only
+        (2*n_vocab+16 bytes a token) instead. The entry is published (records renamed into place, then the manifest) only
         when the block exits without an exception."""
         data_path, meta_path = self.paths(key)
         try:

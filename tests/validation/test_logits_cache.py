@@ -15,18 +15,17 @@ KEY = CacheKey("a" * 64, "b" * 64, 256, "0.1.0", tokens_sha256([[1, 2, 3]]))
 def test_digest_depends_on_every_field():
     digests = {KEY.digest()}
     for f, v in (("baseline_sha256", "c" * 64), ("dataset_sha256", "d" * 64), ("max_tokens", 128),
-                 ("tool_version", "0.2.0"), ("tokens_sha256", tokens_sha256([[1, 2, 4]])), ("backend", "llama.cpp"),
-                 ("top_k", 8)):
+                 ("tool_version", "0.2.0"), ("tokens_sha256", tokens_sha256([[1, 2, 4]])), ("backend", "llama.cpp")):
         digests.add(dataclasses.replace(KEY, **{f: v}).digest())
-    assert len(digests) == 8
+    assert len(digests) == 7
 
 
 def test_tokens_sha256_separates_samples():
     assert tokens_sha256([[1, 2], [3]]) != tokens_sha256([[1], [2, 3]])
 
 
-def _records(rng, n, vocab=7, k=KEY.top_k):
-    return compress(log_softmax(rng.normal(size=(n, vocab))), rng.integers(0, vocab, n), k)
+def _records(rng, n, vocab=7):
+    return compress(log_softmax(rng.normal(size=(n, vocab))), rng.integers(0, vocab, n))
 
 
 def test_round_trip(tmp_path):
@@ -65,6 +64,6 @@ def test_truncated_entry_is_a_miss(tmp_path):
 def test_wrong_record_rejected(tmp_path):
     with LogitsCache(tmp_path).writer(KEY, 7) as w:
         with pytest.raises(ValueError):
-            w.append(np.zeros(2, record_dtype(KEY.top_k + 1)))
+            w.append(np.zeros(2, record_dtype(8)))
         with pytest.raises(ValueError):
             w.append(np.zeros((2, 5), np.float16))
