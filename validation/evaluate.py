@@ -1,12 +1,14 @@
 """The evaluation engine: score a quantized candidate GGUF against its baseline on a text dataset.
 
-Streams over samples in batches (never all logits in memory), caches the baseline's log-probs on disk, and returns
+Two passes with one model in memory at a time: the baseline's log-probs are computed once per cache key and stored
+in llama-perplexity's compact uint16 form (validation.logits_cache), then the candidate streams over the samples in batches and is
+scored against them (docs/EVALUATION.md: the format, its measured error, the memory bound). Returns
 an EvalReport with perplexity, KL divergence, top-1 agreement and accuracy overall and per category, plus the
 per-tensor weight error. Metric definitions: docs/METRICS.md.
 """
 from __future__ import annotations
 
-import contextlib
+import gc
 import os
 import time
 from pathlib import Path
@@ -24,8 +26,15 @@ from runtime.backends import BACKENDS, LogitsBackend, is_gguf, open_backend
 from runtime.datasets import load_dataset
 from runtime.tokenize import tokenize_samples
 from validation.eval_report import EvalReport, ModelRef, Timings
-from validation.logits_cache import CacheKey, LogitsCache, tokens_sha256
-from validation.metrics import MetricsAccumulator, renormalize, storage_log_probs
+from validation.logits_cache import (
+    CachedLogProbs,
+    CacheKey,
+    LogitsCache,
+    compress,
+    score_against,
+    tokens_sha256,
+)
+from validation.metrics import MetricsAccumulator, log_softmax
 from validation.tensor_error import per_tensor_errors
 
 DEFAULT_BATCH_SIZE = 8
@@ -57,6 +66,106 @@ def _check_float_baseline(path: Path) -> None:
         raise CheckpointError(f"{path}: the baseline must be an HF model folder or an F32/F16/BF16 GGUF")
 
 
+def _samples_and_tokens(baseline: Path, dataset: Any, max_tokens: int) -> tuple[Any, str, list, list[list[int]]]:
+    ds, ds_path = _load_dataset(dataset)
+    samples = list(ds.usable()) if hasattr(ds, "usable") else list(ds.samples)  # no empty or duplicate texts
+    if not samples:
+        raise QuantGateError(f"dataset {ds_path or '(in memory)'} has no samples")
+    return ds, ds_path, samples, tokenize_samples(baseline, [s.text for s in samples], max_tokens)
+
+
+def _check_args(backend: str, batch_size: int, *paths: Path) -> None:
+    if backend not in BACKENDS:
+        raise QuantGateError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if batch_size < 1:
+        raise QuantGateError(f"batch_size must be at least 1, got {batch_size}")
+    for p in paths:
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or folder")
+
+
+def _baseline_pass(baseline: Path, token_ids: list[list[int]], key: CacheKey, cache: LogitsCache, batch_size: int,
+                   progress: ProgressFn | None) -> tuple[CachedLogProbs, bool, float]:
+    """(baseline records, cache hit, seconds). On a miss only the baseline model is in memory, and it is freed
+    before returning; its records stream to the cache (or to memory when the cache folder is not writable)."""
+    cached = cache.lookup(key)
+    if cached is not None:
+        return cached, True, 0.0
+    t0 = time.perf_counter()
+    base: LogitsBackend | None = open_backend(key.backend, baseline, n_ctx=key.max_tokens)
+    try:
+        assert base is not None
+        n_vocab = base.n_vocab
+        with cache.writer(key, n_vocab) as writer:
+            for start in range(0, len(token_ids), batch_size):
+                idx = range(start, min(start + batch_size, len(token_ids)))
+                for i, lg in zip(idx, base.logits([token_ids[i] for i in idx])):
+                    targets = np.asarray(token_ids[i][1:], dtype=np.int64)
+                    writer.append(compress(log_softmax(lg[:-1]), targets))
+                if progress is not None:
+                    progress(idx.stop, len(token_ids), "baseline")
+    finally:
+        if base is not None:
+            base.close()
+        base = None
+        gc.collect()    # the baseline's weights go before the candidate loads
+    seconds = time.perf_counter() - t0
+    hit = cache.lookup(key)
+    return (hit if hit is not None else writer.in_memory()), False, seconds
+
+
+def cache_baseline(
+    baseline: "str | os.PathLike[str]",
+    dataset: Any,
+    *,
+    max_tokens: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache_dir: "str | os.PathLike[str] | None" = None,
+    progress: ProgressFn | None = None,
+) -> tuple[CacheKey, bool]:
+    """Run only the baseline pass of `evaluate` (nothing else in memory) and store its records in the cache:
+    (the cache key, whether the entry was already there)."""
+    baseline = Path(baseline)
+    _check_args("torch", batch_size, baseline)
+    _check_float_baseline(baseline)
+    ds, _ds_path, _samples, token_ids = _samples_and_tokens(baseline, dataset, max_tokens)
+    key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids),
+                   "torch")
+    _records, hit, _s = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress)
+    return key, hit
+
+
+def _exact_pass(baseline: Path, candidate: Path, backend: str, token_ids: list[list[int]], samples: list,
+                max_tokens: int, batch_size: int, overall: MetricsAccumulator,
+                per_cat: dict[str, MetricsAccumulator], progress: ProgressFn | None) -> tuple[float, float]:
+    """Both models in memory, full float64 log-probs compared: the reference for the cached path."""
+    cand: LogitsBackend = open_backend(backend, candidate, n_ctx=max_tokens)
+    base: LogitsBackend = open_backend("torch", baseline, n_ctx=max_tokens)
+    t_base = t_cand = 0.0
+    try:
+        if cand.n_vocab != base.n_vocab:
+            raise QuantGateError(f"vocabulary sizes differ: baseline {base.n_vocab}, candidate {cand.n_vocab}")
+        for start in range(0, len(samples), batch_size):
+            idx = range(start, min(start + batch_size, len(samples)))
+            batch = [token_ids[i] for i in idx]
+            t0 = time.perf_counter()
+            base_lg = base.logits(batch)
+            t1 = time.perf_counter()
+            cand_lg = cand.logits(batch)
+            t_base, t_cand = t_base + (t1 - t0), t_cand + (time.perf_counter() - t1)
+            for i, lb, lc in zip(idx, base_lg, cand_lg):
+                targets = np.asarray(token_ids[i][1:], dtype=np.int64)
+                nb, nc = log_softmax(lb[:-1]), log_softmax(lc[:-1])
+                overall.add(nb, nc, targets)
+                per_cat.setdefault(samples[i].category, MetricsAccumulator()).add(nb, nc, targets)
+            if progress is not None:
+                progress(idx.stop, len(samples), "evaluate")
+    finally:
+        cand.close()
+        base.close()
+    return t_base, t_cand
+
+
 def evaluate(
     baseline: "str | os.PathLike[str]",
     candidate: "str | os.PathLike[str]",
@@ -67,77 +176,58 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: "str | os.PathLike[str] | None" = None,
     progress: ProgressFn | None = None,
+    exact: bool = False,
 ) -> EvalReport:
     """Compare `candidate` (a GGUF) with `baseline` (HF folder or float GGUF) on `dataset` (a JSONL path or a
     runtime.datasets.Dataset): each sample is tokenized once with the baseline's tokenizer (BOS + at most
-    max_tokens-1 text tokens), the baseline runs in torch (or comes from the log-prob cache), the candidate in
-    `backend`; metrics are aggregated per token as batches stream by, and `progress(done, total, "evaluate")` is called after
-    each batch."""
+    max_tokens-1 text tokens).
+
+    Two passes, one model in memory at a time: the baseline (torch, float32) runs once per cache key and leaves
+    compact records on disk (llama-perplexity's uint16 log-probs) (validation.logits_cache), then the candidate runs in `backend` and is
+    scored against them. `exact=True` instead holds both models and compares full float64 log-probs (the
+    reference the cached path is measured against: docs/EVALUATION.md). `progress(done, total, what)` is called
+    after each batch, what = "baseline" or "evaluate"."""
     t_start = time.perf_counter()
     baseline, candidate = Path(baseline), Path(candidate)
-    if backend not in BACKENDS:
-        raise QuantGateError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if batch_size < 1:
-        raise QuantGateError(f"batch_size must be at least 1, got {batch_size}")
-    for p in (baseline, candidate):
-        if not p.exists():
-            raise CheckpointError(f"{p}: no such file or folder")
+    _check_args(backend, batch_size, baseline, candidate)
     _check_float_baseline(baseline)
-    ds, ds_path = _load_dataset(dataset)
-    samples = list(ds.usable()) if hasattr(ds, "usable") else list(ds.samples)  # no empty or duplicate texts
-    if not samples:
-        raise QuantGateError(f"dataset {ds_path or '(in memory)'} has no samples")
-
-
-    token_ids = tokenize_samples(baseline, [s.text for s in samples], max_tokens)
-    key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids))
-    cache = LogitsCache(cache_dir)
-    cached = cache.lookup(key)
-
-    cand: LogitsBackend = open_backend(backend, candidate, n_ctx=max_tokens)
-    base: LogitsBackend | None = None
-    try:
-        if cached is None:
-            base = open_backend("torch", baseline, n_ctx=max_tokens)
-            n_vocab = base.n_vocab
-        else:
-            n_vocab = int(cached.rows.shape[1])
-        if cand.n_vocab != n_vocab:
-            raise QuantGateError(f"vocabulary sizes differ: baseline {n_vocab}, candidate {cand.n_vocab}")
-        overall = MetricsAccumulator()
-        per_cat: dict[str, MetricsAccumulator] = {}
-        t_base = t_cand = 0.0
-        n_fed = sum(len(ids) for ids in token_ids)
-        with (cache.writer(key, n_vocab) if cached is None else contextlib.nullcontext()) as writer:
+    ds, ds_path, samples, token_ids = _samples_and_tokens(baseline, dataset, max_tokens)
+    key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids),
+                   "torch")
+    overall = MetricsAccumulator()
+    per_cat: dict[str, MetricsAccumulator] = {}
+    n_fed = sum(len(ids) for ids in token_ids)
+    if exact:
+        t_base, t_cand = _exact_pass(baseline, candidate, backend, token_ids, samples, max_tokens, batch_size,
+                                     overall, per_cat, progress)
+        hit = False
+    else:
+        records, hit, t_base = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress)
+        t_cand = 0.0
+        cand: LogitsBackend = open_backend(backend, candidate, n_ctx=max_tokens)
+        try:
+            if cand.n_vocab != records.n_vocab:
+                raise QuantGateError(f"vocabulary sizes differ: baseline {records.n_vocab}, candidate {cand.n_vocab}")
             for start in range(0, len(samples), batch_size):
                 idx = range(start, min(start + batch_size, len(samples)))
-                batch = [token_ids[i] for i in idx]
-                t0 = time.perf_counter()
-                if cached is None:
-                    assert base is not None
-                    base_lp = [storage_log_probs(lg[:-1]) for lg in base.logits(batch)]
-                    if writer is not None:
-                        for lp in base_lp:
-                            writer.append(lp)
-                else:
-                    base_lp = [np.asarray(cached.sample(i)) for i in idx]
                 t1 = time.perf_counter()
-                cand_lp = [storage_log_probs(lg[:-1]) for lg in cand.logits(batch)]
-                t2 = time.perf_counter()
-                t_base, t_cand = t_base + (t1 - t0), t_cand + (t2 - t1)
-                for i, lb, lc in zip(idx, base_lp, cand_lp):
+                logits = cand.logits([token_ids[i] for i in idx])
+                t_cand += time.perf_counter() - t1
+                for i, lg in zip(idx, logits):
                     targets = np.asarray(token_ids[i][1:], dtype=np.int64)
-                    if lb.shape != (len(targets), n_vocab):
+                    rec = records.sample(i)
+                    if rec.shape != (len(targets),):
                         raise QuantGateError(f"cached baseline rows of sample {i} do not match its tokens")
-                    nb, nc = renormalize(lb), renormalize(lc)
-                    overall.add(nb, nc, targets)
-                    per_cat.setdefault(samples[i].category, MetricsAccumulator()).add(nb, nc, targets)
+                    values = score_against(rec, log_softmax(lg[:-1]), targets)
+                    overall.add_tokens(*values[:4], targets, values[4])
+                    per_cat.setdefault(samples[i].category, MetricsAccumulator()).add_tokens(
+                        *values[:4], targets, values[4])
                 if progress is not None:
                     progress(idx.stop, len(samples), "evaluate")
-    finally:
-        cand.close()
-        if base is not None:
-            base.close()
+        finally:
+            cand.close()
+            del cand
+            gc.collect()
 
     t3 = time.perf_counter()
     tensors = per_tensor_errors(baseline, candidate)
@@ -145,14 +235,15 @@ def evaluate(
     m = overall.result()
     timings = Timings(
         baseline_seconds=t_base,
-        baseline_tokens_per_s=(n_fed / t_base) if cached is None and t_base > 0 else None,
+        baseline_tokens_per_s=(n_fed / t_base) if not hit and t_base > 0 else None,
         candidate_seconds=t_cand,
         candidate_tokens_per_s=(n_fed / t_cand) if t_cand > 0 else None,
         tensor_error_seconds=t_tensors,
         total_seconds=time.perf_counter() - t_start,
-        baseline_cache_hit=cached is not None,
+        baseline_cache_hit=hit,
     )
-    notes = []
+    notes = [] if exact else ["KL from the cached uint16 baseline log-probs (llama-perplexity's format; "
+                              "docs/EVALUATION.md)"]
     if (dropped := len(ds.samples) - len(samples)):
         notes.append(f"{dropped} empty or duplicate samples skipped")
     if (short := sum(1 for ids in token_ids if len(ids) < 2)):
@@ -171,7 +262,7 @@ def evaluate(
         per_tensor=tensors,
         timings=timings,
         tool_version=__version__,
-        cache_key=key.digest(),
+        cache_key="" if exact else key.digest(),
         notes=notes,
     )
 

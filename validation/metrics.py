@@ -15,6 +15,17 @@ import numpy as np
 LOGPROB_DTYPE = np.float16
 
 
+#: Two-sided 95% normal quantile: kl_mean_upper95 = kl_mean + Z95 * kl_mean_se.
+Z95 = 1.96
+
+
+def sem(mean: float, mean_of_squares: float, n: int) -> float:
+    """llama-perplexity's uncertainty of a mean over n tokens: sqrt((E[x^2] - E[x]^2) / (n - 1)); NaN for n < 2."""
+    if n < 2:
+        return math.nan
+    return math.sqrt(max(mean_of_squares - mean * mean, 0.0) / (n - 1))
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax of (n, vocab) logits, computed in float64."""
     x = np.asarray(logits, dtype=np.float64)
@@ -86,6 +97,15 @@ class Metrics:
     accuracy_drop: float | None
     delta_p_mean: float
     delta_p_rms: float
+    # Standard errors of the mean, as llama-perplexity prints them after "±" (docs/EVALUATION.md): NaN when unknown
+    # (fewer than 2 tokens, or a record written before they existed).
+    ppl_baseline_se: float = math.nan
+    ppl_candidate_se: float = math.nan
+    ln_ppl_ratio_se: float = math.nan
+    ppl_ratio_se: float = math.nan
+    kl_mean_se: float = math.nan
+    kl_mean_upper95: float = math.nan          # kl_mean + 1.96 * kl_mean_se: gate on it to gate with confidence
+    top1_agreement_se: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict; NaN (no tokens) becomes None so the JSON stays standard."""
@@ -96,6 +116,8 @@ class Metrics:
         """Inverse of to_dict (None back to NaN for float fields)."""
         out = {}
         for f in fields(cls):
+            if f.name.endswith(("_se", "_upper95")) and f.name not in d:
+                continue        # records written before the uncertainties existed
             v = d[f.name]
             out[f.name] = math.nan if v is None and f.name != "accuracy_drop" else v
         return cls(**out)
@@ -114,6 +136,10 @@ class MetricsAccumulator:
         self.n_correct_cand = 0
         self.sum_p_diff = 0.0
         self.sum_p_diff2 = 0.0
+        self.sum_nll_base2 = 0.0
+        self.sum_nll_cand2 = 0.0
+        self.sum_d_nll = 0.0     # d = nll_cand - nll_base per token: its spread gives the SE of ln(PPL ratio)
+        self.sum_d_nll2 = 0.0
         self._kl: list[np.ndarray] = []
 
     def add(self, lp_base: np.ndarray, lp_cand: np.ndarray, targets: np.ndarray) -> None:
@@ -123,22 +149,35 @@ class MetricsAccumulator:
         t = np.asarray(targets, dtype=np.int64)
         if lb.shape != lc.shape or lb.ndim != 2 or t.shape != (lb.shape[0],):
             raise ValueError(f"shape mismatch: base {lb.shape}, candidate {lc.shape}, targets {t.shape}")
+        rows = np.arange(t.size)
+        self.add_tokens(lb[rows, t], lc[rows, t], lb.argmax(axis=-1), lc.argmax(axis=-1), t, kl_per_token(lb, lc))
+
+    def add_tokens(self, lp_target_base: np.ndarray, lp_target_cand: np.ndarray, top_base: np.ndarray,
+                   top_cand: np.ndarray, targets: np.ndarray, kl: np.ndarray) -> None:
+        """Add one sample from per-token values: each model's log-prob of the true next token, each model's argmax,
+        the true next tokens and KL(base || cand) per token (what the baseline cache path computes)."""
+        t = np.asarray(targets, dtype=np.int64)
         self.n_samples += 1
         if t.size == 0:
             return
-        rows = np.arange(t.size)
-        nll_b, nll_c = -lb[rows, t], -lc[rows, t]
-        top_b, top_c = lb.argmax(axis=-1), lc.argmax(axis=-1)
+        nll_b = -np.asarray(lp_target_base, dtype=np.float64)
+        nll_c = -np.asarray(lp_target_cand, dtype=np.float64)
+        top_b, top_c = np.asarray(top_base), np.asarray(top_cand)
         p_diff = np.exp(-nll_c) - np.exp(-nll_b)
+        d = nll_c - nll_b
         self.n_tokens += int(t.size)
         self.sum_nll_base += float(nll_b.sum())
         self.sum_nll_cand += float(nll_c.sum())
+        self.sum_nll_base2 += float((nll_b * nll_b).sum())
+        self.sum_nll_cand2 += float((nll_c * nll_c).sum())
+        self.sum_d_nll += float(d.sum())
+        self.sum_d_nll2 += float((d * d).sum())
         self.n_same_top += int((top_b == top_c).sum())
         self.n_correct_base += int((top_b == t).sum())
         self.n_correct_cand += int((top_c == t).sum())
         self.sum_p_diff += float(p_diff.sum())
         self.sum_p_diff2 += float((p_diff * p_diff).sum())
-        self._kl.append(kl_per_token(lb, lc))
+        self._kl.append(np.asarray(kl, dtype=np.float64))
 
     def kl_values(self) -> np.ndarray:
         """Every scored token's KL divergence, in the order added."""
@@ -153,6 +192,12 @@ class MetricsAccumulator:
         kl = np.sort(self.kl_values())
         mb, mc = self.sum_nll_base / n, self.sum_nll_cand / n
         acc_b, acc_c = self.n_correct_base / n, self.n_correct_cand / n
+        kl_mean = float(kl.sum() / n)
+        top1 = self.n_same_top / n
+        se_b = sem(mb, self.sum_nll_base2 / n, n)
+        se_c = sem(mc, self.sum_nll_cand2 / n, n)
+        se_d = sem(self.sum_d_nll / n, self.sum_d_nll2 / n, n)
+        se_kl = sem(kl_mean, float((kl * kl).sum() / n), n)
         return Metrics(
             n_samples=self.n_samples,
             n_tokens=n,
@@ -160,14 +205,21 @@ class MetricsAccumulator:
             ppl_candidate=math.exp(mc),
             ppl_ratio=math.exp(mc - mb),
             ln_ppl_ratio=mc - mb,
-            kl_mean=float(kl.sum() / n),
+            kl_mean=kl_mean,
             kl_median=median(kl),
             kl_p99=percentile(kl, 0.99),
             kl_max=float(kl[-1]),
-            top1_agreement=self.n_same_top / n,
+            top1_agreement=top1,
             acc_baseline=acc_b,
             acc_candidate=acc_c,
             accuracy_drop=(acc_b - acc_c) / acc_b if acc_b > 0 else None,
             delta_p_mean=self.sum_p_diff / n,
             delta_p_rms=math.sqrt(self.sum_p_diff2 / n),
+            ppl_baseline_se=math.exp(mb) * se_b,
+            ppl_candidate_se=math.exp(mc) * se_c,
+            ln_ppl_ratio_se=se_d,
+            ppl_ratio_se=math.exp(mc - mb) * se_d,
+            kl_mean_se=se_kl,
+            kl_mean_upper95=kl_mean + Z95 * se_kl,
+            top1_agreement_se=math.sqrt(top1 * (1 - top1) / (n - 1)) if n > 1 else math.nan,
         )

@@ -170,9 +170,19 @@ _MD_METRICS = (("PPL baseline", "ppl_baseline", ".4f"), ("PPL candidate", "ppl_c
 
 
 def _metric_rows(rep: Any) -> tuple[list[str], list[list[str]]]:
+    # "value ± standard error" where the metric has one (llama-perplexity's style), plus the KL upper bound row
+    se = {"ppl_baseline": "ppl_baseline_se", "ppl_candidate": "ppl_candidate_se", "ppl_ratio": "ppl_ratio_se",
+          "kl_mean": "kl_mean_se", "top1_agreement": "top1_agreement_se"}
+    rows = list(_MD_METRICS)
+    rows.insert(4, ("KL mean upper 95%", "kl_mean_upper95", ".6f"))
+
+    def cell(m: Any, f: str, spec: str) -> str:
+        v, e = fmt(getattr(m, f), spec), getattr(m, se.get(f, ""), None)
+        return v if e is None or e != e or v == "-" else f"{v} ± {fmt(e, spec)}"
+
     sets = [("overall", rep.overall)] + list(rep.per_category.items())
     head = ["metric"] + [n for n, _ in sets]
-    return head, [[label] + [fmt(getattr(m, f), spec) for _, m in sets] for label, f, spec in _MD_METRICS]
+    return head, [[label] + [cell(m, f, spec) for _, m in sets] for label, f, spec in rows]
 
 
 def _md_table(head: list[Any], rows: list[list[Any]]) -> str:

@@ -13,6 +13,11 @@ def _fmt(v: object, spec: str = ".4f") -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
 
 
+def _pm(se: object, spec: str) -> str:
+    """" ± SE" (llama-perplexity's uncertainty) when the metric has a finite one."""
+    return "" if se is None or (isinstance(se, float) and se != se) else f" ± {format(se, spec)}"
+
+
 def render_report(report) -> None:
     """Print the report's headline, the metrics table (overall + per category) and the worst tensors."""
     from rich.table import Table
@@ -31,12 +36,14 @@ def render_report(report) -> None:
     for label, field, spec in (
         ("scored tokens", "n_tokens", "d"), ("PPL baseline", "ppl_baseline", ".4f"),
         ("PPL candidate", "ppl_candidate", ".4f"), ("PPL ratio", "ppl_ratio", ".5f"), ("KL mean", "kl_mean", ".6f"),
+        ("KL mean upper 95%", "kl_mean_upper95", ".6f"),
         ("KL median", "kl_median", ".6f"), ("KL p99", "kl_p99", ".6f"), ("KL max", "kl_max", ".6f"),
         ("top-1 agreement", "top1_agreement", ".2%"), ("accuracy baseline", "acc_baseline", ".2%"),
         ("accuracy candidate", "acc_candidate", ".2%"), ("accuracy drop", "accuracy_drop", ".2%"),
         ("RMS delta p", "delta_p_rms", ".2%"),
     ):
-        table.add_row(label, *(_fmt(getattr(m, field), spec) for _, m in sets))
+        table.add_row(label, *(_fmt(getattr(m, field), spec) + _pm(getattr(m, f"{field}_se", None), spec)
+                               for _, m in sets))
     console.print(table)
     worst = sorted(report.per_tensor, key=lambda e: -(e.rel_rmse or 0.0))[:8]
     tt = Table(title=f"per-tensor weight error (worst {len(worst)} of {len(report.per_tensor)} by relative RMSE)")

@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 def q8_report(tiny_model, tiny_ggufs, dataset, cache):  # noqa: F811
     calls = []
     rep = evaluate(tiny_model, tiny_ggufs["Q8_0"], dataset, max_tokens=48, batch_size=4, cache_dir=cache,
-                   progress=lambda d, n, _what: calls.append((d, n)))
+                   progress=lambda d, n, what: calls.append((d, n, what)))
     return rep, calls
 
 
@@ -39,7 +39,7 @@ def test_identical_candidate(tiny_model, tiny_ggufs, dataset, cache):  # noqa: F
 def test_q8_small_q2_larger(q8_report, tiny_model, tiny_ggufs, dataset, cache):  # noqa: F811
     q8, calls = q8_report
     q2 = evaluate(tiny_model, tiny_ggufs["Q2_K"], dataset, max_tokens=48, cache_dir=cache)
-    assert calls == [(4, 6), (6, 6)]
+    assert [(d, n) for d, n, what in calls if what == "evaluate"] == [(4, 6), (6, 6)]
     assert 0 < q8.overall.kl_mean < 0.05 and q8.overall.top1_agreement > 0.8
     assert q2.overall.kl_mean > 10 * q8.overall.kl_mean
     assert q2.overall.kl_p99 > q8.overall.kl_p99 and q2.overall.top1_agreement < q8.overall.top1_agreement

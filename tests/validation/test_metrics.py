@@ -112,3 +112,38 @@ def test_kl_nonnegative_and_zero_on_self(a, b):
     assert (kl_per_token(la, lb) >= -1e-9).all()
     assert np.all(kl_per_token(la, la) == 0.0)
     assert np.allclose(np.exp(renormalize(storage_log_probs(a))).sum(axis=-1), 1.0)
+
+
+def test_standard_errors_follow_llama_perplexity():
+    """± as llama-perplexity prints them: SE of the mean with n-1, PPL's propagated from the mean NLL, top-1
+    binomial, and kl_mean_upper95 = kl_mean + 1.96 * SE."""
+    rng = np.random.default_rng(3)
+    lb, lc = log_softmax(rng.normal(size=(40, 9))), log_softmax(rng.normal(size=(40, 9)))
+    t = rng.integers(0, 9, 40)
+    acc = MetricsAccumulator()
+    acc.add(lb[:15], lc[:15], t[:15])
+    acc.add(lb[15:], lc[15:], t[15:])
+    m = acc.result()
+    rows = np.arange(40)
+    nll_b, nll_c = -lb[rows, t], -lc[rows, t]
+    kl = kl_per_token(lb, lc)
+    n = 40
+    assert m.kl_mean_se == pytest.approx(np.std(kl) / math.sqrt(n - 1), rel=1e-9)
+    assert m.kl_mean_upper95 == pytest.approx(m.kl_mean + 1.96 * m.kl_mean_se, rel=1e-12)
+    assert m.ppl_baseline_se == pytest.approx(m.ppl_baseline * np.std(nll_b) / math.sqrt(n - 1), rel=1e-9)
+    assert m.ppl_candidate_se == pytest.approx(m.ppl_candidate * np.std(nll_c) / math.sqrt(n - 1), rel=1e-9)
+    assert m.ln_ppl_ratio_se == pytest.approx(np.std(nll_c - nll_b) / math.sqrt(n - 1), rel=1e-9)
+    assert m.ppl_ratio_se == pytest.approx(m.ppl_ratio * m.ln_ppl_ratio_se, rel=1e-12)
+    p = m.top1_agreement
+    assert 0 < p < 1 and m.top1_agreement_se == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-12)
+
+
+def test_standard_errors_round_trip_and_old_records():
+    acc = MetricsAccumulator()
+    acc.add(log_softmax(np.array([[0.0, 1.0]])), log_softmax(np.array([[1.0, 0.0]])), np.array([1]))
+    m = acc.result()
+    assert m.n_tokens == 1 and math.isnan(m.kl_mean_se) and math.isnan(m.kl_mean_upper95)   # n - 1 = 0
+    d = m.to_dict()
+    assert d["kl_mean_se"] is None and Metrics.from_dict(d).to_dict() == d
+    old = {k: v for k, v in d.items() if not k.endswith(("_se", "_upper95"))}   # a record from before the SEs
+    assert math.isnan(Metrics.from_dict(old).kl_mean_upper95)
