@@ -32,8 +32,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Quantize LLM checkpoints to GGUF v3 (bit-exact with ggml), inspect and verify the files.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from core.version import __version__
+
+        print(__version__)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit")) -> None:
+    """Quantize LLM checkpoints to GGUF v3 (bit-exact with ggml), inspect and verify the files."""
 
 # Control characters except \n and \t (which rich lays out itself): shown as \xNN so no ANSI sequence, BEL or
 # carriage return from a file reaches the terminal.
@@ -45,6 +60,9 @@ class _LiteralConsole(Console):
 
     def __init__(self, **kw: Any) -> None:
         kw.setdefault("emoji", False)
+        stream = sys.stderr if kw.get("stderr") else sys.stdout
+        if not stream.isatty() and not os.environ.get("COLUMNS"):
+            kw.setdefault("width", 1000)  # CI logs: never wrap a SHA-256 or a path at 80 columns
         super().__init__(**kw)
 
     def render_str(self, text: str, **kw: Any) -> Text:  # type: ignore[override]

@@ -197,7 +197,7 @@ def _status(job: str, watch: bool, interval: float, as_json: bool) -> None:
 
 @app.command()
 def worker(
-    concurrency: int = typer.Option(0, "--concurrency", "-c", help="Pool processes (0: settings, default 2)"),
+    concurrency: int = typer.Option(0, "--concurrency", help="Pool processes (0: settings, default 2)"),
     pidfile: Optional[Path] = typer.Option(None, "--pidfile", help="Write the main process id here"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="DEBUG INFO WARNING ERROR"),
     hostname: Optional[str] = typer.Option(None, "--hostname", "-n", help="Node name (default: quantgate@%h)"),

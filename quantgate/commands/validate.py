@@ -20,7 +20,7 @@ def _progress(quiet: bool):
 @handle_errors
 def validate(
     baseline: Path = typer.Option(..., "--baseline", "-b", help="Baseline: HF model folder or F32/F16/BF16 GGUF"),
-    quantized: Path = typer.Option(..., "--quantized", "-q", help="Quantized GGUF to gate"),
+    quantized: Path = typer.Option(..., "--quantized", help="Quantized GGUF to gate"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Gate: METRIC <= THRESHOLD (overall)"),
     metric: str = typer.Option("accuracy_drop", "--metric", help="Metric of --threshold (docs/METRICS.md)"),
     gates_file: Optional[Path] = typer.Option(None, "--gates", help="Gate set YAML (gates.yaml or params.yaml)"),
@@ -38,7 +38,7 @@ def validate(
     expect_sha256: Optional[str] = typer.Option(None, "--expect-sha256", help="The expected SHA-256 of the GGUF"),
     suites: List[Path] = typer.Option([], "--suites", help="Extra folder of GX suite JSON files (repeatable)"),
     no_expectations: bool = typer.Option(False, "--no-expectations", help="Skip the Great Expectations suites"),
-    quiet: bool = typer.Option(False, "--quiet", help="Only the verdict line"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the verdict line"),
 ) -> None:
     """Gate a quantized GGUF: structural gates, expectation suites, then quality metrics vs the baseline.
     Exit 0 passed, 1 a gate failed, 2 unusable inputs. The last line printed is the verdict."""

@@ -85,7 +85,7 @@ def test_error_message_mapping_in_process():
 
 def test_deeply_nested_json_manifest_and_dataset(env):
     d = env["dir"]
-    common = ["validate", "-b", str(env["model"]), "-q", str(env["q8"]), "--threshold", "1", "--metric", "kl_mean",
+    common = ["validate", "-b", str(env["model"]), "--quantized", str(env["q8"]), "--threshold", "1", "--metric", "kl_mean",
               "--max-tokens", "16", "--no-expectations", "--report-dir", "r"]
     assert_one_error(cli(*common, "--manifest", "deep.json", cwd=d), "nested too deeply")
     assert_one_error(cli(*common, "-d", "deep.jsonl", cwd=d), "nested too deeply")
@@ -187,7 +187,7 @@ def test_file_name_too_long(env, tmp_path):
 
 def test_relative_report_dir_with_expectations(env):
     """The README's `--report-dir reports/`: a relative folder used to crash inside Great Expectations."""
-    r = cli("validate", "-b", "model", "-q", "q8.gguf", "--threshold", "10", "--metric", "kl_mean", "-d",
+    r = cli("validate", "-b", "model", "--quantized", "q8.gguf", "--threshold", "10", "--metric", "kl_mean", "-d",
             "eval.jsonl", "--max-tokens", "16", "--report-dir", "reports/", cwd=env["dir"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
