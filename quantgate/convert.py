@@ -11,6 +11,7 @@ import numpy as np
 from gguf.constants import GGUFValueType
 
 import quant
+from core.paths import check_output_target
 from core.errors import CheckpointError, UnsupportedTypeError
 from core.hashing import checkpoint_sha256
 from core.records import QuantizedArtifact, Recipe, job_key
@@ -60,7 +61,9 @@ def convert_model(
     file_type = OUTTYPES[outtype][1]
     t0 = time.perf_counter()
     recipe = convert_recipe(outtype, generic, tokenizer_pre)
+    check_output_target(out, [source])
     with open_checkpoint(source) as ckpt:
+        check_output_target(out, ckpt.files)
         if ckpt.kind == "gguf":
             raise CheckpointError(f"{source}: already a GGUF file; use `quantgate quantize` to change its types")
         source_sha = checkpoint_sha256(ckpt.files)

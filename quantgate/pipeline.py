@@ -17,6 +17,7 @@ import quant
 from analyzer.cache import CalibrationCache
 from core.errors import QuantGateError, UnsupportedTypeError
 from core.hashing import canonical_json, checkpoint_sha256, file_sha256, sha256_text
+from core.paths import check_output_target
 from core.progress import ProgressFn
 from core.records import (
     AUTO,
@@ -168,7 +169,9 @@ def quantize_model(
         type_map_sha256=sha256_text(canonical_json(type_map)) if auto else None,
         policy=req.policy if auto else None,
     )
+    check_output_target(req.out, [req.source] + ([req.imatrix] if req.imatrix is not None else []))
     with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
+        check_output_target(req.out, ckpt.files)
         source_sha = checkpoint_sha256(ckpt.files)
         t_hash = time.perf_counter()
         plan = plan_model(ckpt, generic=req.generic)

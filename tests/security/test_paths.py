@@ -214,3 +214,65 @@ def test_worker_refuses_model_and_workdir_outside_its_roots(cluster, models, tmp
         assert (r.retries or 0) == 0
     assert not evil_wd.exists()
     assert not list(Path(cluster.workdir).rglob("*.gguf")) if Path(cluster.workdir).exists() else True
+
+
+# ------------------------------------------------------------------------------ quantize/convert --out targets
+
+
+def _tiny(tmp_path):
+    from tests.validation._tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path / "tiny")
+
+
+def _quantize_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from quantgate.cli import app
+
+    return CliRunner().invoke(app, ["quantize", *args, "-q"])
+
+
+def test_quantize_out_refuses_a_device_the_input_and_the_source_folder(tmp_path):
+    import os
+    import stat
+
+    src = _tiny(tmp_path)
+    f16 = tmp_path / "m-f16.gguf"
+    assert _quantize_cli("--model", str(src), "--precision", "F16", "--out", str(f16)).exit_code == 0
+    before = f16.read_bytes()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    cases = {
+        "a character device": "/dev/null",
+        "a FIFO": str(fifo),
+        "a folder": str(tmp_path),
+        "the input file": str(f16),
+        "a file inside the source folder": str(src / "q.gguf"),
+    }
+    for what, out in cases.items():
+        model = f16 if what == "the input file" else src
+        r = _quantize_cli("--model", str(model), "--precision", "Q8_0", "--out", out)
+        assert r.exit_code == 2, (what, r.output)
+        assert "error:" in r.output and "Traceback" not in r.output, (what, r.output)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)            # still a device
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert f16.read_bytes() == before                           # the input untouched
+    assert not (src / "q.gguf").exists()                        # the source folder untouched
+    # a plain new path and overwriting a previous output both still work
+    out = tmp_path / "q8.gguf"
+    assert _quantize_cli("--model", str(src), "--precision", "Q8_0", "--out", str(out)).exit_code == 0
+    assert _quantize_cli("--model", str(src), "--precision", "Q8_0", "--out", str(out)).exit_code == 0
+
+
+def test_output_through_a_symlink_to_the_input_is_refused(tmp_path):
+    from core.paths import OutputTargetError, check_output_target
+
+    src = tmp_path / "in.gguf"
+    src.write_bytes(b"GGUF")
+    link = tmp_path / "out.gguf"
+    link.symlink_to(src)
+    import pytest
+
+    with pytest.raises(OutputTargetError):
+        check_output_target(link, [src])
