@@ -24,9 +24,7 @@ def check_output_target(out: "str | os.PathLike[str]", sources: Iterable["str | 
     try:
         st = os.stat(target)  # follows symlinks: what a rename would replace is the link, what a reader sees is this
     except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise OutputTargetError(f"{target}: cannot use as output ({e.strerror})") from None
+        st = None   # other OSErrors (ENAMETOOLONG, EACCES...) reach the CLI's one-line errno report as they are
     if st is not None and not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
         raise OutputTargetError(f"{target}: output exists and is {kind}; refused")

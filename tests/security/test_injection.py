@@ -122,8 +122,10 @@ def test_inspect_and_verify_print_hostile_names_literally(env):
     assert_literal_terminal(r.stdout, *(f"blk.{i}.{h}" for i, h in enumerate(HOSTILE)))
     assert "evil <script>alert(1)</script>" in r.stdout and "[link=https://evil.example]x[/link]" in r.stdout
 
+    # renamed tensors are not the llama architecture's (issue 12 section 7): INVALID, with the names listed literally
     r = cli("verify", str(env["hostile"]), cwd=env["dir"])
-    assert r.returncode == 0 and "valid" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and "INVALID" in r.stdout, r.stdout + r.stderr
+    assert_literal_terminal(r.stdout + r.stderr, *(f"blk.{i}.{h}" for i, h in enumerate(HOSTILE) if i < 2))
 
     # the issue's repro: a missing file whose name is markup used to crash with MarkupError (exit 1)
     r = cli("verify", "x[/b].gguf", cwd=env["dir"])

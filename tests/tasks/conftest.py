@@ -84,7 +84,7 @@ class Worker:
         self.logfile = folder / f"{name}.log"
         common = ["--pidfile", str(self.pidfile), "--logfile", str(self.logfile), "-n", f"{name}@%h", "-l", "INFO"]
         if celery_app is None:     # the production entry point
-            argv = QUANTGATE + ["worker", "-c", str(concurrency)] + common
+            argv = QUANTGATE + ["worker", "--concurrency", str(concurrency)] + common
         else:                      # the same app plus test-only tasks (e.g. tests.tasks.slow_app)
             argv = [sys.executable, "-m", "celery", "-A", celery_app, "worker", "-Q", "quantgate", "-c",
                     str(concurrency), "--without-gossip", "--without-mingle"] + common
