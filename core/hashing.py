@@ -28,7 +28,8 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "quantgate"
 
 
-def _load_cache(path: Path) -> dict[str, dict]:
+def load_json_cache(path: Path) -> dict:
+    """A small JSON cache file (file hashes, fingerprints): {} when missing or unreadable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -36,15 +37,16 @@ def _load_cache(path: Path) -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def _store_cache(path: Path, data: dict[str, dict]) -> None:
+def store_json_cache(path: Path, data: dict) -> None:
+    """Replace a JSON cache file atomically; an unwritable cache is ignored (it only costs a recomputation)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256_cache.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
-        pass  # an unwritable cache only costs a re-hash next time
+        pass
 
 
 def _sha256_stream(path: Path) -> str:
@@ -62,16 +64,16 @@ def file_sha256(path: "str | os.PathLike[str]") -> str:
     st = p.stat()
     key = str(p)
     cache_file = cache_dir() / _CACHE_NAME
-    cache = _load_cache(cache_file)
+    cache = load_json_cache(cache_file)
     hit = cache.get(key)
     if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
         digest = hit.get("sha256")
         if isinstance(digest, str) and len(digest) == 64:
             return digest
     digest = _sha256_stream(p)
-    cache = _load_cache(cache_file)  # re-read: another process may have added entries meanwhile
+    cache = load_json_cache(cache_file)  # re-read: another process may have added entries meanwhile
     cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    _store_cache(cache_file, cache)
+    store_json_cache(cache_file, cache)
     return digest
 
 

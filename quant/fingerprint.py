@@ -21,14 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import CheckpointError
-from core.hashing import cache_dir
+from core.hashing import cache_dir, load_json_cache, store_json_cache
 from quant.gguf_reader import read_gguf
 from quant.loaders import Checkpoint, open_checkpoint
 
@@ -95,25 +94,10 @@ def _cache_key(files: list[Path]) -> str:
     return VERSION + ":" + json.dumps(parts, separators=(",", ":"))
 
 
-def _load_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _store(path: Path, key: str, value: str) -> None:
-    try:
-        data = _load_cache(path)  # re-read: another process may have added entries meanwhile
-        data[key] = value
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".fingerprint_cache.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # an unwritable cache only costs a recomputation next time
+    data = load_json_cache(path)  # re-read: another process may have added entries meanwhile
+    data[key] = value
+    store_json_cache(path, data)
 
 
 def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
@@ -126,7 +110,7 @@ def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
     with ckpt:
         key = _cache_key(ckpt.files)
         cache_file = cache_dir() / _CACHE_NAME
-        hit = _load_cache(cache_file).get(key)
+        hit = load_json_cache(cache_file).get(key)
         if isinstance(hit, str) and (hit == "none" or len(hit) == 64):
             return None if hit == "none" else hit
         if ckpt.kind == "gguf":
