@@ -9,7 +9,7 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
-from quantgate.cli_app import app, console, err_console, fail, handle_errors
+from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit
 
 F = TypeVar("F", bound=Callable)
 models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, show, download, check.")
@@ -83,7 +83,7 @@ def register(
         print(json.dumps(rv.to_dict(), indent=2, sort_keys=True))
         return
     what = "registered" if rv.created else "already registered"
-    console.print(f"{what}: {rv.model_name} v{rv.version} ({rv.verdict}) sha256 {rv.artifact_sha256[:16]} "
+    console.print(f"{what}: {lit(rv.model_name)} v{lit(rv.version)} ({rv.verdict}) sha256 {rv.artifact_sha256[:16]} "
                   f"run {rv.run_id}", highlight=False)
 
 
@@ -104,7 +104,8 @@ def promote(
     except PromotionRefused as e:
         fail(str(e), 1)
         return
-    console.print(f"{model}@{alias} -> v{mv.version} (aliases now: {', '.join(mv.aliases)})", highlight=False)
+    console.print(f"{lit(model)}@{lit(alias)} -> v{lit(mv.version)} (aliases now: {lit(', '.join(mv.aliases))})",
+                  highlight=False)
 
 
 @models_app.command("list")
@@ -121,8 +122,8 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Machine-read
         return
     t = Table("model", "versions", "aliases", "source sha256")
     for r in rows:
-        t.add_row(r["name"], str(r["versions"]), ", ".join(f"{a}->v{v}" for a, v in sorted(r["aliases"].items())),
-                  r["source_sha256"][:16])
+        t.add_row(cell(r["name"]), str(r["versions"]),
+                  cell(", ".join(f"{a}->v{v}" for a, v in sorted(r["aliases"].items()))), cell(r["source_sha256"][:16]))
     console.print(t)
 
 
@@ -145,13 +146,13 @@ def models_show(
     t = Table("version", "verdict", "aliases", "precision", "bpw", "sha256", "job key")
     for r in rows:
         tg = r["tags"]
-        t.add_row(r["version"], tg.get("verdict", "") + (" (rejected)" if tg.get("rejected") == "true" else ""),
-                  ", ".join(r["aliases"]), tg.get("precision", ""), tg.get("bits_per_weight", ""),
-                  tg.get("sha256", "")[:16], tg.get("job_key", "")[:16])
+        t.add_row(cell(r["version"]), cell(tg.get("verdict", "") + (" (rejected)" if tg.get("rejected") == "true" else "")),
+                  cell(", ".join(r["aliases"])), cell(tg.get("precision", "")), cell(tg.get("bits_per_weight", "")),
+                  cell(tg.get("sha256", "")[:16]), cell(tg.get("job_key", "")[:16]))
     console.print(t)
     if version is not None:
         for k, v in sorted(rows[0]["tags"].items()):
-            console.print(f"  {k}: {v}", highlight=False)
+            console.print(f"  {lit(k)}: {lit(v)}", highlight=False)
 
 
 @models_app.command("download")
@@ -164,7 +165,7 @@ def models_download(
     from registry.queries import download
 
     path = download(ref, out, settings=_settings())
-    console.print(f"downloaded {ref} to {path}", highlight=False)
+    console.print(f"downloaded {lit(ref)} to {lit(path)}", highlight=False)
 
 
 def _registry_check(settings, events):
@@ -175,8 +176,9 @@ def _registry_check(settings, events):
 
 def _print_findings(check) -> None:
     for f in check.findings:
-        err_console.print(f"[red]{f.kind}[/] {f.model} v{f.version}: {f.message}", highlight=False, soft_wrap=True)
-    console.print(check.summary(), highlight=False)
+        err_console.print(f"[red]{lit(f.kind)}[/] {lit(f.model)} v{lit(f.version)}: {lit(f.message)}", highlight=False,
+                          soft_wrap=True)
+    console.print(lit(check.summary()), highlight=False)
 
 
 @models_app.command("check")
@@ -214,9 +216,9 @@ def audit_verify(
         print(json.dumps(rep.to_dict() | ({"registry": check.to_dict()} if check else {}), indent=2, sort_keys=True))
     else:
         for p in rep.problems:
-            err_console.print(f"[red]{p.kind}[/] at position {p.position}: {p.message}", highlight=False,
+            err_console.print(f"[red]{lit(p.kind)}[/] at position {p.position}: {lit(p.message)}", highlight=False,
                               soft_wrap=True)
-        console.print(rep.summary(), highlight=False)
+        console.print(lit(rep.summary()), highlight=False)
         if check is not None:
             _print_findings(check)
     raise typer.Exit(0 if ok else 1)
@@ -234,7 +236,7 @@ def audit_export(
     from registry.queries import export_events
 
     path, n = export_events(model, version, out, settings=_settings(), attach=attach)
-    console.print(f"wrote {n} events to {path}", highlight=False)
+    console.print(f"wrote {n} events to {lit(path)}", highlight=False)
 
 
 @app.command()
@@ -250,4 +252,4 @@ def report(
     from registry.compliance import write_report
 
     path = write_report(model, version, out, fmt, settings=_settings(), attach=attach)
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {lit(path)}", highlight=False)

@@ -222,3 +222,17 @@ def test_pipeline_register_step_aliases_only_passing_versions(tiny_artifacts, tm
     with AuditLog(settings.audit_db_url) as log:
         assert [e.action for e in log.events() if e.action == "promote"] == ["promote"]
         assert log.verify().ok
+
+
+def test_cli_prints_hostile_tags_literally(store, cli):
+    """A tag anyone with MLflow access can set is shown as text by `models show`, never read as Rich markup."""
+    c = mlflow_client(store.settings)
+    hostile = "[link=https://evil.example]x[/link] [/b] \x1b[31mred"
+    c.set_model_version_tag(store.model, store.passing.version, "note", hostile)
+    try:
+        r = cli("models", "show", store.model, str(store.passing.version))
+        assert r.exit_code == 0, r.output
+        assert "[link=https://evil.example]x[/link] [/b] \\x1b[31mred" in r.output
+        assert "\x1b[31m" not in r.output
+    finally:
+        c.delete_model_version_tag(store.model, store.passing.version, "note")
