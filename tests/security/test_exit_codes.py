@@ -249,7 +249,8 @@ def test_internal_error_traceback_only_with_quantgate_debug(env, tmp_path):
 
 
 def test_redis_unreachable_submit_and_status(env):
-    e = {"QUANTGATE_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"}
+    e = {"QUANTGATE_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0",   # submit checks the job's paths first
+         "QUANTGATE_MODEL_ROOTS": str(env["dir"]), "QUANTGATE_WORKDIR": str(env["dir"] / "jobs")}
     line = assert_one_error(cli("status", "0123abcd", cwd=env["dir"], env=e), "cannot reach the broker")
     assert "hunter2" not in line and "***" in line
     line = assert_one_error(cli("submit", "--model", str(env["model"]), "--mix", "Q8_0", "--no-validate",
@@ -276,7 +277,9 @@ def test_submit_prints_only_the_job_id(env):
     job = None
     try:
         r = cli("submit", "--model", str(env["model"]), "--mix", "Q8_0", "--no-validate", "--no-register",
-                "--workdir", str(env["dir"] / "jobs"), cwd=ROOT, env={"QUANTGATE_BROKER_URL": url})
+                "--workdir", str(env["dir"] / "jobs"), cwd=ROOT,
+                env={"QUANTGATE_BROKER_URL": url, "QUANTGATE_MODEL_ROOTS": str(env["dir"]),
+                     "QUANTGATE_WORKDIR": str(env["dir"] / "jobs")})
         assert r.returncode == 0, r.stderr[-3000:]
         job = r.stdout.strip()
         assert len(job) == 32 and int(job, 16) >= 0, r.stdout
