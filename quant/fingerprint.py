@@ -68,7 +68,7 @@ def _skip(name: str, tied: bool) -> bool:
 
 
 def _gguf_entries(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    from quant.gguf_to_hf import hf_config_from_gguf, iter_hf_tensors
+    from quant.gguf_to_hf import hf_config_from_gguf, iter_hf_tensors  # lazy: only GGUF inputs need the name map
 
     with read_gguf(path) as g:
         cfg = hf_config_from_gguf(g)

@@ -27,6 +27,7 @@ from rich.text import Text
 
 from core.errors import QuantGateError
 from core.text import MAX_LINE, one_line
+from core.version import __version__
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -39,8 +40,6 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        from core.version import __version__
-
         print(__version__)
         raise typer.Exit(0)
 

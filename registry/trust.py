@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from core.hashing import canonical_json, sha256_text
 from core.records import Verdict
-from registry.audit import AuditEvent, event_hash
+from registry.audit import AuditEvent, event_hash, record_event
 from registry.client import FAILED, PASSED, UNVALIDATED
 
 VERDICT_KEY_ENV = "QUANTGATE_VERDICT_KEY"
@@ -188,8 +188,6 @@ def _legacy_status(evs: list[AuditEvent], reg: AuditEvent, key: bytes | None) ->
 def record_validation(v: Verdict, *, db_url: str, inputs: Iterable[Any] = (), outputs: Iterable[Any] = (),
                       key: bytes | None = None) -> AuditEvent:
     """Append the "validate" event that backs `v` (what quantgate.pipeline.validate_artifact calls after the gate)."""
-    from registry.audit import record_event
-
     k = verdict_key() if key is None else key
     return record_event("validate", db_url=db_url, artifact_sha256=v.artifact_sha256, inputs=inputs,
                         outputs=outputs, config=validation_config(v, k), verdict=verdict_status_of(v),

@@ -11,6 +11,8 @@ import numpy as np
 
 from quant.gguf_kv import KV
 
+from core.errors import CheckpointError
+
 SourceKind = Literal["safetensors", "torch", "gguf"]
 
 
@@ -18,8 +20,6 @@ def check_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> N
     """Refuse a path that is not a regular file (FIFO, device, socket) without opening it: opening a FIFO blocks
     until a writer appears, reading /dev/zero never ends. Symlinks are followed (their target must be regular).
     Missing files raise FileNotFoundError (callers word that themselves)."""
-    from core.errors import CheckpointError
-
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path}: {what} is not a regular file ({_kind(st.st_mode)}); refused")
@@ -36,8 +36,6 @@ def _kind(mode: int) -> str:
 def open_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> BinaryIO:
     """Open a regular file for binary reading, race-free: O_NONBLOCK so a FIFO swapped in after a stat cannot block
     the open, then fstat on the opened descriptor; anything but a regular file raises CheckpointError."""
-    from core.errors import CheckpointError
-
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
