@@ -14,6 +14,21 @@ case "$VARIANT" in
   default) FLAGS="" ;;
   *) echo "unknown oracle variant: $VARIANT (nofma|default)" >&2; exit 2 ;;
 esac
+# x86-64: the CPU backend is built for this machine's instruction sets but never with AMX. A -march=native build
+# on a CPU that advertises AMX (Sapphire Rapids and later) runs `ldtilecfg` in matmul worker threads that never
+# asked the kernel for AMX state (arch_prctl ARCH_REQ_XCOMP_PERM): a general protection fault as soon as a Q8_0 /
+# Q4_0 model is evaluated. Measured on this project's machines (2026-12-02). The reference quantizers
+# (libggml-base, the oracle proper) get no arch flags either way.
+if [ "$(uname -m)" = x86_64 ]; then
+  FLAGS="$FLAGS -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  has() { grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -qx "$1"; }
+  for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+           avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    if has "${f%%:*}"; then FLAGS="$FLAGS -DGGML_${f##*:}=ON"; else FLAGS="$FLAGS -DGGML_${f##*:}=OFF"; fi
+  done
+fi
+# The cache key includes the flags: a wheel built with other flags is never reused.
+DEST="$DEST-$(printf '%s' "$FLAGS" | sha256sum | cut -c1-12)"
 if ! ls "$DEST"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $VERSION ($VARIANT); this takes ~10 minutes on 2 cores" >&2
   tmp="$DEST.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
