@@ -43,7 +43,7 @@ def shared_exponent(amax):
 
 @njit(cache=True, error_model="numpy")
 def best_index_mxfp4(val, x, e):
-    """The first index i minimising fabsf(kvalues_mxfp4[i]*e - x)."""
+    """ggml's best_index_mxfp4 literally: the first index i minimising fabsf(kvalues_mxfp4[i]*e - x)."""
     best_index = 0
     best_err = abs(val[0] * e - x)
     for i in range(1, 16):
@@ -54,10 +54,30 @@ def best_index_mxfp4(val, x, e):
     return best_index
 
 
+@njit(cache=True, error_model="numpy")
+def _best_index_fast(kd, x):
+    """best_index_mxfp4 with kd[i] = kvalues_mxfp4[i]*e (i < 8) precomputed per block, searching 8 levels, same
+    result: for x >= 0 (+-0 included) every negative level's error fl(k*e + x) is >= index 0's |x|, so the first
+    minimum is among indices 0..7; for x < 0 the positive levels lose to index 0 likewise, and index 8+i's error
+    fabsf(-(k*e) - x) equals fabsf(k*e - |x|) bit for bit (negation is exact), so it is 8 + the search on |x|."""
+    ax = abs(x)
+    best_index = 0
+    best_err = abs(kd[0] - ax)
+    for i in range(1, 8):
+        err = abs(kd[i] - ax)
+        if err < best_err:
+            best_index = i
+            best_err = err
+    if x < f32(0.0) and best_index > 0:
+        best_index += 8
+    return best_index
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _quantize_mxfp4(x, out, val):
     for r in prange(x.shape[0]):
         xr, y = x[r], out[r]
+        kd = np.empty(8, np.float32)
         for i in range(xr.shape[0] // QK_MXFP4):
             xb = xr[QK_MXFP4 * i:QK_MXFP4 * (i + 1)]
             o = MXFP4_SIZE * i
@@ -68,9 +88,11 @@ def _quantize_mxfp4(x, out, val):
             e = shared_exponent(amax)
             d = e8m0_to_fp32_half(e)
             y[o] = e
+            for k in range(8):
+                kd[k] = val[k] * d
             for j in range(QK_MXFP4 // 2):
-                x0 = best_index_mxfp4(val, xb[j], d)
-                x1 = best_index_mxfp4(val, xb[QK_MXFP4 // 2 + j], d)
+                x0 = _best_index_fast(kd, xb[j])
+                x1 = _best_index_fast(kd, xb[QK_MXFP4 // 2 + j])
                 y[o + 1 + j] = x0 | (x1 << 4)
 
 

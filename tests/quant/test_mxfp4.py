@@ -90,3 +90,33 @@ def test_imatrix_is_ignored_and_threads_do_not_matter():
     with quant.threads(1):
         assert np.array_equal(a, quant.quantize(x, "MXFP4"))
     assert np.array_equal(a[5:9], quant.quantize(x[5:9], "MXFP4"))
+
+
+def test_fast_level_search_equals_ggml_loop():
+    """The 8-level search the kernel uses gives ggml's 16-level best_index_mxfp4 on every kind of value and scale."""
+    from numba import njit
+
+    @njit(cache=False)
+    def both(xs, es, val):
+        kd = np.empty(8, np.float32)
+        bad = 0
+        for e in es:
+            d = mxfp4.e8m0_to_fp32_half(e)
+            for k in range(8):
+                kd[k] = val[k] * d
+            for x in xs:
+                if mxfp4.best_index_mxfp4(val, x, d) != mxfp4._best_index_fast(kd, x):
+                    bad += 1
+        return bad
+
+    rng = np.random.default_rng(4)
+    es = np.arange(256).astype(np.int64)
+    mids = np.float32([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7, 100])  # exact midpoints between levels (times d)
+    xs = np.concatenate([rng.standard_normal(300), mids, -mids, [0.0, -0.0]]).astype(np.float32)
+    assert both(xs, es[:2], mxfp4._KV) == 0
+    for e in (0, 1, 2, 100, 127, 200, 252, 255):
+        d = np.float32(mxfp4.e8m0_to_fp32_half(e))
+        scaled = xs.astype(np.float64) * d
+        scaled = scaled[np.abs(scaled) < 3e38].astype(np.float32)  # finite inputs only (the API refuses Inf)
+        near = np.nextafter(scaled, np.float32(np.inf) * np.sign(scaled + np.float32(1e-45)))
+        assert both(np.concatenate([scaled, near]).astype(np.float32), np.array([e]), mxfp4._KV) == 0
