@@ -35,7 +35,14 @@ def lroundf(v):
 
 @njit(cache=True, error_model="numpy")
 def _trit(v):
-    """`int xi = lroundf(v) + 1`: the C long -> int conversion keeps the low 32 bits (only the low 8 are used)."""
+    """`int xi = lroundf(v) + 1`: the C long -> int conversion keeps the low 32 bits (only the low 8 are used).
+    |v| < 1.5 (every v when 1/d is finite) takes the comparisons lroundf amounts to there."""
+    if abs(v) < f32(0.5):
+        return 1
+    if v >= f32(0.5) and v < f32(1.5):
+        return 2
+    if v <= f32(-0.5) and v > f32(-1.5):
+        return 0
     return (lroundf(v) + 1) & 0xFFFFFFFF
 
 

@@ -147,3 +147,20 @@ def test_kernel_table_contract():
         raw = q(x, None)
         assert raw.dtype == np.uint8 and raw.shape == (3, get_qtype(name).row_bytes(512)) and raw.flags.c_contiguous
         assert dq(raw, 512).shape == x.shape
+
+
+@njit(cache=True)
+def _trit_many(x):
+    out = np.empty(x.size, np.int64)
+    for i in range(x.size):
+        out[i] = ternary._trit(x[i])
+    return out
+
+
+def test_trit_shortcut_equals_lroundf_plus_one():
+    """The kernel's |v| < 1.5 comparisons give (lroundf(v) + 1) mod 2^32 for every kind of value."""
+    rng = np.random.default_rng(1)
+    edges = np.float32([0.5, 1.5, 0.49999997, 1.4999999, 1.5000001, 2.5, 0.0, 1e-45])
+    xs = np.concatenate([edges, -edges, np.nextafter(edges, np.float32(np.inf)), rng.uniform(-3, 3, 50_000),
+                         np.float32([np.inf, -np.inf, np.nan, 3e38, -3e38])]).astype(np.float32)
+    assert np.array_equal(_trit_many(xs), (_lround_many(xs) + 1) & 0xFFFFFFFF)
