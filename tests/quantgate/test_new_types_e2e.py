@@ -20,7 +20,6 @@ from core.records import QuantizeRequest
 from quantgate.cli import app
 from quantgate.pipeline import quantize_model
 from quantgate.sample import SampleShape, make_sample_checkpoint
-from tests.quantgate.tiny_hf import make_tiny_model
 
 runner = CliRunner()
 # ffn_down rows of 640: IQ4_XS falls back to IQ4_NL and TQ1_0/TQ2_0 to Q4_0, as llama.cpp's tensor_type_fallback does
@@ -29,6 +28,7 @@ OVERRIDES = (("blk.0.ffn_down", "IQ4_XS"), ("blk.1.ffn_down", "TQ1_0"), ("ffn_up
              ("attn_k", "IQ4_NL"), ("attn_v", "IQ4_XS"), ("attn_output", "TQ2_0"))
 OUTPUT_TYPE, EMBD_TYPE = "IQ4_XS", "IQ4_NL"
 NEW_TYPES = {"IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
+REFERENCE = Path(__file__).resolve().parents[2] / "models" / "reference"  # trained tiny Llama, with its tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,10 @@ IDS = [1, 17, 42, 99, 7, 300, 12, 5]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    """A tiny Llama with its tokenizer (so llama.cpp can load it), its F16 GGUF and llama.cpp's F16 logits."""
+    """The bundled reference model (llama.cpp can load it: it has a tokenizer), its F16 GGUF and llama.cpp's F16
+    logits."""
     d = tmp_path_factory.mktemp("tiny")
-    hf = make_tiny_model(d / "hf", "llama", seed=3)
+    hf = REFERENCE
     f16 = d / "f16.gguf"
     assert runner.invoke(app, ["quantize", "-m", str(hf), "-p", "F16", "-o", str(f16), "--quiet"]).exit_code == 0
     return {"hf": hf, "f16": f16, "logits": _logits(f16, IDS), "dir": d}
@@ -198,7 +199,7 @@ def test_cli_file_verifies_inspects_reads_and_runs(require_oracle, tiny, tmp_pat
             assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), t.name
 
     q = _logits(out, IDS)
-    assert q.shape == tiny["logits"].shape == (len(IDS), 512) and np.isfinite(q).all() and q.std() > 0
+    assert q.shape == tiny["logits"].shape == (len(IDS), 4096) and np.isfinite(q).all() and q.std() > 0
     assert not np.array_equal(q, tiny["logits"])  # really the quantized weights
     assert np.array_equal(q, _logits(out, IDS))  # deterministic
 
