@@ -19,7 +19,6 @@ f32 = np.float32
 QK_K = 256
 TQ1_0_SIZE = 54  # qs[48] qh[4] d
 TQ2_0_SIZE = 66  # qs[64] d
-_NO_IMATRIX = np.zeros(0, dtype=np.float32)
 _LONG_MIN = np.int64(-9223372036854775807 - 1)
 
 

@@ -24,8 +24,8 @@ from quantgate.sample import SampleShape, make_sample_checkpoint
 runner = CliRunner()
 # ffn_down rows of 640: IQ4_XS falls back to IQ4_NL and TQ1_0/TQ2_0 to Q4_0, as llama.cpp's tensor_type_fallback does
 SHAPE = SampleShape(n_layer=2, n_embd=256, n_ff=640, n_head=4, n_head_kv=2, n_vocab=512)
-OVERRIDES = (("blk.0.ffn_down", "IQ4_XS"), ("blk.1.ffn_down", "TQ1_0"), ("ffn_up", "TQ1_0"), ("ffn_gate", "TQ2_0"), ("attn_q", "MXFP4"),
-             ("attn_k", "IQ4_NL"), ("attn_v", "IQ4_XS"), ("attn_output", "TQ2_0"))
+OVERRIDES = (("blk.0.ffn_down", "IQ4_XS"), ("blk.1.ffn_down", "TQ1_0"), ("ffn_up", "TQ1_0"), ("ffn_gate", "TQ2_0"),
+             ("attn_q", "MXFP4"), ("attn_k", "IQ4_NL"), ("attn_v", "IQ4_XS"), ("attn_output", "TQ2_0"))
 OUTPUT_TYPE, EMBD_TYPE = "IQ4_XS", "IQ4_NL"
 NEW_TYPES = {"IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
 REFERENCE = Path(__file__).resolve().parents[2] / "models" / "reference"  # trained tiny Llama, with its tokenizer
