@@ -33,7 +33,9 @@ PRECISIONS: dict[str, MixInfo] = {m.name: m for m in (
 )}
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# tensor_type_fallback's switch (block-32 types like IQ4_NL and MXFP4 have no entry: they go straight to F16)
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             "IQ4_XS": "IQ4_NL", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
 # convert_hf_to_gguf keeps these 2-D tensors in F32 (its "some tensor types are always in float32" list)
 _HF_F32_PATTERNS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "position_embd.weight",
                     "token_types.weight", "ssm_conv1d.weight", "shortconv.conv.weight", "time_mix_first.weight",

@@ -100,6 +100,9 @@ LINEAGE_REL_RMSE: dict[str, float] = {
     "F32": 0.01, "F16": 0.01, "BF16": 0.01,
     "Q8_0": 0.02, "Q6_K": 0.05, "Q5_K": 0.08, "Q5_1": 0.08, "Q5_0": 0.10,
     "Q4_K": 0.15, "Q4_1": 0.16, "Q4_0": 0.20, "Q3_K": 0.35, "Q2_K": 0.60,
+    "IQ4_NL": 0.16, "IQ4_XS": 0.16, "MXFP4": 0.25,
+    # ternary types on non-ternary weights sit near 0.82; another model's weights near 1.47: 1.0 separates them
+    "TQ1_0": 1.0, "TQ2_0": 1.0,
 }
 
 

@@ -19,11 +19,14 @@ def load_kernels() -> dict[str, tuple[QuantizeFn, DequantizeFn]]:
     """Import every kernel family and merge their tables (imported lazily: numba compiles on first use)."""
     from quant.kernels import (  # lazy: numba compiles at first use
         floats,
+        iquants_nl,
         kquants,
         legacy,
+        mxfp4,
+        ternary,
     )
 
     table: dict[str, tuple[QuantizeFn, DequantizeFn]] = {}
-    for mod in (floats, legacy, kquants):
+    for mod in (floats, legacy, kquants, iquants_nl, ternary, mxfp4):
         table.update(mod.KERNELS)
     return table
