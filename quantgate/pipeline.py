@@ -39,6 +39,7 @@ from quant.mixes import (
     current_type,
     get_mix,
     llama_quantize_order,
+    missing_kernels,
     tensor_types,
 )
 from quant.model_plan import plan_model
@@ -183,8 +184,12 @@ def quantize_model(
             token_embedding_type=recipe.token_embedding_type,
             tensor_type_overrides=recipe.tensor_type_overrides,
             allow_requantize=req.allow_requantize,
-            has_imatrix=imat is not None,
+            imatrix_names=set(imat.entries) if imat is not None else None,
         )
+        missing = missing_kernels(types)
+        if missing:
+            raise UnsupportedTypeError(f"{recipe.precision} needs tensor type(s) {', '.join(missing)}, which this "
+                                       f"quantgate has no quantization kernel for")
         key = job_key(source_sha, recipe, __version__)
         kv = [k for k in plan.kv if k.key not in _OWNED_KEYS and not k.key.startswith("quantgate.")]
         kv += [

@@ -8,6 +8,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,76 @@ def ggml_quantize(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) 
     )
     assert n == out.nbytes, (n, out.nbytes)
     return out
+
+
+def _set_imatrix(p, imatrix: "dict[str, np.ndarray] | None") -> list:
+    """Point llama_model_quantize_params.imatrix at `imatrix`; returns what must stay alive during the call."""
+    import llama_cpp
+
+    keep: list = []
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, vals) in enumerate(imatrix.items()):
+            v = np.ascontiguousarray(vals, dtype=np.float32).reshape(-1)
+            b = name.encode()
+            keep += [v, b]
+            arr[i].name, arr[i].size = b, v.size
+            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[len(imatrix)].name = None
+        keep.append(arr)
+        p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    return keep
+
+
+def llama_model_quantize(src: Path, dst: Path, ftype: int, *, imatrix: "dict[str, np.ndarray] | None" = None,
+                         pure: bool = False, nthread: int = 2) -> int:
+    """llama.cpp's whole-model quantizer (llama_model_quantize) with an optional importance matrix (name -> the
+    per-column values llama-quantize would hand ggml); returns its status (0 ok, 1 refused/failed)."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = nthread
+    p.pure = pure
+    keep = _set_imatrix(p, imatrix)
+    rc = int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)))
+    del keep
+    return rc
+
+
+_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =\s*[\d.]+ MiB"
+                           r"(?: ->\s*[\d.]+ MiB \((\w+)\))?")
+
+
+def llama_quantize_types(src: Path, ftype: int, *, imatrix: "dict[str, np.ndarray] | None" = None,
+                         pure: bool = False) -> tuple[dict[str, str], bool]:
+    """llama_model_quantize's --dry-run: every tensor's type as llama.cpp chooses it (the target_type its real run
+    writes), read from its log, and whether the real run would refuse for want of an importance matrix. Costs no
+    quantization (the very low-bit ggml kernels take seconds even on tiny models)."""
+    import llama_cpp
+
+    chunks: list[bytes] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):  # noqa: ARG001 - ctypes signature
+        chunks.append(text)
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = 1
+    p.pure = pure
+    p.dry_run = True
+    keep = _set_imatrix(p, imatrix)
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(src).encode() + b".unused", ctypes.byref(p))
+    finally:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    del keep
+    log = b"".join(chunks).decode("utf-8", "replace")
+    assert rc == 0, f"llama_model_quantize --dry-run failed: {log[-500:]}"
+    types = {m.group(1): (m.group(3) or m.group(2)).upper() for m in _DRY_RUN_LINE.finditer(log)}
+    assert types, f"no tensor lines in llama.cpp's log: {log[-500:]}"
+    return types, "will require an imatrix" in log

@@ -27,7 +27,7 @@ def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
 @handle_errors
 def quantize(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, or .gguf"),
-    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K (Q4_0 Q4_1 Q5_0 Q5_1)"),
+    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S, IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS IQ3_XXS IQ2_M IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S TQ2_0 TQ1_0 MXFP4_MOE (Q4_0 Q4_1 Q5_0 Q5_1); case-insensitive"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     pure: bool = typer.Option(False, "--pure", help="Quantize every tensor to the default type (no k-quant mixture)"),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix GGUF or legacy .dat)"),
