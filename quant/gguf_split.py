@@ -152,6 +152,13 @@ def write_split_gguf(prefix: "str | os.PathLike[str]", *, kv: Sequence[KV], tens
     if n == 0 or n > MAX_PARTS:
         raise SplitError(f"a split GGUF has 1 to {MAX_PARTS} parts, not {n}")
     kv = [k for k in kv if k.key not in SPLIT_KEYS]
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise GGUFFormatError(f"duplicate tensor name {t.name!r}")
+        seen.add(t.name)
+    if sorted(j for g in parts for j in g) != list(range(len(tensors))):
+        raise SplitError("the parts must hold every tensor exactly once")
     specs = [[tensors[j] for j in group] for group in parts]
     metas = [(list(kv) if i == 0 else []) + split_kv(i, n, len(tensors)) for i in range(n)]
     for m, s in zip(metas, specs):

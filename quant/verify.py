@@ -212,7 +212,10 @@ def _verify_split(paths: list[Path], *, check_values: bool) -> VerifyReport:
     parts: list[GGUFFile] = []
     size = 0
     try:
-        for q in paths:
+        for i, q in enumerate(paths):
+            if not q.is_file():
+                problems.append(f"{q}: part {i + 1} of {len(paths)} of the split GGUF is missing")
+                continue
             try:
                 parts.append(read_gguf(q, strict=False))
             except GGUFFormatError as e:
