@@ -229,6 +229,21 @@ def check_parts(parts: Sequence[GGUFFile]) -> list[str]:
     return problems
 
 
+def refuse_split(path: "str | os.PathLike[str]", what: str) -> None:
+    """Raise CheckpointError when `path` is a part of a split GGUF: for the commands that read one file only."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() != ".gguf":
+        return
+    try:
+        with read_gguf(p) as g:
+            split = _u(g, SPLIT_COUNT) or 0
+    except GGUFFormatError:
+        return  # the command's own reader reports it
+    if split > 1:
+        raise CheckpointError(f"{p} is part of a {split}-part split GGUF; {what} reads single-file GGUFs: merge the "
+                              "parts first (llama-gguf-split --merge)")
+
+
 def open_gguf_parts(path: "str | os.PathLike[str]") -> list[GGUFFile]:
     """Open a GGUF, or every part of the split GGUF `path` is a part of (any part may be given), checking the set
     (check_parts); the first problem is a CheckpointError naming the part. Returns the parsed files in part order
@@ -266,4 +281,4 @@ def open_gguf_parts(path: "str | os.PathLike[str]") -> list[GGUFFile]:
 
 __all__ = ["SPLIT_KEYS", "MAX_PARTS", "SplitError", "SplitWriteResult", "split_path", "split_prefix",
            "parse_part_name", "parse_split_size", "plan_parts", "split_kv", "write_split_gguf", "part_paths",
-           "check_parts", "open_gguf_parts"]
+           "check_parts", "open_gguf_parts", "refuse_split"]
