@@ -246,18 +246,15 @@ def refuse_split(path: "str | os.PathLike[str]", what: str) -> None:
 
 def open_gguf_parts(path: "str | os.PathLike[str]") -> list[GGUFFile]:
     """Open a GGUF, or every part of the split GGUF `path` is a part of (any part may be given), checking the set
-    (check_parts); the first problem is a CheckpointError naming the part. Returns the parsed files in part order
-    (one for a plain file); the caller closes them."""
+    (check_parts); the first problem is a CheckpointError naming the part (an unparseable part: GGUFFormatError).
+    Returns the parsed files in part order (one for a plain file); the caller closes them."""
     p = Path(path)
     opened: list[GGUFFile] = []
 
     def read(part: Path, what: str) -> GGUFFile:
         if not part.is_file():
             raise CheckpointError(f"{part}: {what} is missing")
-        try:
-            g = read_gguf(part)
-        except GGUFFormatError as e:
-            raise CheckpointError(str(e)) from e
+        g = read_gguf(part)  # GGUFFormatError as it is (the loaders turn it into a CheckpointError)
         opened.append(g)
         return g
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from core.errors import CheckpointError
+from core.errors import CheckpointError, GGUFFormatError
 from quant.api import dequantize
 from quant.formats import QTYPES
 from quant.gguf_reader import ALIGNMENT_KEY, GGUFFile, TensorInfo
@@ -54,7 +54,10 @@ def open_gguf_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bo
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such GGUF file")
-    parts = open_gguf_parts(p)  # one file, or every part of a split GGUF (checked as llama.cpp's loader does)
+    try:
+        parts = open_gguf_parts(p)  # one file, or every part of a split GGUF (checked as llama.cpp's loader does)
+    except GGUFFormatError as e:
+        raise CheckpointError(str(e)) from e
     try:
         tensors: list[SourceTensor] = []
         requantized: list[str] = []
