@@ -87,8 +87,13 @@ def checkpoint_sha256(files: Iterable["str | os.PathLike[str]"]) -> str:
     if len(paths) == 1:
         return file_sha256(paths[0])
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    lines = sorted((p.relative_to(root).as_posix(), file_sha256(p)) for p in paths)
+    return combined_sha256({p.relative_to(root).as_posix(): file_sha256(p) for p in paths})
+
+
+def combined_sha256(digests: "dict[str, str]") -> str:
+    """checkpoint_sha256's rule for several files, from their digests: SHA-256 of one "relname\0filehash\n" line
+    per file, sorted by relname (lets a writer name the set it just hashed without reading it back)."""
     h = hashlib.sha256()
-    for rel, digest in lines:
+    for rel, digest in sorted(digests.items()):
         h.update(f"{rel}\0{digest}\n".encode("utf-8"))
     return h.hexdigest()

@@ -113,6 +113,9 @@ class QuantizeRequest:
     file_type_mix: str | None = None
     #: precision AUTO: how the types were chosen (policy, budget, profile SHA-256), canonical JSON
     policy: str | None = None
+    #: write a llama.cpp split GGUF (quant.gguf_split): at most this many tensor-data bytes, or tensors, per part
+    split_max_bytes: int | None = None
+    split_max_tensors: int | None = None
 
 
 @dataclass
@@ -134,6 +137,9 @@ class QuantizedArtifact:
     bits_per_weight: float
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: a split GGUF: [{path, sha256, nbytes}] per part, in order (path is the first part's, sha256 the set's
+    #: core.hashing.checkpoint_sha256, nbytes the total); empty for a single file
+    parts: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -113,9 +113,11 @@ def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
         hit = load_json_cache(cache_file).get(key)
         if isinstance(hit, str) and (hit == "none" or len(hit) == 64):
             return None if hit == "none" else hit
-        if ckpt.kind == "gguf":
+        if ckpt.kind == "gguf" and len(ckpt.files) > 1:
+            fp: str | None = None  # a split GGUF: gguf_to_hf maps single files only (none rather than a partial one)
+        elif ckpt.kind == "gguf":
             try:
-                fp: str | None = combine(_gguf_entries(ckpt.files[0]))
+                fp = combine(_gguf_entries(ckpt.files[0]))
             except CheckpointError:
                 fp = None
         else:

@@ -31,6 +31,7 @@ from core.version import __version__
 from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
+from quant.gguf_split import plan_parts, split_path, split_prefix, write_split_gguf
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.imatrix import load_imatrix
 from quant.loaders import open_checkpoint
@@ -39,6 +40,7 @@ from quant.mixes import (
     current_type,
     get_mix,
     llama_quantize_order,
+    missing_kernels,
     tensor_types,
 )
 from quant.model_plan import plan_model
@@ -183,8 +185,12 @@ def quantize_model(
             token_embedding_type=recipe.token_embedding_type,
             tensor_type_overrides=recipe.tensor_type_overrides,
             allow_requantize=req.allow_requantize,
-            has_imatrix=imat is not None,
+            imatrix_names=set(imat.entries) if imat is not None else None,
         )
+        missing = missing_kernels(types)
+        if missing:
+            raise UnsupportedTypeError(f"{recipe.precision} needs tensor type(s) {', '.join(missing)}, which this "
+                                       f"quantgate has no quantization kernel for")
         key = job_key(source_sha, recipe, __version__)
         kv = [k for k in plan.kv if k.key not in _OWNED_KEYS and not k.key.startswith("quantgate.")]
         kv += [
@@ -214,6 +220,12 @@ def quantize_model(
         tensor_bytes = {s.name: get_qtype(s.qtype).nbytes(s.shape) for s in specs}
         total = sum(tensor_bytes.values())
         made: list[QuantizedArtifact] = []
+        split = None
+        if req.split_max_bytes is not None or req.split_max_tensors is not None:
+            split = plan_parts([tensor_bytes[s.name] for s in specs], max_bytes=req.split_max_bytes,
+                               max_tensors=req.split_max_tensors)
+            for i in range(len(split)):
+                check_output_target(split_path(split_prefix(req.out), i, len(split)), ckpt.files)
 
         def publish(result) -> None:
             """Runs with the bytes durable in the temp file, before the rename: the audit event exists before the
@@ -231,6 +243,7 @@ def quantize_model(
                 file_type=mix.llama_ftype,
                 tensor_types=dict(types),
                 tensor_bytes=tensor_bytes,
+                parts=result.part_records() if split else [],
                 n_params=n_params,
                 bits_per_weight=8.0 * total / max(n_params, 1),
                 seconds=t_write - t0,
@@ -240,14 +253,19 @@ def quantize_model(
                 inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
                 if req.imatrix is not None:
                     inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
-                audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,
-                      outputs=[{"role": "gguf", "path": art.path, "sha256": art.sha256}],
+                outputs = [{"role": "gguf", "path": art.path, "sha256": art.sha256}] + [
+                    {"role": f"gguf_part_{i + 1}", **p} for i, p in enumerate(art.parts)]
+                audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs, outputs=outputs,
                       config={"recipe": recipe.as_dict(), "bits_per_weight": art.bits_per_weight,
                               "nbytes": art.nbytes})
             made.append(art)
 
         with quant.threads(req.threads):
-            write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
+            if split:
+                write_split_gguf(split_prefix(req.out), kv=kv, tensors=specs, parts=split, on_tensor=on_tensor,
+                                 before_publish=publish)
+            else:
+                write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
     art = made[0]
     return art
 

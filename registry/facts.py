@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from core.hashing import canonical_json, file_sha256, sha256_text
+from core.hashing import canonical_json, combined_sha256, file_sha256, sha256_text
 from core.records import QuantizedArtifact, Recipe, Verdict
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf_parts
 from registry.client import RegistryError, _key
 
 
@@ -32,34 +32,44 @@ class GGUFFacts:
     bits_per_weight: float
     n_params: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: a split GGUF: [{file, sha256, bytes}] per part in order (path is the first part, sha256 the set's
+    #: core.hashing.checkpoint_sha256, nbytes the total); empty for a single file
+    parts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def gguf_facts(path: "str | os.PathLike[str]", artifact: QuantizedArtifact | None = None) -> GGUFFacts:
     """Identity and provenance of a GGUF: from the pipeline's record when given, else from the file's KVs."""
 
-    p = Path(path)
-    sha = file_sha256(p)
+    files = open_gguf_parts(path)  # any part of a split GGUF stands for the whole set
+    try:
+        p = files[0].path if len(files) > 1 else Path(path)
+        kv = {k.key: k.value for k in files[0].kv if k.key.startswith(("quantgate.", "general."))}
+        tensors = [t for g in files for t in g.tensors]
+        n_el = sum(t.n_elements for t in tensors)
+        bpw = 8.0 * sum(t.nbytes for t in tensors) / max(n_el, 1)
+    finally:
+        for g in files:
+            g.close()
+    parts = [{"file": g.path.name, "sha256": file_sha256(g.path), "bytes": g.file_size} for g in files] \
+        if len(files) > 1 else []
+    sha = combined_sha256({q["file"]: q["sha256"] for q in parts}) if parts else file_sha256(p)
     if artifact is not None and artifact.sha256 != sha:
         raise RegistryError(f"{p}: SHA-256 {sha} differs from the artifact record's {artifact.sha256}")
-    with read_gguf(p) as g:
-        kv = {k.key: k.value for k in g.kv if k.key.startswith(("quantgate.", "general."))}
-        n_el = sum(t.n_elements for t in g.tensors)
-        bpw = 8.0 * sum(t.nbytes for t in g.tensors) / max(n_el, 1)
     recipe = json.loads(kv["quantgate.recipe"]) if isinstance(kv.get("quantgate.recipe"), str) else {}
     if artifact is not None:
         return GGUFFacts(p, sha, artifact.nbytes, artifact.job_key, artifact.source_sha256,
                          Path(artifact.source).name or artifact.source, artifact.recipe.precision,
                          asdict(artifact.recipe), artifact.recipe.imatrix_sha256, artifact.tool_version,
                          artifact.file_type, artifact.bits_per_weight, artifact.n_params,
-                         {"total": artifact.seconds, **artifact.timings})
+                         {"total": artifact.seconds, **artifact.timings}, parts)
     return GGUFFacts(
-        path=p, sha256=sha, nbytes=p.stat().st_size,
+        path=p, sha256=sha, nbytes=sum(q["bytes"] for q in parts) if parts else p.stat().st_size,
         job_key=kv.get("quantgate.job_key") or sha256_text(f"external\n{sha}"),
         source_sha256=kv.get("quantgate.source_sha256"),
         source_name=str(kv.get("general.name") or p.stem),
         precision=kv.get("quantgate.precision"), recipe=recipe,
         imatrix_sha256=kv.get("quantgate.imatrix_sha256"), tool_version=kv.get("quantgate.version"),
-        file_type=kv.get("general.file_type"), bits_per_weight=bpw, n_params=n_el,
+        file_type=kv.get("general.file_type"), bits_per_weight=bpw, n_params=n_el, parts=parts,
     )
 
 

@@ -7,9 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from core.atomic import atomic_write_text
-from core.hashing import file_sha256
+from core.atomic import atomic_publish_many, atomic_write_text
+from core.hashing import combined_sha256, file_sha256
 from core.text import one_line
+from quant.gguf_split import parse_part_name, split_path
 from registry.audit import AuditLog, iter_jsonl
 from registry.client import (
     RegistryError,
@@ -44,7 +45,8 @@ def _target_inside(root: Path, name: str) -> Path:
 
 
 def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistrySettings | None = None) -> Path:
-    """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it.
+    """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it; for a split
+    GGUF every part (the set's SHA-256 is core.hashing's rule over each part's), returning the first part's path.
 
     The file lands only directly inside out_dir: the `gguf_file` tag must be a plain file name (registry.client.
     safe_gguf_file), the final path is checked after resolving symlinks, the bytes go to a temp folder inside
@@ -61,24 +63,37 @@ def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistryS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
-    target = _target_inside(root, name)
+    named = parse_part_name(name)  # a split GGUF: gguf_file names its first part; every part is fetched
+    names = [split_path(named[0], i, named[2]).name for i in range(named[2])] if named else [name]
+    targets = [_target_inside(root, n) for n in names]
     with tempfile.TemporaryDirectory(prefix=".quantgate-dl-", dir=root) as tmp:
-        with unreachable_as_error(s):
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        if got.is_symlink() or not got.is_file() or Path(tmp).resolve() not in got.resolve().parents:
-            raise RegistryError(f"{ref}: the registry's artifact {one_line(name, 200)} is not a plain file; refused")
-        sha = file_sha256(got)
+        got: list[Path] = []
+        for n in names:
+            with unreachable_as_error(s):
+                g = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rsplit('/', 1)[0]}/{n}",
+                                                             dst_path=tmp))
+            if g.is_symlink() or not g.is_file() or Path(tmp).resolve() not in g.resolve().parents:
+                raise RegistryError(f"{ref}: the registry's artifact {one_line(n, 200)} is not a plain file; refused")
+            got.append(g)
+        digests = {g.name: file_sha256(g) for g in got}
+        sha = combined_sha256(digests) if named else digests[got[0].name]
         if sha != mv.tags.get("sha256"):
-            raise RegistryError(f"downloaded {one_line(got.name, 200)} has SHA-256 {sha}, the registry says "
-                                f"{one_line(mv.tags.get('sha256'), 80)}")
-        _fsync(got)
-        target = _target_inside(root, name)  # again, just before the rename
-        os.replace(got, target)
+            what = f"the {len(got)} downloaded parts have" if named else f"downloaded {one_line(got[0].name, 200)} has"
+            raise RegistryError(f"{what} SHA-256 {sha}, the registry says {one_line(mv.tags.get('sha256'), 80)}")
+        for g in got:
+            _fsync(g)
+        targets = [_target_inside(root, n) for n in names]  # again, just before the rename
+        with atomic_publish_many(targets) as temps:  # the first part appears last
+            for g, t in zip(got, temps):
+                os.replace(g, t)
     _fsync(root, directory=True)
+    target = targets[0]
     with AuditLog(s.audit_db_url) as log:
         log.append("download", model=mv.name, version=mv.version, artifact_sha256=sha, job_key=mv.tags.get("job_key"),
                    inputs=[{"role": "model_version", "uri": ref}],
-                   outputs=[{"role": "gguf", "path": str(target), "sha256": sha}],
+                   outputs=[{"role": "gguf", "path": str(target), "sha256": sha}] + (
+                       [{"role": f"gguf_part_{i + 1}", "path": str(t), "sha256": digests[t.name]}
+                        for i, t in enumerate(targets)] if named else []),
                    verdict=mv.tags.get("verdict"), detail=f"downloaded {ref} to {target}")
     return target
 

@@ -255,8 +255,10 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
             mlflow.log_artifact(str(Path(tmp) / "gguf_facts.json"), "quantgate")
         for role, p in rep.items():
             mlflow.log_artifact(str(p), f"reports/{role}")
+        files = {GGUF_ARTIFACT_KEY: str(f.path)}  # a split GGUF: every part, beside the first (llama.cpp finds them)
+        files.update({f"gguf_part_{i + 1}": str(f.path.with_name(q["file"])) for i, q in enumerate(f.parts) if i})
         info = _log_pyfunc(
-            name="gguf_model", python_model=GGUFModel(), artifacts={GGUF_ARTIFACT_KEY: str(f.path)},
+            name="gguf_model", python_model=GGUFModel(), artifacts=files,
             pip_requirements=_requirements(), metadata={"artifact_sha256": f.sha256, "job_key": f.job_key},
         )
     mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, tags=tags,
@@ -270,6 +272,8 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
         trust_cfg["signature"] = sign_registration(vkey, name, str(mv.version), f.sha256, digest, status)
     ev = log.append("register", model=name, version=mv.version, artifact_sha256=f.sha256, job_key=f.job_key,
                     inputs=[{"role": "gguf", "path": str(f.path), "sha256": f.sha256, "bytes": f.nbytes}]
+                    + [{"role": f"gguf_part_{i + 1}", "path": str(f.path.with_name(q["file"])), "sha256": q["sha256"],
+                        "bytes": q["bytes"]} for i, q in enumerate(f.parts)]
                     + [{"role": r, "path": str(p), "sha256": _sha(p)} for r, p in rep.items()],
                     outputs=[{"role": "model_version", "uri": f"models:/{name}/{mv.version}",
                               "run_id": run.info.run_id, "sha256": f.sha256}],

@@ -21,6 +21,7 @@ from core.hashing import checkpoint_sha256, file_sha256
 from core.progress import ProgressFn
 from core.version import __version__
 from quant.gguf_reader import read_gguf
+from quant.gguf_split import refuse_split
 from quant.loaders import open_checkpoint
 from runtime.backends import BACKENDS, LogitsBackend, is_gguf, open_backend
 from runtime.datasets import load_dataset
@@ -82,6 +83,7 @@ def _check_args(backend: str, batch_size: int, *paths: Path) -> None:
     for p in paths:
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or folder")
+        refuse_split(p, "evaluate")
 
 
 def _baseline_pass(baseline: Path, token_ids: list[list[int]], key: CacheKey, cache: LogitsCache, batch_size: int,

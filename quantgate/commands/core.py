@@ -27,7 +27,7 @@ def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
 @handle_errors
 def quantize(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, or .gguf"),
-    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K (Q4_0 Q4_1 Q5_0 Q5_1)"),
+    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S, IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS IQ3_XXS IQ2_M IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S TQ2_0 TQ1_0 MXFP4_MOE (Q4_0 Q4_1 Q5_0 Q5_1); case-insensitive"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     pure: bool = typer.Option(False, "--pure", help="Quantize every tensor to the default type (no k-quant mixture)"),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix GGUF or legacy .dat)"),
@@ -47,10 +47,22 @@ def quantize(
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="auto: YAML regex -> type, applied on top"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="auto: calibration cache folder"),
     profile_out: Optional[Path] = typer.Option(None, "--profile-out", help="auto: write the profile with the choices"),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split GGUF (llama-gguf-split layout: OUT-00001-of-0000N.gguf, ...) with at most this much tensor data per part, e.g. 2G, 500M"),
+    split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", help="Write a split GGUF with at most N tensors per part"),
 ) -> None:
     """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize), or
     with `--precision auto` per-tensor types chosen by the precision analyzer (docs/ANALYZER.md)."""
+    import dataclasses
+
     from core.records import QuantizeRequest
+    from quant.gguf_split import parse_split_size
+
+    if split_max_size is not None and split_max_tensors is not None:
+        raise QuantGateError("give either --split-max-size or --split-max-tensors, not both")
+    if split_max_tensors is not None and split_max_tensors <= 0:
+        raise QuantGateError(f"--split-max-tensors {split_max_tensors}: must be a positive number of tensors")
+    split = {"split_max_bytes": parse_split_size(split_max_size) if split_max_size is not None else None,
+             "split_max_tensors": split_max_tensors}
 
     if precision.strip().upper() == "AUTO":
         from analyzer.auto import auto_request
@@ -65,7 +77,7 @@ def quantize(
                           target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
                           imatrix=imatrix, cache_dir=cache_dir, profile_out=profile_out,
                           threads=threads or None) as (req, _plan):
-            _run_quantize(req, as_json, quiet)
+            _run_quantize(dataclasses.replace(req, **split), as_json, quiet)
         return
     if any(v is not None for v in (profile, policy, target_bpw, target_size, overrides, profile_out)):
         raise QuantGateError("--profile/--policy/--target-bpw/--target-size/--overrides/--profile-out need "
@@ -82,6 +94,7 @@ def quantize(
         threads=threads or None,
         allow_requantize=allow_requantize,
         generic=generic,
+        **split,
     )
     _run_quantize(req, as_json, quiet)
 
@@ -113,8 +126,9 @@ def _run_quantize(req, as_json: bool, quiet: bool) -> None:
         print(artifact_json(art))
         return
     if show:
+        parts = f" (+ {len(art.parts) - 1} more part(s) of a split GGUF)" if len(art.parts) > 1 else ""
         console.print(
-            f"wrote [bold]{lit(art.path)}[/] {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
+            f"wrote [bold]{lit(art.path)}[/]{parts} {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
             f"{art.seconds:.1f}s, sha256 {art.sha256}"
         )
 
