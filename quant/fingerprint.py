@@ -72,8 +72,13 @@ def _gguf_entries(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
     with read_gguf(path) as g:
         cfg = hf_config_from_gguf(g)
-        return {name: (tuple(arr.shape), tensor_digest(arr)) for name, arr in iter_hf_tensors(g, cfg)
-                if not _skip(name, False)}
+        out = {}
+        for name, arr in iter_hf_tensors(g, cfg):
+            if not _skip(name, False):
+                out[name] = (tuple(arr.shape), tensor_digest(arr))
+            del arr
+            g.release()  # this tensor's mapped pages: keeps RSS at one tensor, not the whole file
+        return out
 
 
 def _hf_entries(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
