@@ -93,13 +93,14 @@ def _tree_rss(p: psutil.Process) -> int:
     return total
 
 
-def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, env: dict, cwd: Path,
+def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free_gb: float, env: dict, cwd: Path,
               nice: int) -> StageResult:
-    """Run cmd as its own process group under the watchdog; returns its wall time and memory figures."""
+    """Run cmd as its own process group under the watchdog (killed above limit_gb); refused when the machine has
+    less than min_free_gb available before it starts. Returns its wall time and memory figures."""
     res = StageResult(stage, who, [str(c) for c in cmd])
     free = psutil.virtual_memory().available / 2**30
-    if free < limit_gb + 2:
-        res.extra["refused"] = f"only {free:.1f} GiB available, stage limit {limit_gb} GiB"
+    if free < min_free_gb:
+        res.extra["refused"] = f"only {free:.1f} GiB available (--min-free-gb {min_free_gb})"
         print(f"  {stage}/{who}: refused ({res.extra['refused']})", flush=True)
         return res
     out = open(cwd / f"{stage}-{who}.log", "w")
@@ -194,6 +195,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--target-bpw", type=float, default=4.85)
     ap.add_argument("--limit-gb", type=float, default=14.0, help="watchdog: kill a stage above this RSS")
+    ap.add_argument("--min-free-gb", type=float, default=4.0, help="refuse a stage below this much available memory")
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and GGUFs")
@@ -209,7 +211,8 @@ def main() -> None:
     results: list[StageResult] = []
 
     def stage(name: str, who: str, cmd: list) -> StageResult:
-        r = run_stage(name, who, cmd, limit_gb=args.limit_gb, env=env, cwd=wd, nice=args.nice)
+        r = run_stage(name, who, cmd, limit_gb=args.limit_gb, min_free_gb=args.min_free_gb, env=env, cwd=wd,
+                      nice=args.nice)
         results.append(r)
         return r
 
