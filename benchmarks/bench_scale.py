@@ -44,8 +44,8 @@ _LLAMA_EVAL = """
 import json, sys, numpy as np, llama_cpp
 ids = json.load(open(sys.argv[2]))
 n_ctx = max(len(s) for s in ids)
-m = llama_cpp.Llama(model_path=sys.argv[1], logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=int(sys.argv[3]),
-                    verbose=False)
+m = llama_cpp.Llama(model_path=sys.argv[1], logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                    n_threads=int(sys.argv[3]), n_threads_batch=int(sys.argv[3]), verbose=False)
 nll, n = 0.0, 0
 for s in ids:
     m.reset()
@@ -249,6 +249,7 @@ def main() -> None:
             lines = (ROOT / "data/eval.jsonl").read_text().splitlines()[:args.samples]
             data.write_text("\n".join(lines) + "\n")
             stage("validate", "quantgate", qg + ["validate", "--baseline", hf, "--quantized", q4, "--dataset", data,
+                                                 "--gates", ROOT / "gates.yaml",
                                                  "--max-tokens", args.tokens, "--backend", "llama.cpp",
                                                  "--no-expectations", "--report-dir", wd / "reports", "--quiet"])
             for rep in sorted((wd / "reports").glob("*/validation.json")):  # our passes' own timings
