@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 PY = sys.executable
 LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10}
 
@@ -148,8 +149,7 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
 
 def tensors_equal(a: Path, b: Path) -> bool:
     """Same tensor names, types and bytes (KVs differ: ours carries quantgate.* provenance)."""
-    sys.path.insert(0, str(ROOT))
-    from quant.gguf_reader import read_gguf
+    from quant.gguf_reader import read_gguf  # lazy: the benchmark's own process needs it only here
 
     with read_gguf(a) as ga, read_gguf(b) as gb:
         ta = {t.name: t for t in ga.tensors}
