@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -32,9 +34,35 @@ def _as_matrix(x: np.ndarray, name: str | None) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+_FINITE_CHUNK = 1 << 20  # elements per np.isfinite step: a cache-sized bool temporary, not one the tensor's size
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    flat = x.reshape(-1)
+    if flat.size <= _FINITE_CHUNK:
+        return bool(np.isfinite(flat).all())
+    starts = range(0, flat.size, _FINITE_CHUNK)
+    return all(chunk_map(lambda s: bool(np.isfinite(flat[s:s + _FINITE_CHUNK]).all()), starts))
+
+
+def chunk_map(fn, items) -> list:
+    """Run fn over items on the kernels' thread count (get_threads()); for numpy work that releases the GIL
+    (casts, ufuncs), so conversions and checks outside the numba kernels use the cores the kernels do."""
+    items = list(items)
+    n = min(get_threads(), len(items))
+    if n <= 1:
+        return [fn(i) for i in items]
+    return list(_pool().map(fn, items))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="quant")
+
+
 def check_finite(x: np.ndarray, name: str | None = None) -> None:
     """Raise NonFiniteError naming the tensor and the first bad position if x holds NaN or Inf."""
-    if x.size and not np.isfinite(x).all():
+    if x.size and not _all_finite(x):
         bad = np.argwhere(~np.isfinite(x))[0]
         n_nan = int(np.isnan(x).sum())
         n_inf = int(np.isinf(x).sum())
@@ -111,4 +139,4 @@ def threads(n: int | None) -> Iterator[int]:
         numba.set_num_threads(old)
 
 
-__all__ = ["quantize", "dequantize", "threads", "get_threads", "check_finite"]
+__all__ = ["quantize", "dequantize", "threads", "get_threads", "check_finite", "chunk_map"]

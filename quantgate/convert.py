@@ -13,9 +13,10 @@ from gguf.constants import GGUFValueType
 import quant
 from core.paths import check_output_target
 from core.errors import CheckpointError, UnsupportedTypeError
-from core.hashing import checkpoint_sha256
+from core.hashing import checkpoint_sha256, remember_file_sha256
 from core.records import QuantizedArtifact, Recipe, job_key
 from core.version import __version__
+from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
@@ -76,7 +77,9 @@ def convert_model(
                             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32)]
         types = {pt.name: converted_type(pt.name, tuple(pt.shape), outtype) for pt in plan.tensors}
         key = job_key(source_sha, recipe, __version__)
-        kv += identity_kv(recipe, source_sha, ckpt.kind, key)
+        fingerprint = weights_fingerprint(source)  # lineage by content from this file on (docs/LINEAGE.md)
+        t_fp = time.perf_counter()
+        kv += identity_kv(recipe, source_sha, ckpt.kind, key, fingerprint)
         tok = plan.tokenizer
         if tok is not None and tok.pre_source is not None:
             kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))
@@ -93,6 +96,7 @@ def convert_model(
                  for pt in plan.tensors]  # the converter's order: extra tensors first, then as the source lists them
         with quant.threads(threads):
             result = write_gguf(out, kv=kv, tensors=specs, on_tensor=on_tensor)
+        remember_file_sha256(result.path, result.sha256)  # a quantize of this file need not hash it again
         t_write = time.perf_counter()
 
     n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
@@ -112,5 +116,6 @@ def convert_model(
         n_params=n_params,
         bits_per_weight=8.0 * sum(tensor_bytes.values()) / max(n_params, 1),
         seconds=t_write - t0,
-        timings={"hash": t_hash - t0, "convert_write": t_write - t_hash},
+        timings={"hash": t_hash - t0, "fingerprint": t_fp - t_hash, "convert_write": t_write - t_fp,
+                 "output_hash": result.seconds.get("hash", 0.0), "write": result.seconds.get("write", 0.0)},
     )

@@ -16,7 +16,7 @@ from gguf.constants import GGUFValueType
 import quant
 from analyzer.cache import CalibrationCache
 from core.errors import QuantGateError, UnsupportedTypeError
-from core.hashing import canonical_json, checkpoint_sha256, file_sha256, sha256_text
+from core.hashing import canonical_json, checkpoint_sha256, file_sha256, remember_file_sha256, sha256_text
 from core.paths import check_output_target
 from core.progress import ProgressFn
 from core.records import (
@@ -197,18 +197,26 @@ def quantize_model(
             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32),
             KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
         ]
-        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, weights_fingerprint(req.source))
+        fingerprint = weights_fingerprint(req.source)
+        t_fp = time.perf_counter()
+        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, fingerprint)
+        spent = {"read": 0.0, "quantize": 0.0}
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             qt = get_qtype(qtype)
 
             def produce() -> np.ndarray:
+                t_a = time.perf_counter()
                 x = pt.source.read()
                 if pt.transform is not None:
                     x = pt.transform(x)
                 m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
                 w = imat.values(pt.name) if (imat is not None and not qt.is_float) else None
-                return quant.quantize(m, qt.name, imatrix=w, name=pt.name).reshape(-1)
+                t_b = time.perf_counter()
+                out = quant.quantize(m, qt.name, imatrix=w, name=pt.name).reshape(-1)
+                spent["read"] += t_b - t_a
+                spent["quantize"] += time.perf_counter() - t_b
+                return out
 
             return produce
 
@@ -247,7 +255,9 @@ def quantize_model(
                 n_params=n_params,
                 bits_per_weight=8.0 * total / max(n_params, 1),
                 seconds=t_write - t0,
-                timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
+                timings={"hash": t_hash - t0, "fingerprint": t_fp - t_hash, "quantize_write": t_write - t_fp,
+                         **spent, "output_hash": result.seconds.get("hash", 0.0),
+                         "write": result.seconds.get("write", 0.0)},
             )
             if record:
                 inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
@@ -267,6 +277,7 @@ def quantize_model(
             else:
                 write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
     art = made[0]
+    remember_file_sha256(art.path, art.sha256)  # hashed while writing: validate/registration need not re-read it
     return art
 
 

@@ -14,7 +14,7 @@ from quant.api import dequantize
 from quant.formats import QTYPES
 from quant.gguf_reader import ALIGNMENT_KEY, GGUFFile, TensorInfo
 from quant.gguf_split import SPLIT_KEYS, open_gguf_parts
-from quant.loaders.base import Checkpoint, SourceTensor
+from quant.loaders.base import Checkpoint, SourceTensor, to_float32
 
 logger = logging.getLogger(__name__)
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -23,19 +23,19 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 def _float_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         raw = g.tensor_data(t)
-        if t.qtype == "F32":
-            return raw.view("<f4").astype(np.float32)          # copy: the mapping may be closed later
-        if t.qtype == "F16":
-            return raw.view("<f2").astype(np.float32)
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)  # BF16: top half of an f32
+        out = to_float32(raw.view({"F32": "<f4", "F16": "<f2"}.get(t.qtype, "<u2")), t.qtype)  # a copy: the
+        del raw                                                                              # mapping may close
+        g.release(t)  # copied out: its mapped pages need not stay resident
+        return out
 
     return read
 
 
 def _dequant_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-
-        return dequantize(g.tensor_data(t), t.qtype, t.shape or (1,))
+        out = dequantize(g.tensor_data(t), t.qtype, t.shape or (1,))
+        g.release(t)
+        return out
 
     return read
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from core.errors import CheckpointError
-from quant.loaders.base import Checkpoint, SourceTensor, open_regular
+from quant.loaders.base import Checkpoint, SourceTensor, open_regular, to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,9 +32,7 @@ def _reader(path: Path, offset: int, count: int, dtype: str):
             raw = np.fromfile(f, dtype=_DTYPES[dtype][0], count=count)
         if raw.size != count:
             raise CheckpointError(f"{path}: truncated tensor data (expected {count} values, read {raw.size})")
-        if dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw
+        return raw if dtype == "F32" else to_float32(raw, dtype)
     return read
 
 

@@ -197,11 +197,20 @@ def sample(
     ff: int = typer.Option(768, help="FFN size"),
     vocab: int = typer.Option(1024, help="Vocabulary size"),
     seed: int = typer.Option(0, help="Random seed"),
+    shape: Optional[str] = typer.Option(
+        None, help="A named shape instead of --layers/--embd/--ff/--vocab: 1b (TinyLlama's, 2.2 GB) or 8b "
+                   "(Llama-3-8B's, 16 GB); written tensor by tensor, never the whole model in memory"),
 ) -> None:
     """Write a deterministic llama-shaped sample checkpoint (HF safetensors, F16) to try the pipeline on."""
-    from quantgate.sample import SampleShape, make_sample_checkpoint
+    from quantgate.sample import SHAPES, SampleShape, make_sample_checkpoint
 
-    path = make_sample_checkpoint(out, SampleShape(n_layer=layers, n_embd=embd, n_ff=ff, n_vocab=vocab), seed=seed)
+    if shape is None:
+        dims = SampleShape(n_layer=layers, n_embd=embd, n_ff=ff, n_vocab=vocab)
+    elif shape.lower() in SHAPES:
+        dims = SHAPES[shape.lower()]
+    else:
+        raise QuantGateError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    path = make_sample_checkpoint(out, dims, seed=seed)
     console.print(f"wrote sample checkpoint to {lit(path)}", highlight=False)
 
 
