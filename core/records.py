@@ -113,6 +113,9 @@ class QuantizeRequest:
     file_type_mix: str | None = None
     #: precision AUTO: how the types were chosen (policy, budget, profile SHA-256), canonical JSON
     policy: str | None = None
+    #: where the source came from when it is not a plain path (HF cache id, models:/ version, DVC revision):
+    #: canonical JSON with at least `kind` and `ref` (quantgate.inputs.ModelInput.lineage_json); not in the job key
+    source_lineage: str | None = None
 
 
 @dataclass

@@ -51,9 +51,11 @@ def convert_model(
     tokenizer_pre: str | None = None,
     threads: int | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    source_lineage: str | None = None,
 ) -> QuantizedArtifact:
     """Convert an HF checkpoint (folder, .safetensors or torch file) to a float GGUF as convert_hf_to_gguf.py
-    would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer)."""
+    would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer);
+    `source_lineage` (quantgate.inputs) names where the source came from in the file's quantgate.* keys."""
 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
@@ -76,7 +78,7 @@ def convert_model(
                             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32)]
         types = {pt.name: converted_type(pt.name, tuple(pt.shape), outtype) for pt in plan.tensors}
         key = job_key(source_sha, recipe, __version__)
-        kv += identity_kv(recipe, source_sha, ckpt.kind, key)
+        kv += identity_kv(recipe, source_sha, ckpt.kind, key, source_lineage=source_lineage)
         tok = plan.tokenizer
         if tok is not None and tok.pre_source is not None:
             kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))

@@ -469,7 +469,7 @@ def export_ollama(ref: str, out_dir: "str | os.PathLike[str]", *, settings: Any 
         from registry.queries import download  # lazy: the audit trail's SQLAlchemy, MLflow
 
         gguf = download(ref, out, settings=settings)
-        default_name = ref.replace("@", "-").replace("/", "-")
+        default_name = ref.removeprefix("models:/").replace("@", "-").replace("/", "-")
     else:
         raise ExportError(f"{ref!r} is neither a GGUF file nor a registry reference (MODEL@ALIAS or MODEL/VERSION)")
     with read_gguf(gguf) as g:

@@ -53,11 +53,15 @@ _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
 
 def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
-                source_fingerprint: str | None = None) -> list[KV]:
+                source_fingerprint: str | None = None, source_lineage: str | None = None) -> list[KV]:
     """The quantgate.* keys every file we write carries: tool version, source identity (file SHA-256 and, when
-    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md), recipe and job key."""
+    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md; where the source came from: HF cache id,
+    models:/ version or DVC revision, quantgate.inputs), recipe and job key."""
     s = GGUFValueType.STRING
     fp = [KV("quantgate.source_fingerprint", source_fingerprint, s)] if source_fingerprint else []
+    if source_lineage:
+        fp += [KV("quantgate.source_ref", str(json.loads(source_lineage).get("ref", "")), s),
+               KV("quantgate.source_lineage", source_lineage, s)]
     return [
         KV("quantgate.version", __version__, s),
         KV("quantgate.source_sha256", source_sha, s),
@@ -72,10 +76,10 @@ def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
 
 def _provenance_kv(
     recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str],
-    source_fingerprint: str | None = None,
+    source_fingerprint: str | None = None, source_lineage: str | None = None,
 ) -> list[KV]:
     s = GGUFValueType.STRING
-    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint)
+    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint, source_lineage)
     kv.append(KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s))
     if recipe.imatrix_sha256:
         kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
@@ -191,7 +195,8 @@ def quantize_model(
             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32),
             KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
         ]
-        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, weights_fingerprint(req.source))
+        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, weights_fingerprint(req.source),
+                             req.source_lineage)
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             qt = get_qtype(qtype)
@@ -237,7 +242,8 @@ def quantize_model(
                 timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
             )
             if record:
-                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
+                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha,
+                           **({"lineage": json.loads(req.source_lineage)} if req.source_lineage else {})}]
                 if req.imatrix is not None:
                     inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
                 audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,

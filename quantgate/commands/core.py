@@ -26,7 +26,13 @@ def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command()
 @handle_errors
 def quantize(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, or .gguf"),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, .gguf, a "
+                                                         "Hub id in the local HF cache (org/name), models:/NAME/VERSION "
+                                                         "or models:/NAME@ALIAS, or a path in --model-repo"),
+    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) "
+                                                                       "that holds --model"),
+    model_rev: Optional[str] = typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub "
+                                                                     "revision of an org/name --model"),
     precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K (Q4_0 Q4_1 Q5_0 Q5_1)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     pure: bool = typer.Option(False, "--pure", help="Quantize every tensor to the default type (no k-quant mixture)"),
@@ -50,8 +56,13 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize), or
     with `--precision auto` per-tensor types chosen by the precision analyzer (docs/ANALYZER.md)."""
-    from core.records import QuantizeRequest
+    import dataclasses
 
+    from core.records import QuantizeRequest
+    from quantgate.inputs import resolve_model
+
+    src = resolve_model(model, repo=model_repo, rev=model_rev)
+    lineage = src.lineage_json()
     if precision.strip().upper() == "AUTO":
         from analyzer.auto import auto_request
 
@@ -61,17 +72,18 @@ def quantize(
                                  "--allow-requantize and --generic are not supported with it")
         from analyzer.policy import load_overrides
 
-        with auto_request(model, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
+        with auto_request(src.path, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
                           target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
                           imatrix=imatrix, cache_dir=cache_dir, profile_out=profile_out,
                           threads=threads or None) as (req, _plan):
-            _run_quantize(req, as_json, quiet)
+            _run_quantize(dataclasses.replace(req, source_lineage=lineage), as_json, quiet)
         return
     if any(v is not None for v in (profile, policy, target_bpw, target_size, overrides, profile_out)):
         raise QuantGateError("--profile/--policy/--target-bpw/--target-size/--overrides/--profile-out need "
                              "--precision auto")
     req = QuantizeRequest(
-        source=model,
+        source=src.path,
+        source_lineage=lineage,
         out=out,
         precision=precision,
         pure=pure,

@@ -16,7 +16,8 @@ app.add_typer(export_app, name="export")
 @export_app.command("ollama")
 @_registry_errors
 def export_ollama(
-    ref: str = typer.Argument(..., help="MODEL@ALIAS or MODEL/VERSION from the registry, or a GGUF file"),
+    ref: str = typer.Argument(..., help="[models:/]MODEL@ALIAS or [models:/]MODEL/VERSION from the "
+                                                    "registry, or a GGUF file"),
     out: Path = typer.Option(..., "--out", help="Folder to write the GGUF and the Modelfile into"),
     template: Optional[Path] = typer.Option(None, "--template", help="Ollama Go template to use instead of the one "
                                                                      "derived from the GGUF's chat template"),
