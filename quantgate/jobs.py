@@ -263,10 +263,12 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
 
 def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None = None, *,
                   model_name: str | None = None, source_name: str | None = None) -> dict[str, Any]:
-    """Register the artifact (with its verdict) in the model registry; idempotent per artifact + job key. A version
+    """Register the artifact (with its verdict, its validation reports and a compliance report in the version's run)
+    in the model registry; idempotent per artifact + job key. A version
     that passed the gate also gets its mix's alias (e.g. q4_k_m, auto) through registry.registration.promote, audited;
     failed and unvalidated versions stay registered without one. Only the call that creates the version promotes it,
     so reruns and redelivered tasks append no second promote event."""
+    from registry.facts import verdict_reports  # lazy: with the registration below
     from registry.registration import (  # lazy: SQLAlchemy/MLflow load at first use (light worker start)
         promote,
         register_gguf,
@@ -276,7 +278,7 @@ def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None
     art = QuantizedArtifact.from_dict(artifact)
     settings = registry_settings()
     rv = register_gguf(art.path, settings=settings, verdict=v, artifact=art, model_name=model_name,
-                       source_name=source_name)
+                       source_name=source_name, reports=verdict_reports(v), compliance=True)
     out = rv.to_dict()
     if v is not None and v.passed and rv.created:  # a rerun finds the version (and its alias) already there
         alias = art.recipe.precision.lower()

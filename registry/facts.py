@@ -99,6 +99,16 @@ def gguf_facts(path: "str | os.PathLike[str]", artifact: QuantizedArtifact | Non
     )
 
 
+#: The validation reports a registered version's run holds (the gate writes them beside the verdict).
+RUN_REPORTS = ("validation_json", "validation_md", "validation_html", "junit")
+
+
+def verdict_reports(verdict: Verdict | None) -> dict[str, Path]:
+    """The verdict's own report files (RUN_REPORTS roles of its report_paths) that exist, to attach to its run."""
+    paths = (verdict.report_paths or {}) if verdict is not None else {}
+    return {r: Path(paths[r]) for r in RUN_REPORTS if paths.get(r) and Path(paths[r]).is_file()}
+
+
 def _params(f: GGUFFacts, verdict: Verdict | None, reports: Mapping[str, Path], extra: Mapping[str, Any]) -> dict:
 
     p: dict[str, Any] = {

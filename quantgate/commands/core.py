@@ -10,7 +10,7 @@ import typer
 
 from core.errors import QuantGateError
 from core.text import one_line
-from quantgate.cli_app import app, console, err_console, handle_errors, lit
+from quantgate.cli_app import app, cell, console, err_console, handle_errors, lit
 
 
 def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -45,6 +45,8 @@ def quantize(
     generic: bool = typer.Option(False, "--generic", help="Unknown architecture: keep names, quantize 2-D weights"),
     as_json: bool = typer.Option(False, "--json", help="Print the artifact record as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor types, total size and bpw the run "
+                                                          "would write (with --json: as JSON); write nothing"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="auto: sensitivity profile JSON (quantgate profile)"),
     policy: Optional[str] = typer.Option(None, "--policy", help="auto: threshold or budget (default: the profile's choices)"),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="auto: budget in bits per weight"),
@@ -72,11 +74,13 @@ def quantize(
                                  "--allow-requantize and --generic are not supported with it")
         from analyzer.policy import load_overrides
 
+        if dry_run and profile_out is not None:
+            raise QuantGateError("--dry-run writes nothing: drop --profile-out")
         with auto_request(src.path, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
                           target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
                           imatrix=imatrix, cache_dir=cache_dir, profile_out=profile_out,
                           threads=threads or None) as (req, _plan):
-            _run_quantize(dataclasses.replace(req, source_lineage=lineage), as_json, quiet)
+            _run_quantize(dataclasses.replace(req, source_lineage=lineage), as_json, quiet, dry_run)
         return
     if any(v is not None for v in (profile, policy, target_bpw, target_size, overrides, profile_out)):
         raise QuantGateError("--profile/--policy/--target-bpw/--target-size/--overrides/--profile-out need "
@@ -95,11 +99,39 @@ def quantize(
         allow_requantize=allow_requantize,
         generic=generic,
     )
-    _run_quantize(req, as_json, quiet)
+    _run_quantize(req, as_json, quiet, dry_run)
 
 
-def _run_quantize(req, as_json: bool, quiet: bool) -> None:
-    """Run one pipeline request with a progress bar; print the record (--json) or a one-line summary."""
+def _print_plan(req, as_json: bool) -> None:
+    """`quantize --dry-run`: the plan (quantgate.pipeline.plan_quantize) as a table and a total line, or JSON."""
+    from rich.table import Table
+
+    from quantgate.pipeline import plan_quantize
+
+    plan = plan_quantize(req)
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+        return
+    t = Table("tensor", "type", "shape", "bytes", "bpw")
+    for r in plan.tensors:
+        n = 1
+        for d in r["shape"]:
+            n *= int(d)
+        t.add_row(cell(r["name"]), cell(r["type"]), cell("x".join(str(d) for d in r["shape"])), str(r["bytes"]),
+                  f"{8.0 * r['bytes'] / max(n, 1):.3f}")
+    console.print(t)
+    console.print(f"{lit(plan.precision)} ({lit(plan.file_type_name)}): {len(plan.tensors)} tensors, "
+                  f"{plan.tensor_bytes} bytes of tensor data ({plan.tensor_bytes / 2**20:.2f} MiB), "
+                  f"{plan.n_params} weights, {plan.bits_per_weight:.4f} bpw; dry run, nothing written",
+                  highlight=False)
+
+
+def _run_quantize(req, as_json: bool, quiet: bool, dry_run: bool = False) -> None:
+    """Run one pipeline request with a progress bar; print the record (--json) or a one-line summary; --dry-run:
+    print the plan instead."""
+    if dry_run:
+        _print_plan(req, as_json)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

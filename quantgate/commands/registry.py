@@ -64,18 +64,25 @@ def register(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model (default: source + sha)"),
     source_name: Optional[str] = typer.Option(None, "--source-name", help="Source model name for the default"),
     report: list[str] = typer.Option([], "--report", help="ROLE=PATH report to attach (validation_json, "
-                                                          "validation_html, junit, diff, profile, audit, imatrix)"),
+                                                          "validation_html, validation_md, junit, diff, profile, "
+                                                          "audit, imatrix); the verdict's own reports by default"),
+    compliance: bool = typer.Option(True, "--compliance/--no-compliance",
+                                    help="Also store the version's compliance report (HTML) in its run"),
     as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON"),
 ) -> None:
-    """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one."""
+    """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one.
+    The run gets the verdict's reports (validation.json/.md/.html, junit.xml) and the compliance report."""
     from core.records import QuantizedArtifact, Verdict, load_record
     from registry.client import VerdictRefused
+    from registry.facts import verdict_reports
     from registry.registration import register_gguf
 
+    v = load_record(Verdict, verdict) if verdict else None
     try:
-        rv = register_gguf(gguf, settings=_settings(), verdict=load_record(Verdict, verdict) if verdict else None,
+        rv = register_gguf(gguf, settings=_settings(), verdict=v,
                            artifact=load_record(QuantizedArtifact, artifact) if artifact else None,
-                           reports=_parse_reports(report), model_name=model_name, source_name=source_name)
+                           reports={**verdict_reports(v), **_parse_reports(report)}, model_name=model_name,
+                           source_name=source_name, compliance=compliance)
     except VerdictRefused as e:
         fail(str(e), 1)
         return
