@@ -573,7 +573,7 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
         run = client.get_run(mv.run_id)
         m = run.data.metrics
         tags = mv.tags
-        bpw = tags.get("bits_per_weight")
+        bpw = m.get("bits_per_weight", tags.get("bits_per_weight"))  # the run metric (older versions: a tag)
         verdict_text = run_artifact_text(s, mv.run_id, "validation/verdict.json")
         gates = json.loads(verdict_text).get("gates", []) if verdict_text else []
         files.append(HFFile(

@@ -150,11 +150,11 @@ def models_show(
     if as_json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))
         return
-    t = Table("version", "verdict", "aliases", "precision", "bpw", "sha256", "job key")
+    t = Table("version", "verdict", "aliases", "precision", "file type", "sha256", "job key")
     for r in rows:
         tg = r["tags"]
         t.add_row(cell(r["version"]), cell(tg.get("verdict", "") + (" (rejected)" if tg.get("rejected") == "true" else "")),
-                  cell(", ".join(r["aliases"])), cell(tg.get("precision", "")), cell(tg.get("bits_per_weight", "")),
+                  cell(", ".join(r["aliases"])), cell(tg.get("precision", "")), cell(tg.get("file_type", "")),
                   cell(tg.get("sha256", "")[:16]), cell(tg.get("job_key", "")[:16]))
     console.print(t)
     if version is not None:
