@@ -143,6 +143,8 @@ def _params(f: GGUFFacts, verdict: Verdict | None, reports: Mapping[str, Path], 
 QUALITY_METRICS = ("ppl_baseline", "ppl_candidate", "ppl_ratio", "ln_ppl_ratio", "kl_mean", "kl_median", "kl_p99",
                    "kl_max", "top1_agreement", "acc_baseline", "acc_candidate", "accuracy_drop", "delta_p_rms",
                    "ppl_ratio_se", "ln_ppl_ratio_se", "kl_mean_se", "kl_mean_upper95", "top1_agreement_se")
+#: Per category (val.<category>.<metric>) only the headline figures.
+CATEGORY_METRICS = ("kl_mean", "kl_mean_se", "ppl_ratio", "ln_ppl_ratio", "top1_agreement", "accuracy_drop")
 
 
 def _metrics(f: GGUFFacts, verdict: Verdict | None, reports: Mapping[str, Path]) -> dict[str, float]:
@@ -164,7 +166,7 @@ def _metrics(f: GGUFFacts, verdict: Verdict | None, reports: Mapping[str, Path])
                 m.setdefault(k, v)
         for cat, d in (rep.get("per_category") or {}).items():
             for k, v in (d or {}).items():
-                if k in QUALITY_METRICS:
+                if k in CATEGORY_METRICS:
                     m[_key(f"val.{cat}.{k}")] = v
         total = (rep.get("timings") or {}).get("total_seconds")
         if total is not None:
