@@ -9,6 +9,7 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from core.text import one_line
 from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit
 
 F = TypeVar("F", bound=Callable)
@@ -165,13 +166,25 @@ def models_show(
 @models_app.command("download")
 @_registry_errors
 def models_download(
-    ref: str = typer.Argument(..., help="MODEL@ALIAS (or MODEL/VERSION)"),
+    ref: str = typer.Argument(..., help="[models:/]MODEL@ALIAS (or MODEL/VERSION)"),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the GGUF into"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
-    """Download a version's GGUF, check its SHA-256 against the registry, and audit the download."""
+    """Download a version's GGUF (with a progress bar in bytes), check its SHA-256 against the registry, and audit
+    the download."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     from registry.queries import download
 
-    path = download(ref, out, settings=_settings())
+    with Progress(TextColumn("[bold]download[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TextColumn("{task.description}", markup=False), console=err_console, disable=quiet,
+                  transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_bytes(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total or None, description=one_line(what, 120))
+
+        path = download(ref, out, settings=_settings(), progress=on_bytes)
     console.print(f"downloaded {lit(ref)} to {lit(path)}", highlight=False)
 
 

@@ -155,6 +155,14 @@ def test_cli_lists_shows_and_downloads_by_alias(store, cli, tmp_path):
     assert r.exit_code == 0, r.output
     got = tmp_path / "dl" / Path(store.art_pass.path).name
     assert got.read_bytes() == Path(store.art_pass.path).read_bytes()
+    # the models:/ spelling, and the byte progress the CLI's bar shows
+    from registry.queries import download
+
+    seen = []
+    path = download(f"models:/{store.model}/{store.passing.version}", tmp_path / "dl2", settings=store.settings,
+                    progress=lambda done, total, what: seen.append((done, total, what)))
+    assert path.read_bytes() == got.read_bytes()
+    assert seen[-1] == (store.art_pass.nbytes, store.art_pass.nbytes, got.name)
     assert not [p for p in (tmp_path / "dl").iterdir() if p.name.startswith(".")]  # no temp leftovers
     with AuditLog(store.settings.audit_db_url) as log:
         dl = [e for e in log.events(model=store.model) if e.action == "download"]
