@@ -26,9 +26,10 @@ def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command()
 @handle_errors
 def quantize(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, .gguf, a "
-                                                         "Hub id in the local HF cache (org/name), models:/NAME/VERSION "
-                                                         "or models:/NAME@ALIAS, or a path in --model-repo"),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Checkpoint: HF folder, .safetensors, .bin/.pt, .gguf, a Hub id in the local HF "
+                                   "cache (org/name), models:/NAME/VERSION or models:/NAME@ALIAS, or a path in "
+                                   "--model-repo"),
     model_repo: Optional[str] = typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) "
                                                                        "that holds --model"),
     model_rev: Optional[str] = typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub "
