@@ -116,6 +116,9 @@ class QuantizeRequest:
     #: write a llama.cpp split GGUF (quant.gguf_split): at most this many tensor-data bytes, or tensors, per part
     split_max_bytes: int | None = None
     split_max_tensors: int | None = None
+    #: where the source came from when it is not a plain path (HF cache id, models:/ version, DVC revision):
+    #: canonical JSON with at least `kind` and `ref` (quantgate.inputs.ModelInput.lineage_json); not in the job key
+    source_lineage: str | None = None
 
 
 @dataclass

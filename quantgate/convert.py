@@ -52,9 +52,11 @@ def convert_model(
     tokenizer_pre: str | None = None,
     threads: int | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    source_lineage: str | None = None,
 ) -> QuantizedArtifact:
     """Convert an HF checkpoint (folder, .safetensors or torch file) to a float GGUF as convert_hf_to_gguf.py
-    would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer)."""
+    would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer);
+    `source_lineage` (quantgate.inputs) names where the source came from in the file's quantgate.* keys."""
 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
@@ -79,7 +81,7 @@ def convert_model(
         key = job_key(source_sha, recipe, __version__)
         fingerprint = weights_fingerprint(source)  # lineage by content from this file on (docs/LINEAGE.md)
         t_fp = time.perf_counter()
-        kv += identity_kv(recipe, source_sha, ckpt.kind, key, fingerprint)
+        kv += identity_kv(recipe, source_sha, ckpt.kind, key, fingerprint, source_lineage=source_lineage)
         tok = plan.tokenizer
         if tok is not None and tok.pre_source is not None:
             kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))

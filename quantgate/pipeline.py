@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -55,11 +56,15 @@ _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
 
 def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
-                source_fingerprint: str | None = None) -> list[KV]:
+                source_fingerprint: str | None = None, source_lineage: str | None = None) -> list[KV]:
     """The quantgate.* keys every file we write carries: tool version, source identity (file SHA-256 and, when
-    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md), recipe and job key."""
+    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md; where the source came from: HF cache id,
+    models:/ version or DVC revision, quantgate.inputs), recipe and job key."""
     s = GGUFValueType.STRING
     fp = [KV("quantgate.source_fingerprint", source_fingerprint, s)] if source_fingerprint else []
+    if source_lineage:
+        fp += [KV("quantgate.source_ref", str(json.loads(source_lineage).get("ref", "")), s),
+               KV("quantgate.source_lineage", source_lineage, s)]
     return [
         KV("quantgate.version", __version__, s),
         KV("quantgate.source_sha256", source_sha, s),
@@ -74,10 +79,10 @@ def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
 
 def _provenance_kv(
     recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str],
-    source_fingerprint: str | None = None,
+    source_fingerprint: str | None = None, source_lineage: str | None = None,
 ) -> list[KV]:
     s = GGUFValueType.STRING
-    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint)
+    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint, source_lineage)
     kv.append(KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s))
     if recipe.imatrix_sha256:
         kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
@@ -140,29 +145,18 @@ def import_cache(src: Path, cache_dir: "Path | None" = None):
     return result
 
 
-def quantize_model(
-    req: QuantizeRequest, *, on_tensor: ProgressFn | None = None, record: bool = True
-) -> QuantizedArtifact:
-    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record
-    and (record=True) appends a "quantize" audit event."""
-
-    t0 = time.perf_counter()
+def _recipe_of(req: QuantizeRequest):
+    """The request's llama.cpp mix, its Recipe and the loaded importance matrix (None without one)."""
     auto = is_auto(req.precision)
     if auto and (not req.type_map or req.file_type_mix is None):
-
         raise QuantGateError("precision AUTO needs a type map and the closest llama.cpp mix (analyzer)")
     mix = get_mix(req.file_type_mix if auto else req.precision)
-    imat = None
-    imatrix_sha = None
-    if req.imatrix is not None:
-
-        imat = load_imatrix(req.imatrix)
-        imatrix_sha = file_sha256(req.imatrix)
+    imat = load_imatrix(req.imatrix) if req.imatrix is not None else None
     type_map = dict(req.type_map) if auto else {}
     recipe = Recipe(
         precision=AUTO if auto else mix.name,
         pure=req.pure,
-        imatrix_sha256=imatrix_sha,
+        imatrix_sha256=file_sha256(req.imatrix) if req.imatrix is not None else None,
         output_tensor_type=req.output_tensor_type.upper() if req.output_tensor_type else None,
         token_embedding_type=req.token_embedding_type.upper() if req.token_embedding_type else None,
         tensor_type_overrides=tuple((p, t.upper()) for p, t in req.tensor_type_overrides),
@@ -171,26 +165,84 @@ def quantize_model(
         type_map_sha256=sha256_text(canonical_json(type_map)) if auto else None,
         policy=req.policy if auto else None,
     )
+    return mix, recipe, imat
+
+
+def _types_of(req: QuantizeRequest, plan, mix, recipe: Recipe, imat) -> dict[str, str]:
+    """Every tensor's ggml type: the AUTO type map checked against the model, or the mix's llama.cpp rules; a type
+    this build has no quantization kernel for is refused before anything is written."""
+    if is_auto(req.precision):
+        return _explicit_types(plan, dict(req.type_map))
+    types = tensor_types(
+        plan,
+        mix.name,
+        pure=req.pure,
+        output_tensor_type=recipe.output_tensor_type,
+        token_embedding_type=recipe.token_embedding_type,
+        tensor_type_overrides=recipe.tensor_type_overrides,
+        allow_requantize=req.allow_requantize,
+        imatrix_names=set(imat.entries) if imat is not None else None,
+    )
+    missing = missing_kernels(types)
+    if missing:
+        raise UnsupportedTypeError(f"{recipe.precision} needs tensor type(s) {', '.join(missing)}, which this "
+                                   f"quantgate has no quantization kernel for")
+    return types
+
+
+@dataclass
+class QuantizePlan:
+    """What a quantization would write, without writing it (`quantize --dry-run`): each tensor's type and bytes in
+    file order, the totals and the bits per weight, by the same planning code a real run uses."""
+
+    source: str
+    precision: str
+    file_type: int
+    file_type_name: str
+    tensors: list[dict]          # {name, shape, type, bytes}, in the order the file holds them
+    n_params: int
+    tensor_bytes: int
+    bits_per_weight: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_quantize(req: QuantizeRequest) -> QuantizePlan:
+    """The plan of `quantize_model(req)` (types, sizes, bits per weight) without hashing or writing anything."""
+    from registry.facts import file_type_name  # lazy: the registry's facts module only for a dry run
+
+    mix, recipe, imat = _recipe_of(req)
+    with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
+        plan = plan_model(ckpt, generic=req.generic)
+        types = _types_of(req, plan, mix, recipe, imat)
+        by_name = {pt.name: pt for pt in plan.tensors}
+        rows = [{"name": n, "shape": list(by_name[n].shape), "type": types[n],
+                 "bytes": get_qtype(types[n]).nbytes(tuple(by_name[n].shape))}
+                for n in llama_quantize_order(list(by_name))]
+    n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
+    total = sum(r["bytes"] for r in rows)
+    return QuantizePlan(str(req.source), recipe.precision, mix.llama_ftype, file_type_name(mix.llama_ftype), rows,
+                        n_params, total,
+                        8.0 * total / max(n_params, 1))
+
+
+def quantize_model(
+    req: QuantizeRequest, *, on_tensor: ProgressFn | None = None, record: bool = True
+) -> QuantizedArtifact:
+    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record
+    and (record=True) appends a "quantize" audit event."""
+
+    t0 = time.perf_counter()
+    mix, recipe, imat = _recipe_of(req)
+    imatrix_sha = recipe.imatrix_sha256
     check_output_target(req.out, [req.source] + ([req.imatrix] if req.imatrix is not None else []))
     with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
         check_output_target(req.out, ckpt.files)
         source_sha = checkpoint_sha256(ckpt.files)
         t_hash = time.perf_counter()
         plan = plan_model(ckpt, generic=req.generic)
-        types = _explicit_types(plan, type_map) if auto else tensor_types(
-            plan,
-            mix.name,
-            pure=req.pure,
-            output_tensor_type=recipe.output_tensor_type,
-            token_embedding_type=recipe.token_embedding_type,
-            tensor_type_overrides=recipe.tensor_type_overrides,
-            allow_requantize=req.allow_requantize,
-            imatrix_names=set(imat.entries) if imat is not None else None,
-        )
-        missing = missing_kernels(types)
-        if missing:
-            raise UnsupportedTypeError(f"{recipe.precision} needs tensor type(s) {', '.join(missing)}, which this "
-                                       f"quantgate has no quantization kernel for")
+        types = _types_of(req, plan, mix, recipe, imat)
         key = job_key(source_sha, recipe, __version__)
         kv = [k for k in plan.kv if k.key not in _OWNED_KEYS and not k.key.startswith("quantgate.")]
         kv += [
@@ -199,7 +251,7 @@ def quantize_model(
         ]
         fingerprint = weights_fingerprint(req.source)
         t_fp = time.perf_counter()
-        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, fingerprint)
+        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, fingerprint, req.source_lineage)
         spent = {"read": 0.0, "quantize": 0.0}
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
@@ -260,7 +312,8 @@ def quantize_model(
                          "write": result.seconds.get("write", 0.0)},
             )
             if record:
-                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
+                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha,
+                           **({"lineage": json.loads(req.source_lineage)} if req.source_lineage else {})}]
                 if req.imatrix is not None:
                     inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
                 outputs = [{"role": "gguf", "path": art.path, "sha256": art.sha256}] + [

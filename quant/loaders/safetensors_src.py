@@ -132,12 +132,14 @@ def shards_from_index(index: Path) -> tuple[list[Path], set[str]]:
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index}: corrupt index (needs a non-empty 'weight_map' object)") from None
-    root = folder.resolve()
+    root = Path(os.path.abspath(folder))
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or os.path.isabs(shard) or "\\" in shard:
             raise CheckpointError(f"{index}: tensor {tensor!r} points to an invalid shard name {shard!r}")
-        p = (folder / shard).resolve()
+        # the shard's *name* must stay inside the folder (no `..`); the entry itself may be a symlink, as every
+        # file of a Hugging Face cache snapshot is (snapshots/<commit>/x -> ../../blobs/<hash>)
+        p = Path(os.path.normpath(root / shard))
         if root not in p.parents:
             raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint folder; refused")
         if not p.is_file():

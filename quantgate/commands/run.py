@@ -24,16 +24,28 @@ def read_params(path: Path) -> dict[str, Any]:
     return read_params_file(path)
 
 
-def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workdir: Optional[Path],
+def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdir: Optional[Path],
                validate: Optional[bool], register: Optional[bool], model_name: Optional[str],
-               profile: Optional[bool] = None, auto_target: Optional[str] = None):
-    """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step."""
+               profile: Optional[bool] = None, auto_target: Optional[str] = None,
+               model_repo: Optional[str] = None, model_rev: Optional[str] = None):
+    """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step.
+    `--model X` replaces params' model whole: outputs and the default registered name follow X, and params'
+    model.name (which names params' model) is not used for it."""
     from quantgate.config import load_settings
+    from quantgate.inputs import resolve_model
     from quantgate.jobs import DEFAULT_AUTO_TARGET, PROFILE_OPTIONS, JobSpec
 
     p = read_params(params_file)
     m = p.get("model") or {}
-    model_path = model or (Path(m["path"]) if m.get("path") else None)
+    source_name = lineage = None
+    if model is not None:
+        src = resolve_model(model, repo=model_repo, rev=model_rev)
+        model_path, source_name, lineage = src.path, src.name, src.lineage_json()
+    else:
+        if model_repo or model_rev:
+            fail("--model-repo/--model-rev need --model")
+        model_path = Path(m["path"]) if m.get("path") else None
+        model_name = model_name or m.get("name")
     if model_path is None:
         fail("no model: pass --model or set model.path in params.yaml")
     chosen = tuple(mixes) or tuple(p.get("mixes") or ())
@@ -44,7 +56,7 @@ def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workd
     ev = p.get("eval") or {}
     return JobSpec(model=str(model_path), mixes=chosen, workdir=str(settings.workdir), gates=gates,
                    dataset=ev.get("dataset"), register=bool(register) if register is not None else False,
-                   model_name=model_name or m.get("name"), profile=bool(profile),
+                   model_name=model_name, profile=bool(profile), source_name=source_name, source_lineage=lineage,
                    options={k: v for k, v in ev.items() if k != "dataset"},
                    profile_options={k: v for k, v in (p.get("profile") or {}).items() if k in PROFILE_OPTIONS},
                    auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET))
@@ -71,7 +83,11 @@ def _results_table(result: dict[str, Any]) -> None:
 
 _SPEC_HELP = dict(
     params=typer.Option(Path("params.yaml"), "--params", help="params.yaml to read model/mixes/gates from"),
-    model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder or GGUF); default: params model.path"),
+    model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder, GGUF, Hub id in the HF cache, "
+                                                   "models:/NAME/VERSION, or a path in --model-repo); outputs and the "
+                                                   "registered model are named after it; default: params model.path"),
+    model_repo=typer.Option(None, "--model-repo", help="DVC-tracked git repository that holds --model"),
+    model_rev=typer.Option(None, "--model-rev", help="Git revision of --model-repo (or Hub revision of org/name)"),
     mix=typer.Option([], "--mix", help="Mix to produce (repeatable); default: params mixes"),
     workdir=typer.Option(None, "--workdir", help="Where job folders go (default: settings workdir, out/jobs)"),
     validate=typer.Option(None, "--validate/--no-validate", help="Run the gates (default: when params has gates)"),
@@ -88,7 +104,8 @@ _SPEC_HELP = dict(
 @app.command()
 @handle_errors
 def run(
-    params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
+    params: Path = _SPEC_HELP["params"], model: Optional[str] = _SPEC_HELP["model"],
+    model_repo: Optional[str] = _SPEC_HELP["model_repo"], model_rev: Optional[str] = _SPEC_HELP["model_rev"],
     mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
     model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
@@ -98,7 +115,8 @@ def run(
     """Run the pipeline for one model over its mixes in this process (no broker); reruns reuse finished work."""
     from quantgate.jobs import run_job
 
-    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target)
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
+                      model_repo, model_rev)
     result = run_job(spec)
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -109,7 +127,8 @@ def run(
 @app.command()
 @handle_errors
 def submit(
-    params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
+    params: Path = _SPEC_HELP["params"], model: Optional[str] = _SPEC_HELP["model"],
+    model_repo: Optional[str] = _SPEC_HELP["model_repo"], model_rev: Optional[str] = _SPEC_HELP["model_rev"],
     mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
     model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
@@ -118,7 +137,8 @@ def submit(
 ) -> None:
     """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it)."""
     _use_broker(broker)
-    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target)
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
+                      model_repo, model_rev)
     d = spec.to_dict()
     calib = d["profile_options"].get("calib")
     paths = {"model": str(Path(spec.model).resolve()), "workdir": str(Path(spec.workdir).resolve()),
