@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gguf
 import numpy as np
@@ -74,22 +74,55 @@ class ModelPlan:
 
 
 @dataclass(frozen=True)
+class _Experts:
+    """How a converter class stacks per-expert 2-D weights into one 3-D tensor per projection and block: the HF
+    name of one expert's weight (regex groups: block, expert, projection), the projections in the order the
+    converter emits them, and the HF name of the stacked tensor it maps through TensorNameMap."""
+
+    pattern: re.Pattern[str]
+    trigger: str           # the substring that routes a tensor to the expert buffer (the converter's test)
+    projections: tuple[str, ...]
+    merged: str            # format string with {bid} and {w}
+
+
+_MIXTRAL_EXPERTS = _Experts(re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"),
+                            "block_sparse_moe.experts", ("w1", "w2", "w3"), "layers.{bid}.feed_forward.experts.{w}.weight")
+_QWEN_EXPERTS = _Experts(re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight$"),
+                         "experts", ("down_proj", "gate_proj", "up_proj"), "model.layers.{bid}.mlp.experts.{w}.weight")
+
+
+@dataclass(frozen=True)
 class _HFArch:
     gguf_arch: gguf.MODEL_ARCH
     permute_qk: bool
     llama_extras: bool  # vocab_size + rope_dimension_count KVs and llama3 rope_freqs (LlamaModel only)
     defaults: dict[str, Any]
+    experts: _Experts | None = None
+    moe_ff_kvs: bool = False  # Qwen2MoeModel: expert (shared) feed-forward lengths after the generic KVs
+    fill_head_dim: bool = False  # LlamaConfig / MistralConfig set head_dim = hidden // heads when it is absent
 
 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+_QWEN_DEFAULTS = {"vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 _HF_ARCHS: dict[str, _HFArch] = {
-    "LlamaForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS),
-    "LLaMAForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS),
+    "LlamaForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS, fill_head_dim=True),
+    "LLaMAForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS, fill_head_dim=True),
     "MistralForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True,
-                                  {**_LLAMA_DEFAULTS, "max_position_embeddings": 4096 * 32}),
-    "Qwen2ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN2, False, False,
-                                {"vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                                 "rope_theta": 10000.0}),
+                                  {**_LLAMA_DEFAULTS, "max_position_embeddings": 4096 * 32}, fill_head_dim=True),
+    "MixtralForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True,
+                                  {**_LLAMA_DEFAULTS, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5,
+                                   "rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2},
+                                  experts=_MIXTRAL_EXPERTS),
+    "Qwen2ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN2, False, False, _QWEN_DEFAULTS),
+    "Qwen2MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN2MOE, False, False,
+                                   {**_QWEN_DEFAULTS, "num_experts": 60, "num_experts_per_tok": 4,
+                                    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+                                   experts=_QWEN_EXPERTS, moe_ff_kvs=True),
+    "Qwen3ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3, False, False, _QWEN_DEFAULTS),
+    "Qwen3MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3MOE, False, False,
+                                   {**_QWEN_DEFAULTS, "num_local_experts": 128, "num_experts_per_tok": 8,
+                                    "moe_intermediate_size": 768},
+                                   experts=_QWEN_EXPERTS, moe_ff_kvs=True),
 }
 
 
@@ -350,16 +383,85 @@ def _llama3_rope_freqs(cfg: dict, rope: dict) -> SourceTensor | None:
     return SourceTensor("rope_freqs.weight", (dim // 2,), "F32", read)
 
 
-def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: int) -> tuple[list[KV], int]:
+def _parameter_counts(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
+    """GGUFWriter.get_total_parameter_count: (total, shared, per-expert, expert count) of the output tensors, which
+    the converter's general.size_label ("8x22M") and metadata derive from."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = int(np.prod(t.shape, dtype=np.int64))
+        if "_exps." in t.name and len(t.shape) >= 3:
+            count = t.shape[-2 if ".bias" in t.name else -3]
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_expert_tensors) if n_expert_tensors else 0
+
+
+def _stacked(name: str, parts: list[SourceTensor]) -> SourceTensor:
+    """One (n_expert, rows, cols) source made of the experts' 2-D weights, read one projection at a time, as the
+    converter's torch.stack(datas, dim=0)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.shape != first.shape or p.dtype != first.dtype:
+            raise CheckpointError(f"expert tensors {first.name!r} {list(first.shape)} {first.dtype} and {p.name!r} "
+                                  f"{list(p.shape)} {p.dtype} cannot be stacked (shapes and types must agree)")
+    return SourceTensor(name, (len(parts), *first.shape), first.dtype,
+                        lambda: np.stack([p.read() for p in parts], axis=0))
+
+
+def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
+                       ) -> Iterator[tuple[str, SourceTensor, Callable[[np.ndarray], np.ndarray] | None]]:
+    """(HF name to map, source, transform) in the order the converter's modify_tensors yields them: skipped
+    suffixes dropped, Q/K permuted (LlamaModel), per-expert weights buffered per block and stacked into one 3-D
+    tensor per projection once all of that block's experts are seen (emitted where the last one is)."""
+    n_head, n_head_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    ex = spec.experts
+    n_experts = int(_first(cfg, _N_EXPERT_KEYS) or 0) if ex else 0
+    buffers: dict[int, dict[tuple[int, str], SourceTensor]] = {}
+    for t in ckpt.tensors:
+        name = t.name.replace("language_model.", "")
+        if name.endswith(_SKIP_SUFFIXES):
+            continue
+        if ex is not None and ex.trigger in name:
+            m = ex.pattern.match(name)
+            if m is None or not n_experts or int(m.group(2)) >= n_experts:
+                raise CheckpointError(f"{ckpt.path}: expert tensor {t.name!r} is not one of "
+                                      f"{n_experts} experts' {'/'.join(ex.projections)} weights")
+            bid, buf = int(m.group(1)), buffers.setdefault(int(m.group(1)), {})
+            buf[(int(m.group(2)), m.group(3))] = t
+            if len(buf) >= n_experts * len(ex.projections):
+                for w in ex.projections:
+                    merged = ex.merged.format(bid=bid, w=w)
+                    yield merged, _stacked(merged, [buf.pop((x, w)) for x in range(n_experts)]), None
+                del buffers[bid]
+            continue
+        transform = None
+        if spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            transform = lambda a, h=n_head: permute_qk(a, h, h)  # noqa: E731
+        elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
+        yield name, t, transform
+    if buffers:
+        left = [t.name for buf in buffers.values() for t in buf.values()]
+        raise CheckpointError(f"{ckpt.path}: incomplete experts ({len(left)} expert tensors of a block left "
+                              f"unstacked, first: {left[0]!r}); every block needs all {n_experts} experts")
+
+
+def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
+            counts: tuple[int, int, int, int]) -> tuple[list[KV], int]:
     arch_name = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
     w = gguf.GGUFWriter(path=None, arch=arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    meta = gguf.Metadata.load(None, model_dir, None, n_params)
+    total, shared, expert, expert_count = counts
+    meta = gguf.Metadata.load(None, model_dir, None, total)
     if meta.name is None:
         meta.name = model_dir.name
-    if meta.size_label is None and n_params > 0:
-        meta.size_label = gguf.size_label(n_params, n_params, 0, 0)
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, expert_count)
     meta.set_gguf_meta_model(w)
     # TextModel.set_gguf_parameters
     w.add_block_count(cfg["num_hidden_layers"])
@@ -389,6 +491,22 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: in
         w.add_rope_freq_base(theta)
     if (eps := _first(cfg, ("rms_norm_eps", "norm_eps"))) is not None:
         w.add_layer_norm_rms_eps(eps)
+    if (eps := _first(cfg, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        w.add_layer_norm_eps(eps)
+    if (n_experts := _first(cfg, _N_EXPERT_KEYS)) is not None:
+        w.add_expert_count(n_experts)
+    if (n_used := _first(cfg, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
+        w.add_expert_used_count(n_used)
+    if (n_group := cfg.get("n_group")) is not None:
+        w.add_expert_group_count(n_group)
+    if (n_group_used := cfg.get("topk_group")) is not None:
+        w.add_expert_group_used_count(n_group_used)
+    if (score := _first(cfg, _SCORE_FUNC_KEYS)) is not None:
+        gating = {"sigmoid": gguf.ExpertGatingFuncType.SIGMOID, "softmax": gguf.ExpertGatingFuncType.SOFTMAX,
+                  "sqrtsoftplus": gguf.ExpertGatingFuncType.SQRTSOFTPLUS}.get(score)
+        if gating is None:
+            raise CheckpointError(f"{ckpt.path}: config.json expert score function {_short(score)} is not supported")
+        w.add_expert_gating_func(gating)
     if (head_dim := cfg.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -397,16 +515,26 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: in
     if spec.llama_extras:
         w.add_vocab_size(cfg["vocab_size"])
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    if spec.moe_ff_kvs:
+        if (n_ff_exp := cfg.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(n_ff_exp)
+        if (n_ff_shexp := cfg.get("shared_expert_intermediate_size")) is not None:
+            w.add_expert_shared_feed_forward_length(n_ff_shexp)
     kvs = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
     return kvs, file_type_index
 
 
+_N_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_SCORE_FUNC_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation",
+                    "moe_router_activation_func", "expert_selection_fn")
 _HF_INT_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
                 "head_dim", "max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
                 "model_max_length", "prefix_dense_intermediate_size", "dense_intermediate_size",
-                "intermediate_size", "n_inner", "hidden_dim", "num_local_experts")
+                "intermediate_size", "n_inner", "hidden_dim", "num_local_experts", "num_experts",
+                "n_routed_experts", "num_experts_per_tok", "num_experts_per_token", "top_k_experts",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "n_group", "topk_group")
 _HF_FLOAT_KEYS = ("rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
-                  "rms_norm_eps", "norm_eps")
+                  "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
 _ROPE_INT_KEYS = ("original_max_position_embeddings",)
 _ROPE_FLOAT_KEYS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")
 
@@ -463,7 +591,7 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     _check_hf_config(ckpt, cfg)
     if cfg.get("num_key_value_heads") is None:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-    if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and cfg.get("head_dim") is None:
+    if spec.fill_head_dim and cfg.get("head_dim") is None:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]  # as transformers' LlamaConfig sets it
     n_layer, n_head, n_head_kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     rope = _rope_parameters(cfg)
@@ -472,27 +600,18 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     if spec.llama_extras and (rf := _llama3_rope_freqs(cfg, rope)) is not None:
         tensors.append(PlannedTensor(rf.name, rf.shape, rf))
     mapped: dict[str, str] = {}
-    for t in ckpt.tensors:
-        name = t.name.replace("language_model.", "")
-        if name.endswith(_SKIP_SUFFIXES):
-            continue
+    for name, t, transform in _converter_tensors(ckpt, spec, cfg):
         new_name = name_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise CheckpointError(
                 f"cannot map tensor {t.name!r} to a GGUF name for architecture "
                 f"{gguf.MODEL_ARCH_NAMES[spec.gguf_arch]!r}; use --generic to keep the original names")
-        transform = None
-        if spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
-            transform = lambda a, h=n_head: permute_qk(a, h, h)  # noqa: E731
-        elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
-            transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
         if new_name in mapped:
             raise CheckpointError(f"{ckpt.path}: tensors {mapped[new_name]!r} and {t.name!r} both map to GGUF "
                                   f"tensor {new_name!r}; refused (one would be silently dropped)")
         mapped[new_name] = t.name
         tensors.append(PlannedTensor(new_name, t.shape, t, transform))
-    n_params = sum(int(np.prod(p.shape, dtype=np.int64)) for p in tensors)
-    kvs, file_type_index = _hf_kvs(ckpt, spec, cfg, rope, n_params)
+    kvs, file_type_index = _hf_kvs(ckpt, spec, cfg, rope, _parameter_counts(tensors))
     model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     tok = tokenizer_kvs(model_dir, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], raw_cfg, tokenizer_pre=tokenizer_pre)
     kvs += tok.kv
@@ -504,7 +623,7 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     hparams = {
         "n_layer": int(n_layer), "n_embd": int(cfg["hidden_size"]), "n_head": int(n_head),
         "n_head_kv": int(n_head_kv), "n_ff": int(cfg.get("intermediate_size") or 0),
-        "n_vocab": int(cfg["vocab_size"]), "n_expert": int(cfg.get("num_local_experts") or 0),
+        "n_vocab": int(cfg["vocab_size"]), "n_expert": int(_first(cfg, _N_EXPERT_KEYS) or 0),
     }
     return ModelPlan(arch=gguf.MODEL_ARCH_NAMES[spec.gguf_arch], kv=kvs, tensors=tensors, hparams=hparams,
                      source_kind=ckpt.kind, file_type_index=file_type_index, tokenizer=tok)

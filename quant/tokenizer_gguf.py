@@ -138,7 +138,9 @@ PRE_BY_SPLIT_REGEX: dict[str, str] = {
 }
 
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED, _SPM_BYTE = 1, 2, 3, 4, 5, 6
-_ARCH_FLAVOURS = {"llama": "llama", "qwen2": "qwen2"}
+#: GGUF architecture -> which converter set_vocab it uses: LlamaModel's, Qwen2Model's (SentencePiece, else BPE) or
+#: TextModel's default (BPE only: Qwen2MoeModel, Qwen3MoeModel)
+_ARCH_FLAVOURS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen2", "qwen2moe": "gpt2", "qwen3moe": "gpt2"}
 
 
 @dataclass
@@ -353,6 +355,8 @@ def tokenizer_kvs(model_dir: Path, arch: str, hparams: dict[str, Any], *,
             special.add_to_gguf(w, quiet=True)
         if hparams.get("vocab_size", 32000) == 49152:  # granite small models
             w.add_add_bos_token(False)
+    elif flavour == "gpt2":  # TextModel.set_vocab
+        _set_gpt2(w, model_dir, vocab_size, tokenizer_pre, exp)
     else:  # Qwen2Model.set_vocab
         try:
             _set_sentencepiece(w, model_dir, vocab_size, exp)

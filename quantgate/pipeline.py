@@ -32,6 +32,7 @@ from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
+from quant.api import quantize_tensor
 from quant.imatrix import load_imatrix
 from quant.loaders import open_checkpoint
 from quant.mixes import (
@@ -200,9 +201,8 @@ def quantize_model(
                 x = pt.source.read()
                 if pt.transform is not None:
                     x = pt.transform(x)
-                m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
                 w = imat.values(pt.name) if (imat is not None and not qt.is_float) else None
-                return quant.quantize(m, qt.name, imatrix=w, name=pt.name).reshape(-1)
+                return quantize_tensor(x, qt.name, imatrix=w, name=pt.name)  # 3-D experts: per-expert imatrix
 
             return produce
 

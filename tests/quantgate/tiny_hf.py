@@ -1,5 +1,5 @@
 """Tiny, deterministic HF checkpoints with real tokenizers for the convert / llama.cpp runtime tests:
-random Llama / Mistral / Qwen2 models (transformers, saved as float16 safetensors) plus a SentencePiece model
+random Llama / Mistral / Qwen2 / Qwen3 and MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) models (transformers, saved as float16 safetensors) plus a SentencePiece model
 (Llama/Mistral style, byte fallback) or a byte-level BPE tokenizer.json (Qwen2 style) trained on a small corpus."""
 from __future__ import annotations
 
@@ -73,8 +73,9 @@ def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
 
 
 def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
-    """Write a random tiny HF model (`arch`: llama | mistral | qwen2; hidden 256, GQA 4/2 heads, vocab 512) in
-    float16 with its tokenizer; returns the folder."""
+    """Write a random tiny HF model (`arch`: llama | mistral | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
+    hidden 256, GQA 4/2 heads, vocab 512, experts of 256 rows) in float16 with its tokenizer (SentencePiece for
+    llama/mistral/mixtral, byte-level BPE for the Qwen family); returns the folder."""
     import torch
     import transformers as tf
 
@@ -93,9 +94,26 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         cfg = tf.Qwen2Config(intermediate_size=768, tie_word_embeddings=True, bos_token_id=None,
                              **common)
         cls = tf.Qwen2ForCausalLM
+    elif arch == "mixtral":  # 8 experts: llama.cpp's n_expert == 8 mix rules apply
+        cfg = tf.MixtralConfig(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, bos_token_id=1,
+                               eos_token_id=2, sliding_window=None, **common)
+        cls = tf.MixtralForCausalLM
+    elif arch == "qwen2moe":  # 4 routed experts + a shared expert with its sigmoid gate
+        cfg = tf.Qwen2MoeConfig(intermediate_size=768, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                                num_experts=4, num_experts_per_tok=2, bos_token_id=None, **common)
+        cls = tf.Qwen2MoeForCausalLM
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(intermediate_size=768, head_dim=64, tie_word_embeddings=True, bos_token_id=None,
+                             **common)
+        cls = tf.Qwen3ForCausalLM
+    elif arch == "qwen3moe":
+        # norm_topk_prob as Qwen3-MoE checkpoints ship it: llama.cpp's qwen3moe graph always renormalizes top-k
+        cfg = tf.Qwen3MoeConfig(intermediate_size=768, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                                norm_topk_prob=True, head_dim=64, bos_token_id=None, **common)
+        cls = tf.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)
-    if arch == "qwen2":
+    if arch.startswith("qwen"):
         cfg.eos_token_id = write_bpe(model_dir)
     else:
         write_sentencepiece(model_dir)

@@ -1,0 +1,181 @@
+"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3), each proven on a tiny
+random transformers 5 model against llama.cpp itself:
+
+- `quantgate convert` writes the same file as the pinned convert_hf_to_gguf.py (KVs in order with types and
+  values, tensor names, order, types, shapes and bytes; experts stacked 3-D as the converter stacks them);
+- every named mix quantized straight from the HF folder equals llama_model_quantize's output from the converter's
+  F16 file, type and bytes of every tensor (n_expert == 8 rules, 3-D experts quantized per 2-D slice), and with an
+  importance matrix that has one column vector per expert;
+- the converted F16 GGUF runs in llama-cpp-python with transformers' float32 logits, a Q4_K_M one generates.
+
+The pinned converter runs once per architecture (module fixture)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import CheckpointError
+from core.records import QuantizeRequest
+from quant.mixes import PRECISIONS
+from quantgate.convert import convert_model
+from quantgate.pipeline import quantize_model
+from tests.conftest import require_llamacpp_src
+from tests.quantgate.test_convert import _RUN_CONVERTER, _gguf
+from tests.quantgate.test_llamacpp_runtime import _compare_logits, _greedy
+from tests.quantgate.test_pipeline_llamacpp import _assert_same, _llama_quantize, _tensors
+from tests.quantgate.tiny_hf import make_tiny_model
+
+ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe")
+GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3": "qwen3", "qwen3moe": "qwen3moe"}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """arch -> (tiny HF folder, the pinned converter's F16 GGUF of it)."""
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
+    d = tmp_path_factory.mktemp("archs")
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        hf = make_tiny_model(d / arch, arch, seed=20 + i)
+        ref = d / f"{arch}-ref-F16.gguf"
+        pre = "qwen2" if arch.startswith("qwen") else ""  # our tiny BPE has no known chkhsh: what our regex rule says
+        subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), pre, str(hf), "--outfile", str(ref),
+                        "--outtype", "f16"], check=True, capture_output=True)
+        out[arch] = (hf, ref)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
+    hf, ref = converted[arch]
+    ours = tmp_path / "ours.gguf"
+    art = convert_model(hf, ours, "f16")
+    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
+    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
+    assert [k[0] for k in kv_a if k not in kv_b] == []  # same types and values
+    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]  # names, order, types, shapes
+    assert [t[0] for t in t_a if t not in t_b] == []  # bytes
+    kv = {k[0] for k in kv_a}
+    assert f"{GGUF_ARCH[arch]}.block_count" in kv
+    if arch.endswith("moe") or arch == "mixtral":
+        n_exp = 8 if arch != "qwen2moe" else 4
+        assert art.tensor_types["blk.0.ffn_gate_inp.weight"] == "F32"  # the router stays F32, as the converter keeps it
+        assert next(t for t in t_a if t[0] == "blk.1.ffn_down_exps.weight")[2] == (256, 256, n_exp)
+        assert {f"{GGUF_ARCH[arch]}.expert_count", f"{GGUF_ARCH[arch]}.expert_used_count"} <= kv
+    if arch == "qwen2moe":
+        assert art.tensor_types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+        assert "qwen2moe.expert_shared_feed_forward_length" in kv
+    if arch.startswith("qwen3"):
+        assert art.tensor_types["blk.0.attn_q_norm.weight"] == "F32"
+
+
+def _every_mix(hf: Path, ref_f16: Path, tmp_path: Path) -> None:
+    for mix, info in PRECISIONS.items():
+        ref, ours = tmp_path / f"ref-{mix}.gguf", tmp_path / f"ours-{mix}.gguf"
+        _llama_quantize(ref_f16, ref, info.llama_ftype)
+        quantize_model(QuantizeRequest(source=hf, out=ours, precision=mix), record=False)
+        _assert_same(ours, ref)
+        ref.unlink()
+        ours.unlink()
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_mix_matches_llama_model_quantize(require_oracle, converted, tmp_path, arch):
+    hf, ref_f16 = converted[arch]
+    _every_mix(hf, ref_f16, tmp_path)
+
+
+def _expert_imatrix(f16: Path, seed: int):
+    """A random importance matrix with llama-imatrix's layout: per tensor one column vector per expert."""
+    from gguf import GGUFReader
+
+    from quant.imatrix import Imatrix, ImatrixEntry
+
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for t in GGUFReader(f16).tensors:
+        if t.name.endswith(".weight") and t.tensor_type.name == "F16" and "token_embd" not in t.name:
+            cols = int(t.shape[0])
+            n_mat = int(t.shape[2]) if len(t.shape) > 2 else 1
+            counts = rng.integers(5, 60, n_mat).astype(np.float32)
+            sums = (rng.gamma(0.5, 2.0, n_mat * cols) * np.repeat(counts, cols)).astype(np.float32)
+            entries[t.name] = ImatrixEntry(sums=sums, counts=counts)
+    return Imatrix(entries=entries, datasets=["test"], chunk_count=1, chunk_size=512)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch,mix", [("mixtral", "Q4_K_M"), ("qwen2moe", "Q2_K"), ("qwen3moe", "Q4_0")])
+def test_imatrix_per_expert_matches_llama_model_quantize(require_oracle, converted, tmp_path, arch, mix):
+    from quant.imatrix import save_imatrix_gguf
+
+    hf, ref_f16 = converted[arch]
+    imat = _expert_imatrix(ref_f16, seed=3)
+    assert any(e.counts.size > 1 for e in imat.entries.values())
+    ipath = tmp_path / "imatrix.gguf"
+    save_imatrix_gguf(imat, ipath)
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    _llama_quantize(ref_f16, ref, PRECISIONS[mix].llama_ftype, imatrix={n: imat.values(n) for n in imat.entries})
+    quantize_model(QuantizeRequest(source=ref_f16, out=ours, precision=mix, imatrix=ipath), record=False)
+    _assert_same(ours, ref)
+    plain = tmp_path / "plain.gguf"  # the imatrix did change the expert bytes (the test can fail)
+    _llama_quantize(ref_f16, plain, PRECISIONS[mix].llama_ftype)
+    assert _tensors(plain)["blk.0.ffn_up_exps.weight"][1] != _tensors(ref)["blk.0.ffn_up_exps.weight"][1]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch", ARCHS)
+def test_runs_in_llama_cpp(require_oracle, converted, tmp_path, arch):
+    hf, _ = converted[arch]
+    f16 = tmp_path / "ours-F16.gguf"
+    convert_model(hf, f16, "f16")
+    res = _compare_logits(hf, f16, label=f"tiny-{arch}")
+    assert res["tokenization_mismatches"] == []
+    assert res["top1_agreement"] >= 0.99, res
+    assert res["max_abs_logit_diff"] < 0.05, res
+    q = tmp_path / "q4km.gguf"
+    quantize_model(QuantizeRequest(source=hf, out=q, precision="Q4_K_M"), record=False)
+    assert len(_greedy(q, "The model runs")) == 12
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_incomplete_or_foreign_experts_are_refused(converted, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    hf, _ = converted["mixtral"]
+    bad = _copy(hf, tmp_path / "missing")
+    w = load_file(bad / "model.safetensors")
+    del w["model.layers.1.block_sparse_moe.experts.7.w2.weight"]
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="incomplete experts"):
+        convert_model(bad, tmp_path / "x.gguf")
+    bad = _copy(hf, tmp_path / "extra")
+    w = load_file(bad / "model.safetensors")
+    w["model.layers.0.block_sparse_moe.experts.8.w1.weight"] = w["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not one of 8 experts"):
+        convert_model(bad, tmp_path / "x.gguf")
+    bad = _copy(hf, tmp_path / "shape")
+    w = load_file(bad / "model.safetensors")
+    w["model.layers.0.block_sparse_moe.experts.3.w1.weight"] = w["model.layers.0.block_sparse_moe.experts.3.w1.weight"][:128]
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="cannot be stacked"):
+        convert_model(bad, tmp_path / "x.gguf")
+    bad = _copy(hf, tmp_path / "count")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_local_experts"] = True
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="num_local_experts"):
+        convert_model(bad, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
