@@ -162,7 +162,10 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
     _, model_type, _, permuted = _hf_arch(g, arch)
     n_layer = int(config["num_hidden_layers"])
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
-    candidates = list(_GLOBAL_NAMES) + [t.format(i=i) for i in range(n_layer) for t in _LAYER_TEMPLATES]
+    # the router is block_sparse_moe.gate in Mixtral checkpoints, mlp.gate in the Qwen MoE ones
+    templates = [t for t in _LAYER_TEMPLATES if ("block_sparse_moe" in t) == (model_type == "mixtral")
+                 or not t.endswith(("moe.gate.weight", "mlp.gate.weight"))]
+    candidates = list(_GLOBAL_NAMES) + [t.format(i=i) for i in range(n_layer) for t in templates]
     inverse: dict[str, str] = {}
     for hf in candidates:
         gg = name_map.get_name(key=hf, try_suffixes=(".weight", ".bias"))
