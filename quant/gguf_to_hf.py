@@ -25,6 +25,7 @@ _ARCHS: dict[str, tuple[str, str, bool, bool]] = {
     "llama": ("LlamaForCausalLM", "llama", False, True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", True, False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False, False),
+    "phi3": ("Phi3ForCausalLM", "phi3", False, False),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", True, False),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False, False),
 }
@@ -44,6 +45,7 @@ _LAYER_TEMPLATES = (
     "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight",
     "model.layers.{i}.mlp.down_proj.weight",
     "model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight",
+    "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight",
     "model.layers.{i}.self_attn.q_norm.weight", "model.layers.{i}.self_attn.k_norm.weight",
     "model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight",
     "model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight",
@@ -141,6 +143,12 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
         cfg["use_sliding_window"] = False
     if model_type in ("qwen3", "qwen3_moe"):
         cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+    if model_type == "phi3":
+        rope_dim = int(_kv(g, "phi3.rope.dimension_count", n_embd // n_head))
+        rope["partial_rotary_factor"] = rope_dim * n_head / n_embd
+        cfg.update(original_max_position_embeddings=int(need("rope.scaling.original_context_length")),
+                   sliding_window=int(_kv(g, "phi3.attention.sliding_window", 0) or 0) or None,
+                   pad_token_id=g.value("tokenizer.ggml.padding_token_id"))
     if model_type == "mixtral":
         cfg.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                    sliding_window=None)
@@ -165,6 +173,8 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
     # the router is block_sparse_moe.gate in Mixtral checkpoints, mlp.gate in the Qwen MoE ones
     templates = [t for t in _LAYER_TEMPLATES if ("block_sparse_moe" in t) == (model_type == "mixtral")
                  or not t.endswith(("moe.gate.weight", "mlp.gate.weight"))]
+    if model_type == "phi3":  # attn_qkv / ffn_up are Phi-3's fused qkv_proj / gate_up_proj
+        templates.sort(key=lambda t: not t.endswith(("qkv_proj.weight", "gate_up_proj.weight")))
     candidates = list(_GLOBAL_NAMES) + [t.format(i=i) for i in range(n_layer) for t in templates]
     inverse: dict[str, str] = {}
     for hf in candidates:

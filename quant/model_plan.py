@@ -100,6 +100,7 @@ class _HFArch:
     experts: _Experts | None = None
     moe_ff_kvs: bool = False  # Qwen2MoeModel: expert (shared) feed-forward lengths after the generic KVs
     fill_head_dim: bool = False  # LlamaConfig / MistralConfig set head_dim = hidden // heads when it is absent
+    params: str = "text"  # which set_gguf_parameters: TextModel's or Phi3MiniModel's ("phi3")
 
 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
@@ -118,6 +119,10 @@ _HF_ARCHS: dict[str, _HFArch] = {
                                    {**_QWEN_DEFAULTS, "num_experts": 60, "num_experts_per_tok": 4,
                                     "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
                                    experts=_QWEN_EXPERTS, moe_ff_kvs=True),
+    "Phi3ForCausalLM": _HFArch(gguf.MODEL_ARCH.PHI3, False, False,
+                               {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                                "rope_theta": 10000.0, "original_max_position_embeddings": 4096},
+                               params="phi3"),
     "Qwen3ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3, False, False, _QWEN_DEFAULTS),
     "Qwen3MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3MOE, False, False,
                                    {**_QWEN_DEFAULTS, "num_local_experts": 128, "num_experts_per_tok": 8,
@@ -349,8 +354,18 @@ def _rope_parameters(cfg: dict) -> dict:
                              "rotary_emb_base"))
         if "rope_theta" not in rope and theta is not None:
             rope["rope_theta"] = theta
+        local = _first(cfg, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                             "rope_local_base_freq"))
+        if local is not None:
+            rope["sliding_attention"] = {"rope_theta": local}
         if "rope_type" not in rope and rope.get("type") is not None:
             rope["rope_type"] = rope["type"]
+        partial = _first(cfg, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+        if "partial_rotary_factor" not in rope and partial is not None:
+            rope["partial_rotary_factor"] = partial
+        orig = cfg.get("original_max_position_embeddings")
+        if "original_max_position_embeddings" not in rope and orig is not None:
+            rope["original_max_position_embeddings"] = orig
     return rope
 
 
@@ -463,7 +478,45 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, expert_count)
     meta.set_gguf_meta_model(w)
-    # TextModel.set_gguf_parameters
+    file_type_index = (_phi3_params if spec.params == "phi3" else _text_params)(ckpt, w, cfg, rope)
+    if spec.llama_extras:
+        w.add_vocab_size(cfg["vocab_size"])
+        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    if spec.moe_ff_kvs:
+        if (n_ff_exp := cfg.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(n_ff_exp)
+        if (n_ff_shexp := cfg.get("shared_expert_intermediate_size")) is not None:
+            w.add_expert_shared_feed_forward_length(n_ff_shexp)
+    kvs = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
+    return kvs, file_type_index
+
+
+def _phi3_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """Phi3MiniModel.set_gguf_parameters (its own KV order); returns where general.file_type goes. LongRoPE
+    checkpoints (128k, rope long/short factor tensors) are refused."""
+    if rope.get("long_factor") or rope.get("short_factor"):
+        raise CheckpointError(f"{ckpt.path}: Phi-3 LongRoPE (rope long_factor/short_factor) is not supported; "
+                              "convert this model with llama.cpp's convert_hf_to_gguf.py")
+    if rope.get("original_max_position_embeddings") is None:
+        raise CheckpointError(f"{ckpt.path}: config.json lacks original_max_position_embeddings (Phi-3)")
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    w.add_context_length(_first(cfg, ("n_positions", "max_position_embeddings")))
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    file_type_index = len(w.kv_data[0])
+    w.add_sliding_window(cfg.get("sliding_window") or 0)  # 0 tells Phi-3 from Phi-4 (no sliding window)
+    return file_type_index
+
+
+def _text_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """TextModel.set_gguf_parameters; returns where general.file_type goes (the pipeline adds it)."""
     w.add_block_count(cfg["num_hidden_layers"])
     if (n_ctx := _first(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length",
                               "max_sequence_length", "model_max_length"))) is not None:
@@ -489,6 +542,8 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     if (theta := params.get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
+    if (local_theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(local_theta)
     if (eps := _first(cfg, ("rms_norm_eps", "norm_eps"))) is not None:
         w.add_layer_norm_rms_eps(eps)
     if (eps := _first(cfg, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
@@ -510,18 +565,7 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
     if (head_dim := cfg.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    # (convert_hf_to_gguf adds general.file_type here; the pipeline adds it)
-    file_type_index = len(w.kv_data[0])
-    if spec.llama_extras:
-        w.add_vocab_size(cfg["vocab_size"])
-        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    if spec.moe_ff_kvs:
-        if (n_ff_exp := cfg.get("moe_intermediate_size")) is not None:
-            w.add_expert_feed_forward_length(n_ff_exp)
-        if (n_ff_shexp := cfg.get("shared_expert_intermediate_size")) is not None:
-            w.add_expert_shared_feed_forward_length(n_ff_shexp)
-    kvs = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
-    return kvs, file_type_index
+    return len(w.kv_data[0])
 
 
 _N_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -532,11 +576,13 @@ _HF_INT_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_
                 "model_max_length", "prefix_dense_intermediate_size", "dense_intermediate_size",
                 "intermediate_size", "n_inner", "hidden_dim", "num_local_experts", "num_experts",
                 "n_routed_experts", "num_experts_per_tok", "num_experts_per_token", "top_k_experts",
-                "moe_intermediate_size", "shared_expert_intermediate_size", "n_group", "topk_group")
+                "moe_intermediate_size", "shared_expert_intermediate_size", "n_group", "topk_group",
+                "original_max_position_embeddings")
 _HF_FLOAT_KEYS = ("rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
-                  "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
+                  "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
+                  "partial_rotary_factor", "local_rope_theta", "rope_local_base_freq")
 _ROPE_INT_KEYS = ("original_max_position_embeddings",)
-_ROPE_FLOAT_KEYS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")
+_ROPE_FLOAT_KEYS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "partial_rotary_factor")
 
 
 def _check_hf_config(ckpt: Checkpoint, cfg: dict) -> None:

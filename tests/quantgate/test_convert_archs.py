@@ -1,4 +1,4 @@
-"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3), each proven on a tiny
+"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3, Phi-3), each proven on a tiny
 random transformers 5 model against llama.cpp itself:
 
 - `quantgate convert` writes the same file as the pinned convert_hf_to_gguf.py (KVs in order with types and
@@ -6,7 +6,9 @@ random transformers 5 model against llama.cpp itself:
 - every named mix quantized straight from the HF folder equals llama_model_quantize's output from the converter's
   F16 file, type and bytes of every tensor (n_expert == 8 rules, 3-D experts quantized per 2-D slice), and with an
   importance matrix that has one column vector per expert;
-- the converted F16 GGUF runs in llama-cpp-python with transformers' float32 logits, a Q4_K_M one generates.
+- the converted F16 GGUF runs in llama-cpp-python with transformers' float32 logits, a Q4_K_M one generates;
+- GGUF -> HF gives back the checkpoint's tensors (experts un-stacked), its weights fingerprint and, in the torch
+  backend, its logits; `quantgate evaluate` scores a quantized MoE GGUF.
 
 The pinned converter runs once per architecture (module fixture)."""
 from __future__ import annotations
@@ -32,8 +34,8 @@ from tests.quantgate.test_llamacpp_runtime import _compare_logits, _greedy
 from tests.quantgate.test_pipeline_llamacpp import _assert_same, _llama_quantize, _tensors
 from tests.quantgate.tiny_hf import make_tiny_model
 
-ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe")
-GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3": "qwen3", "qwen3moe": "qwen3moe"}
+ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe", "phi3")
+GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "phi3": "phi3"}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,10 @@ def test_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
         assert "qwen2moe.expert_shared_feed_forward_length" in kv
     if arch.startswith("qwen3"):
         assert art.tensor_types["blk.0.attn_q_norm.weight"] == "F32"
+    if arch == "phi3":  # fused projections kept fused, as llama.cpp's phi3 graph reads them
+        shapes = {t[0]: t[2] for t in t_a}
+        assert shapes["blk.0.attn_qkv.weight"] == (256, 256 + 2 * 128) and shapes["blk.0.ffn_up.weight"] == (256, 1024)
+        assert {"phi3.rope.scaling.original_context_length", "phi3.attention.sliding_window"} <= kv
 
 
 def _every_mix(hf: Path, ref_f16: Path, tmp_path: Path) -> None:

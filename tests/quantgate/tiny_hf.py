@@ -73,9 +73,9 @@ def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
 
 
 def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
-    """Write a random tiny HF model (`arch`: llama | mistral | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
+    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
     hidden 256, GQA 4/2 heads, vocab 512, experts of 256 rows) in float16 with its tokenizer (SentencePiece for
-    llama/mistral/mixtral, byte-level BPE for the Qwen family); returns the folder."""
+    llama/mistral/phi3/mixtral, byte-level BPE for the Qwen family); returns the folder."""
     import torch
     import transformers as tf
 
@@ -102,6 +102,10 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         cfg = tf.Qwen2MoeConfig(intermediate_size=768, moe_intermediate_size=256, shared_expert_intermediate_size=512,
                                 num_experts=4, num_experts_per_tok=2, bos_token_id=None, **common)
         cls = tf.Qwen2MoeForCausalLM
+    elif arch == "phi3":  # fused qkv_proj / gate_up_proj, as Phi-3-mini-4k (no LongRoPE)
+        cfg = tf.Phi3Config(intermediate_size=512, original_max_position_embeddings=512, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=None, **common)
+        cls = tf.Phi3ForCausalLM
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(intermediate_size=768, head_dim=64, tie_word_embeddings=True, bos_token_id=None,
                              **common)
@@ -115,6 +119,13 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         raise ValueError(arch)
     if arch.startswith("qwen"):
         cfg.eos_token_id = write_bpe(model_dir)
+    elif arch == "phi3":  # Phi-3 style: a smaller SentencePiece model plus special chat tokens above it
+        write_sentencepiece(model_dir, vocab_size=500)
+        tc = json.loads((model_dir / "tokenizer_config.json").read_text())
+        tc["added_tokens_decoder"] = {str(500 + i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                     "normalized": False, "single_word": False}
+                                      for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|end|>"))}
+        (model_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     else:
         write_sentencepiece(model_dir)
     torch.manual_seed(seed)
