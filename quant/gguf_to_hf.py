@@ -26,6 +26,7 @@ _ARCHS: dict[str, tuple[str, str, bool, bool]] = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2", True, False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False, False),
     "phi3": ("Phi3ForCausalLM", "phi3", False, False),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False, False),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", True, False),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False, False),
 }
@@ -45,6 +46,7 @@ _LAYER_TEMPLATES = (
     "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight",
     "model.layers.{i}.mlp.down_proj.weight",
     "model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight", "model.layers.{i}.post_feedforward_layernorm.weight",
     "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight",
     "model.layers.{i}.self_attn.q_norm.weight", "model.layers.{i}.self_attn.k_norm.weight",
     "model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight",
@@ -61,6 +63,7 @@ class HFTensorMap:
     hf_name: dict[str, str]            # GGUF name -> HF name (for stacked experts: a template with {x})
     unpermute_heads: dict[str, int]    # GGUF name -> head count for the inverse RoPE permutation (Q/K only)
     experts: frozenset[str] = frozenset()  # GGUF names of stacked (n_expert, rows, cols) expert tensors
+    norm_minus_one: bool = False           # Gemma: norms are stored as 1 + w
 
 
 def unpermute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -149,6 +152,11 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
         cfg.update(original_max_position_embeddings=int(need("rope.scaling.original_context_length")),
                    sliding_window=int(_kv(g, "phi3.attention.sliding_window", 0) or 0) or None,
                    pad_token_id=g.value("tokenizer.ggml.padding_token_id"))
+    if model_type == "gemma2":  # llama.cpp scales queries by 1/sqrt(head_dim) (the 2B/9B setting)
+        cfg.update(query_pre_attn_scalar=cfg["head_dim"], hidden_activation="gelu_pytorch_tanh",
+                   attn_logit_softcapping=float(need("attn_logit_softcapping")),
+                   final_logit_softcapping=float(need("final_logit_softcapping")),
+                   sliding_window=int(need("attention.sliding_window")), tie_word_embeddings=True)
     if model_type == "mixtral":
         cfg.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                    sliding_window=None)
@@ -202,7 +210,7 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
             heads[t.name] = n_head
         elif permuted and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads[t.name] = n_head_kv
-    return HFTensorMap(hf_name, heads, frozenset(n for n in hf_name if n in experts))
+    return HFTensorMap(hf_name, heads, frozenset(n for n in hf_name if n in experts), model_type == "gemma2")
 
 
 def read_tensor_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
@@ -226,6 +234,8 @@ def iter_hf_tensors(g: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, 
                 yield name.format(x=x), arr[x]
         elif name.endswith("shared_expert_gate.weight"):
             yield name, arr.reshape(1, -1)  # (1, n_embd): llama-quantize writes it 1-D (ggml_n_dims)
+        elif tmap.norm_minus_one and name.endswith("norm.weight"):
+            yield name, arr - np.float32(1)  # Gemma stores 1 + w (the converter's norm shift)
         else:
             yield name, arr
 

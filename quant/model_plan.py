@@ -100,7 +100,9 @@ class _HFArch:
     experts: _Experts | None = None
     moe_ff_kvs: bool = False  # Qwen2MoeModel: expert (shared) feed-forward lengths after the generic KVs
     fill_head_dim: bool = False  # LlamaConfig / MistralConfig set head_dim = hidden // heads when it is absent
-    params: str = "text"  # which set_gguf_parameters: TextModel's or Phi3MiniModel's ("phi3")
+    params: str = "text"  # which set_gguf_parameters: TextModel's, Phi3MiniModel's ("phi3"), Gemma2Model's
+    norm_plus_one: bool = False  # Gemma: every *norm.weight is stored as 1 + w (HF's RMSNorm multiplies by 1 + w)
+    skip_lm_head: bool = False   # Gemma: lm_head.weight is dropped (the embeddings are always tied)
 
 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
@@ -123,6 +125,11 @@ _HF_ARCHS: dict[str, _HFArch] = {
                                {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
                                 "rope_theta": 10000.0, "original_max_position_embeddings": 4096},
                                params="phi3"),
+    "Gemma2ForCausalLM": _HFArch(gguf.MODEL_ARCH.GEMMA2, False, False,
+                                 {"vocab_size": 256000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+                                  "rope_theta": 10000.0, "head_dim": 256, "attn_logit_softcapping": 50.0,
+                                  "final_logit_softcapping": 30.0, "sliding_window": 4096},
+                                 params="gemma2", norm_plus_one=True, skip_lm_head=True),
     "Qwen3ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3, False, False, _QWEN_DEFAULTS),
     "Qwen3MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3MOE, False, False,
                                    {**_QWEN_DEFAULTS, "num_local_experts": 128, "num_experts_per_tok": 8,
@@ -438,7 +445,7 @@ def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
     buffers: dict[int, dict[tuple[int, str], SourceTensor]] = {}
     for t in ckpt.tensors:
         name = t.name.replace("language_model.", "")
-        if name.endswith(_SKIP_SUFFIXES):
+        if name.endswith(_SKIP_SUFFIXES) or (spec.skip_lm_head and t.name == "lm_head.weight"):
             continue
         if ex is not None and ex.trigger in name:
             m = ex.pattern.match(name)
@@ -458,6 +465,8 @@ def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
             transform = lambda a, h=n_head: permute_qk(a, h, h)  # noqa: E731
         elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
             transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
+        elif spec.norm_plus_one and name.endswith("norm.weight"):
+            transform = _norm_plus_one(t.dtype)
         yield name, t, transform
     if buffers:
         left = [t.name for buf in buffers.values() for t in buf.values()]
@@ -478,7 +487,8 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, expert_count)
     meta.set_gguf_meta_model(w)
-    file_type_index = (_phi3_params if spec.params == "phi3" else _text_params)(ckpt, w, cfg, rope)
+    file_type_index = {"phi3": _phi3_params, "gemma2": _gemma2_params}.get(spec.params, _text_params)(
+        ckpt, w, cfg, rope)
     if spec.llama_extras:
         w.add_vocab_size(cfg["vocab_size"])
         w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -513,6 +523,40 @@ def _phi3_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) ->
     file_type_index = len(w.kv_data[0])
     w.add_sliding_window(cfg.get("sliding_window") or 0)  # 0 tells Phi-3 from Phi-4 (no sliding window)
     return file_type_index
+
+
+def _gemma2_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """Gemma2Model.set_gguf_parameters (its own KV order, soft-capping and sliding window); returns where
+    general.file_type goes."""
+    for k in ("intermediate_size", "head_dim", "sliding_window"):
+        if cfg.get(k) is None:
+            raise CheckpointError(f"{ckpt.path}: config.json lacks {k!r} (Gemma 2)")
+    for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = cfg.get(k)
+        if not (_is_number(v) and math.isfinite(float(v)) and float(v) > 0):
+            raise CheckpointError(f"{ckpt.path}: config.json {k} must be a finite positive number, got {_short(v)}")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    file_type_index = len(w.kv_data[0])
+    w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_sliding_window(cfg["sliding_window"])
+    return file_type_index
+
+
+def _norm_plus_one(dtype: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Gemma's `data_torch + 1` as the converter computes it: in float16 for an F16 source (torch's half add:
+    float32 sum rounded to half), in float32 otherwise (other dtypes are made float32 first)."""
+    if dtype == "F16":
+        return lambda a: (a + np.float32(1)).astype(np.float16).astype(np.float32)
+    return lambda a: a + np.float32(1)
 
 
 def _text_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
@@ -578,7 +622,7 @@ _HF_INT_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_
                 "n_routed_experts", "num_experts_per_tok", "num_experts_per_token", "top_k_experts",
                 "moe_intermediate_size", "shared_expert_intermediate_size", "n_group", "topk_group",
                 "original_max_position_embeddings")
-_HF_FLOAT_KEYS = ("rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
+_HF_FLOAT_KEYS = ("attn_logit_softcapping", "final_logit_softcapping", "rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
                   "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
                   "partial_rotary_factor", "local_rope_theta", "rope_local_base_freq")
 _ROPE_INT_KEYS = ("original_max_position_embeddings",)

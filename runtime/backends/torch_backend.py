@@ -98,6 +98,10 @@ def _model_from_gguf(path: Path):
         for child_name, child in list(parent.named_children()):
             if any(b.is_meta for b in child.buffers(recurse=False)) and hasattr(child, "config"):
                 setattr(parent, child_name, type(child)(child.config))
+    for mod in model.modules():  # Gemma's scaled embedding: a non-persistent scalar buffer kept as a float too
+        emb = getattr(mod, "embed_scale", None)
+        if isinstance(emb, torch.Tensor) and emb.is_meta and hasattr(mod, "scalar_embed_scale"):
+            mod.embed_scale = torch.tensor(float(mod.scalar_embed_scale))
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{path}: cannot materialize {', '.join(leftover[:5])} for transformers")

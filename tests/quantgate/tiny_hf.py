@@ -31,7 +31,7 @@ def corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines + list(EVAL_TEXTS)
 
 
-def write_sentencepiece(model_dir: Path, vocab_size: int = 512) -> None:
+def write_sentencepiece(model_dir: Path, vocab_size: int = 512, *, dummy_prefix: bool = True) -> None:
     """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization) into the folder, with
     tokenizer_config.json as Llama checkpoints ship it."""
     import sentencepiece as spm
@@ -40,7 +40,7 @@ def write_sentencepiece(model_dir: Path, vocab_size: int = 512) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=dummy_prefix,
         split_digits=True, num_threads=1, minloglevel=2)
     (model_dir / "tokenizer.model").write_bytes(buf.getvalue())
     (model_dir / "tokenizer_config.json").write_text(json.dumps({
@@ -73,9 +73,9 @@ def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
 
 
 def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
-    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
+    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | gemma2 | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
     hidden 256, GQA 4/2 heads, vocab 512, experts of 256 rows) in float16 with its tokenizer (SentencePiece for
-    llama/mistral/phi3/mixtral, byte-level BPE for the Qwen family); returns the folder."""
+    llama/mistral/phi3/gemma2/mixtral, byte-level BPE for the Qwen family); returns the folder."""
     import torch
     import transformers as tf
 
@@ -106,6 +106,10 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         cfg = tf.Phi3Config(intermediate_size=512, original_max_position_embeddings=512, bos_token_id=1,
                             eos_token_id=2, pad_token_id=None, **common)
         cls = tf.Phi3ForCausalLM
+    elif arch == "gemma2":  # tied embeddings, 4 norms per block (stored as 1 + w), soft-capping, sliding window
+        cfg = tf.Gemma2Config(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
+        cls = tf.Gemma2ForCausalLM
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(intermediate_size=768, head_dim=64, tie_word_embeddings=True, bos_token_id=None,
                              **common)
@@ -126,8 +130,8 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
                                                      "normalized": False, "single_word": False}
                                       for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|end|>"))}
         (model_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
-    else:
-        write_sentencepiece(model_dir)
+    else:  # Gemma's SentencePiece adds no dummy prefix (its GGUF says add_space_prefix = false)
+        write_sentencepiece(model_dir, dummy_prefix=arch != "gemma2")
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # random biases so the Qwen2 q/k/v bias path is exercised
