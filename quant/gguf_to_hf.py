@@ -27,6 +27,7 @@ _ARCHS: dict[str, tuple[str, str, bool, bool]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False, False),
     "phi3": ("Phi3ForCausalLM", "phi3", False, False),
     "gemma2": ("Gemma2ForCausalLM", "gemma2", False, False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False, False),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", True, False),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False, False),
 }
@@ -157,6 +158,15 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
                    attn_logit_softcapping=float(need("attn_logit_softcapping")),
                    final_logit_softcapping=float(need("final_logit_softcapping")),
                    sliding_window=int(need("attention.sliding_window")), tie_word_embeddings=True)
+    if model_type == "gemma3_text":  # llama.cpp: every 6th layer global (swa pattern 6), the rest sliding
+        n_layer = cfg["num_hidden_layers"]
+        local = float(_kv(g, "gemma3.rope.freq_base_swa", 10000.0))
+        cfg.update(query_pre_attn_scalar=cfg["head_dim"], hidden_activation="gelu_pytorch_tanh",
+                   sliding_window=int(need("attention.sliding_window")), tie_word_embeddings=True,
+                   final_logit_softcapping=(float(v) if (v := _kv(g, "gemma3.final_logit_softcapping")) else None),
+                   layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)],
+                   rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                                  "rope_theta": local}})
     if model_type == "mixtral":
         cfg.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                    sliding_window=None)
@@ -210,7 +220,8 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
             heads[t.name] = n_head
         elif permuted and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads[t.name] = n_head_kv
-    return HFTensorMap(hf_name, heads, frozenset(n for n in hf_name if n in experts), model_type == "gemma2")
+    return HFTensorMap(hf_name, heads, frozenset(n for n in hf_name if n in experts),
+                       model_type in ("gemma2", "gemma3_text"))
 
 
 def read_tensor_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:

@@ -6,9 +6,12 @@ the converter adds them, followed by the tokenizer KVs (quant.tokenizer_gguf) so
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gguf
@@ -18,7 +21,7 @@ from gguf.constants import GGUFValueType
 from core.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.loaders.base import Checkpoint, SourceTensor
-from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, tokenizer_kvs
+from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, sentencepiece_vocab, tokenizer_kvs
 
 GENERIC_ARCH = "quantgate-generic"
 MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
@@ -85,10 +88,12 @@ class _Experts:
     merged: str            # format string with {bid} and {w}
 
 
-_MIXTRAL_EXPERTS = _Experts(re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"),
-                            "block_sparse_moe.experts", ("w1", "w2", "w3"), "layers.{bid}.feed_forward.experts.{w}.weight")
-_QWEN_EXPERTS = _Experts(re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight$"),
-                         "experts", ("down_proj", "gate_proj", "up_proj"), "model.layers.{bid}.mlp.experts.{w}.weight")
+_MIXTRAL_EXPERTS = _Experts(
+    re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"),
+    "block_sparse_moe.experts", ("w1", "w2", "w3"), "layers.{bid}.feed_forward.experts.{w}.weight")
+_QWEN_EXPERTS = _Experts(
+    re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight$"),
+    "experts", ("down_proj", "gate_proj", "up_proj"), "model.layers.{bid}.mlp.experts.{w}.weight")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class _HFArch:
     params: str = "text"  # which set_gguf_parameters: TextModel's, Phi3MiniModel's ("phi3"), Gemma2Model's
     norm_plus_one: bool = False  # Gemma: every *norm.weight is stored as 1 + w (HF's RMSNorm multiplies by 1 + w)
     skip_lm_head: bool = False   # Gemma: lm_head.weight is dropped (the embeddings are always tied)
+    trim_embeddings: bool = False  # Gemma 3: token_embd rows beyond the tokenizer's vocabulary are dropped
 
 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
@@ -130,6 +136,10 @@ _HF_ARCHS: dict[str, _HFArch] = {
                                   "rope_theta": 10000.0, "head_dim": 256, "attn_logit_softcapping": 50.0,
                                   "final_logit_softcapping": 30.0, "sliding_window": 4096},
                                  params="gemma2", norm_plus_one=True, skip_lm_head=True),
+    "Gemma3ForCausalLM": _HFArch(gguf.MODEL_ARCH.GEMMA3, False, False,
+                                 {"vocab_size": 262208, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                                  "head_dim": 256, "sliding_window": 4096},
+                                 params="gemma3", norm_plus_one=True, trim_embeddings=True),
     "Qwen3ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3, False, False, _QWEN_DEFAULTS),
     "Qwen3MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3MOE, False, False,
                                    {**_QWEN_DEFAULTS, "num_local_experts": 128, "num_experts_per_tok": 8,
@@ -467,6 +477,11 @@ def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
             transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
         elif spec.norm_plus_one and name.endswith("norm.weight"):
             transform = _norm_plus_one(t.dtype)
+        if spec.trim_embeddings and "embed_tokens.weight" in name and len(t.shape) == 2:
+            model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+            rows = min(t.shape[0], _vocab_rows(model_dir, cfg.get("vocab_size")))
+            if rows < t.shape[0]:
+                t = SourceTensor(t.name, (rows, t.shape[1]), t.dtype, lambda t=t, r=rows: t.read()[:r])
         yield name, t, transform
     if buffers:
         left = [t.name for buf in buffers.values() for t in buf.values()]
@@ -487,7 +502,8 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, expert_count)
     meta.set_gguf_meta_model(w)
-    file_type_index = {"phi3": _phi3_params, "gemma2": _gemma2_params}.get(spec.params, _text_params)(
+    file_type_index = {"phi3": _phi3_params, "gemma2": _gemma2_params, "gemma3": _gemma3_params}.get(
+        spec.params, _text_params)(
         ckpt, w, cfg, rope)
     if spec.llama_extras:
         w.add_vocab_size(cfg["vocab_size"])
@@ -549,6 +565,47 @@ def _gemma2_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) 
     w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     w.add_sliding_window(cfg["sliding_window"])
     return file_type_index
+
+
+def _no_duplicate_key_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Duplicated key name")
+
+
+def _gemma3_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """Gemma3Model.set_gguf_parameters: TextModel's KVs, then its own values (a repeated key keeps its place, as
+    GGUFWriter overwrites in place) and soft-capping / sliding window; returns where general.file_type goes."""
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise CheckpointError(f"{ckpt.path}: Gemma 3 has no attn_logit_softcapping (the converter asserts so)")
+    file_type_index = _text_params(ckpt, w, cfg, rope)
+    logging.getLogger("gguf.gguf_writer").addFilter(_no_duplicate_key_warning)  # the overwrites are intended
+    w.add_context_length(cfg.get("max_position_embeddings", 131072))
+    w.add_head_count(cfg.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_key_length(cfg.get("head_dim", 256))
+    w.add_value_length(cfg.get("head_dim", 256))
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if final := cfg.get("final_logit_softcapping"):
+        if not (_is_number(final) and math.isfinite(float(final)) and float(final) > 0):
+            raise CheckpointError(f"{ckpt.path}: config.json final_logit_softcapping must be a finite positive "
+                                  f"number, got {_short(final)}")
+        w.add_final_logit_softcapping(final)
+    if cfg.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(cfg["sliding_window"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", 4))
+    return file_type_index
+
+
+def _vocab_rows(model_dir: Path, vocab_size: int | None) -> int:
+    """Gemma3Model.modify_tensors' real vocabulary size: the SentencePiece table (padded to vocab_size), else the
+    tokenizer.json vocabulary plus its added tokens."""
+    if (model_dir / "tokenizer.model").is_file():
+        return len(sentencepiece_vocab(model_dir, vocab_size)[0])
+    try:
+        tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        return len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{model_dir}: Gemma 3 needs tokenizer.model or a tokenizer.json with a vocabulary"
+                              ) from None
 
 
 def _norm_plus_one(dtype: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -141,7 +141,7 @@ _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED, _SPM_BY
 #: GGUF architecture -> which converter set_vocab it uses: LlamaModel's, Qwen2Model's (SentencePiece, else BPE) or
 #: TextModel's default (BPE only: Qwen2MoeModel, Qwen3MoeModel)
 _ARCH_FLAVOURS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen2", "qwen2moe": "gpt2", "qwen3moe": "gpt2",
-                  "phi3": "phi3", "gemma2": "gemma2"}
+                  "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
 
 
 @dataclass
@@ -417,10 +417,10 @@ def tokenizer_kvs(model_dir: Path, arch: str, hparams: dict[str, Any], *,
         else:
             tokens, scores, types = phi3_vocab(model_dir, vocab_size)
             _write_llama_vocab(w, model_dir, tokens, scores, types, exp)
-    elif flavour == "gemma2":  # Gemma2Model.set_vocab
-        _set_sentencepiece(w, model_dir, vocab_size, exp)
+    elif flavour == "gemma2" or (flavour == "gemma3" and (model_dir / "tokenizer.model").is_file()):
+        _set_sentencepiece(w, model_dir, vocab_size, exp)  # Gemma2Model / Gemma3Model.set_vocab
         w.add_add_space_prefix(False)
-    elif flavour == "gpt2":  # TextModel.set_vocab
+    elif flavour in ("gpt2", "gemma3"):  # TextModel.set_vocab; Gemma 3 without tokenizer.model
         _set_gpt2(w, model_dir, vocab_size, tokenizer_pre, exp)
     else:  # Qwen2Model.set_vocab
         try:

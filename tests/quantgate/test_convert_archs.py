@@ -1,5 +1,5 @@
-"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3, Phi-3, Gemma 2), each proven on a tiny
-random transformers 5 model against llama.cpp itself:
+"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3, Phi-3, Gemma 2, Gemma 3), each
+proven on a tiny random transformers 5 model against llama.cpp itself:
 
 - `quantgate convert` writes the same file as the pinned convert_hf_to_gguf.py (KVs in order with types and
   values, tensor names, order, types, shapes and bytes; experts stacked 3-D as the converter stacks them);
@@ -13,7 +13,6 @@ random transformers 5 model against llama.cpp itself:
 The pinned converter runs once per architecture (module fixture)."""
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import subprocess
@@ -34,9 +33,9 @@ from tests.quantgate.test_llamacpp_runtime import _compare_logits, _greedy
 from tests.quantgate.test_pipeline_llamacpp import _assert_same, _llama_quantize, _tensors
 from tests.quantgate.tiny_hf import make_tiny_model
 
-ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe", "phi3", "gemma2")
+ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3")
 GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "phi3": "phi3",
-             "gemma2": "gemma2"}
+             "gemma2": "gemma2", "gemma3": "gemma3"}
 MOE = ("mixtral", "qwen2moe", "qwen3moe")
 #: dense architectures: the mixes whose rules differ most (all 17 were compared by hand, docs/DECISIONS.md); MoE
 #: architectures run every mix (their expert rules are new)
@@ -81,11 +80,15 @@ def test_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
         assert "qwen2moe.expert_shared_feed_forward_length" in kv
     if arch.startswith("qwen3"):
         assert art.tensor_types["blk.0.attn_q_norm.weight"] == "F32"
-    if arch == "gemma2":  # norms stored as 1 + w (the tiny model's w are 0), no output.weight (tied)
-        norm = next(t for t in t_a if t[0] == "blk.0.ffn_post_norm.weight")
+    if arch.startswith("gemma"):  # norms stored as 1 + w (the tiny model's w are 0), no output.weight (tied)
+        norm = next(t for t in t_a if t[0] == "blk.0.post_ffw_norm.weight")
         assert np.array_equal(np.frombuffer(norm[3], np.float32), np.ones(256, np.float32))
         assert "output.weight" not in art.tensor_types and art.tensor_types["token_embd.weight"] == "F16"
+        assert f"{arch}.attention.sliding_window" in kv
+    if arch == "gemma2":
         assert {"gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping"} <= kv
+    if arch == "gemma3":
+        assert {"gemma3.rope.freq_base_swa", "gemma3.attention.key_length"} <= kv
     if arch == "phi3":  # fused projections kept fused, as llama.cpp's phi3 graph reads them
         shapes = {t[0]: t[2] for t in t_a}
         assert shapes["blk.0.attn_qkv.weight"] == (256, 256 + 2 * 128) and shapes["blk.0.ffn_up.weight"] == (256, 1024)
@@ -186,7 +189,8 @@ def test_incomplete_or_foreign_experts_are_refused(converted, tmp_path):
         convert_model(bad, tmp_path / "x.gguf")
     bad = _copy(hf, tmp_path / "shape")
     w = load_file(bad / "model.safetensors")
-    w["model.layers.0.block_sparse_moe.experts.3.w1.weight"] = w["model.layers.0.block_sparse_moe.experts.3.w1.weight"][:128]
+    e3 = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    w[e3] = w[e3][:128]
     save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="cannot be stacked"):
         convert_model(bad, tmp_path / "x.gguf")

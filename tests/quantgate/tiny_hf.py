@@ -1,6 +1,7 @@
 """Tiny, deterministic HF checkpoints with real tokenizers for the convert / llama.cpp runtime tests:
-random Llama / Mistral / Qwen2 / Qwen3 and MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) models (transformers, saved as float16 safetensors) plus a SentencePiece model
-(Llama/Mistral style, byte fallback) or a byte-level BPE tokenizer.json (Qwen2 style) trained on a small corpus."""
+random Llama / Mistral / Phi-3 / Gemma 2 / Qwen2 / Qwen3 and MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) models
+(transformers, saved as float16 safetensors) plus a SentencePiece model (Llama/Mistral/Phi-3/Gemma style, byte
+fallback) or a byte-level BPE tokenizer.json (Qwen style) trained on a small corpus."""
 from __future__ import annotations
 
 import io
@@ -73,7 +74,8 @@ def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
 
 
 def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
-    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | gemma2 | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
+    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | gemma2 | gemma3 | qwen2 | qwen3 | mixtral | qwen2moe |
+    qwen3moe;
     hidden 256, GQA 4/2 heads, vocab 512, experts of 256 rows) in float16 with its tokenizer (SentencePiece for
     llama/mistral/phi3/gemma2/mixtral, byte-level BPE for the Qwen family); returns the folder."""
     import torch
@@ -110,6 +112,10 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         cfg = tf.Gemma2Config(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
                               bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
         cls = tf.Gemma2ForCausalLM
+    elif arch == "gemma3":  # the text model: q/k norms, local/global rope thetas, sliding window
+        cfg = tf.Gemma3TextConfig(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
+        cls = tf.Gemma3ForCausalLM
     elif arch == "qwen3":
         cfg = tf.Qwen3Config(intermediate_size=768, head_dim=64, tie_word_embeddings=True, bos_token_id=None,
                              **common)
@@ -131,7 +137,7 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
                                       for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|end|>"))}
         (model_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     else:  # Gemma's SentencePiece adds no dummy prefix (its GGUF says add_space_prefix = false)
-        write_sentencepiece(model_dir, dummy_prefix=arch != "gemma2")
+        write_sentencepiece(model_dir, dummy_prefix=not arch.startswith("gemma"))
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # random biases so the Qwen2 q/k/v bias path is exercised
