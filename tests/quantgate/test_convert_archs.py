@@ -161,6 +161,12 @@ def test_runs_in_llama_cpp(require_oracle, converted, tmp_path, arch):
     assert res["tokenization_mismatches"] == []
     assert res["top1_agreement"] >= 0.99, res
     assert res["max_abs_logit_diff"] < 0.05, res
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("arch", MOE + ("phi3",))
+def test_quantized_generates_in_llama_cpp(require_oracle, converted, tmp_path, arch):
+    hf, _ = converted[arch]
     q = tmp_path / "q4km.gguf"
     quantize_model(QuantizeRequest(source=hf, out=q, precision="Q4_K_M"), record=False)
     assert len(_greedy(q, "The model runs")) == 12
