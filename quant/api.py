@@ -100,6 +100,28 @@ def quantize(
     return out
 
 
+def quantize_tensor(
+    x: np.ndarray, qtype: str, *, imatrix: np.ndarray | None = None, name: str | None = None
+) -> np.ndarray:
+    """Quantize a tensor of any rank row-wise (last axis = row) to flat block bytes, as llama-quantize does.
+
+    A 3-D tensor (stacked MoE experts, (n_expert, rows, cols)) is quantized one 2-D slice at a time; `imatrix`
+    then holds n_expert * cols values, one column vector per expert, as llama-imatrix collects them (a single
+    cols-long vector is refused by llama.cpp for such tensors, and here too)."""
+    x = np.asarray(x)
+    if x.ndim <= 2 or imatrix is None:
+        m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+        return quantize(m, qtype, imatrix=imatrix, name=name).reshape(-1)
+    cols, n_mat = x.shape[-1], int(np.prod(x.shape[:-2], dtype=np.int64))
+    w = np.asarray(imatrix, dtype=np.float32).reshape(-1)
+    if w.shape[0] != n_mat * cols:
+        raise ShapeError(f"imatrix for {name or 'input'} has {w.shape[0]} entries, expected {n_mat} x {cols} "
+                         f"(one per column of each of its {n_mat} matrices)")
+    mats = x.reshape(n_mat, -1, cols)
+    return np.concatenate([quantize(mats[i], qtype, imatrix=w[i * cols:(i + 1) * cols], name=name).reshape(-1)
+                           for i in range(n_mat)])
+
+
 def dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Decode ggml block bytes of `qtype` back to float32 with the numpy-order `shape` (last axis = row)."""
     qt = get_qtype(qtype)

@@ -50,6 +50,9 @@ class TensorSpec:
     shape: tuple[int, ...]
     qtype: str
     produce: Callable[[], np.ndarray]   # returns exactly the tensor's bytes as uint8
+    # dimensions written: None = ggml_n_dims (trailing 1s dropped, as ggml / llama-quantize write); convert passes
+    # len(shape), as gguf-py's GGUFWriter (convert_hf_to_gguf.py) writes a (1, n) tensor as 2-D
+    n_dims: int | None = None
 
 
 @dataclass
@@ -212,6 +215,10 @@ def _tensor_info(spec: TensorSpec, rel_offset: int) -> tuple[bytes, int]:
     if n_el >= 2**63:
         raise GGUFFormatError(f"tensor {spec.name!r}: shape {shape} has too many elements")
     n_dims = next((i + 1 for i in range(GGML_MAX_DIMS - 1, 0, -1) if ne[i] > 1), 1)
+    if spec.n_dims is not None:
+        if not n_dims <= spec.n_dims <= GGML_MAX_DIMS:
+            raise GGUFFormatError(f"tensor {spec.name!r}: cannot write shape {shape} with {spec.n_dims} dimensions")
+        n_dims = spec.n_dims
     rec = (
         struct.pack("<Q", len(name_b)) + name_b + struct.pack("<I", n_dims)
         + struct.pack(f"<{n_dims}q", *ne[:n_dims]) + struct.pack("<iQ", t.id, rel_offset)

@@ -61,6 +61,7 @@ _HF_F32_PATTERNS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "positio
                     "token_types.weight", "ssm_conv1d.weight", "shortconv.conv.weight", "time_mix_first.weight",
                     "time_mix_w1.weight", "time_mix_w2.weight", "time_mix_decay_w1.weight",
                     "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight")
+ALWAYS_F32_SUFFIXES = _HF_F32_PATTERNS  # public for quantgate.convert (the same converter rule)
 _NO_QUANT_SUBSTR = (
     "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel", "per_layer_model_proj",
     "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight", "indexer.q_proj.weight",

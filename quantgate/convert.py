@@ -21,6 +21,7 @@ from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.loaders import open_checkpoint
+from quant.mixes import ALWAYS_F32_SUFFIXES
 from quant.model_plan import plan_model
 from quantgate.pipeline import GGML_QNT_VERSION, identity_kv
 
@@ -29,9 +30,11 @@ OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32)}
 
 
 def converted_type(name: str, shape: tuple[int, ...], outtype: str) -> str:
-    """The ggml type convert_hf_to_gguf gives a tensor: 1-D tensors, norms and non-weights (biases) stay F32,
-    everything else gets the outtype."""
+    """The ggml type convert_hf_to_gguf gives a tensor: 1-D tensors, norms, non-weights (biases) and its
+    always-F32 tensors (MoE routers, ...) stay F32, everything else gets the outtype."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or name[-7:] not in (".weight", ".lora_a", ".lora_b"):
+        return "F32"
+    if name.endswith(ALWAYS_F32_SUFFIXES):  # e.g. the MoE routers ffn_gate_inp / ffn_gate_inp_shexp
         return "F32"
     return OUTTYPES[outtype][0]
 
@@ -94,7 +97,8 @@ def convert_model(
 
             return produce
 
-        specs = [TensorSpec(pt.name, tuple(pt.shape), types[pt.name], producer(pt, types[pt.name]))
+        specs = [TensorSpec(pt.name, tuple(pt.shape), types[pt.name], producer(pt, types[pt.name]),
+                        n_dims=len(pt.shape))
                  for pt in plan.tensors]  # the converter's order: extra tensors first, then as the source lists them
         with quant.threads(threads):
             result = write_gguf(out, kv=kv, tensors=specs, on_tensor=on_tensor)

@@ -29,6 +29,7 @@ from core.records import (
     job_key,
 )
 from core.version import __version__
+from quant.api import quantize_tensor
 from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
@@ -262,10 +263,9 @@ def quantize_model(
                 x = pt.source.read()
                 if pt.transform is not None:
                     x = pt.transform(x)
-                m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
                 w = imat.values(pt.name) if (imat is not None and not qt.is_float) else None
                 t_b = time.perf_counter()
-                out = quant.quantize(m, qt.name, imatrix=w, name=pt.name).reshape(-1)
+                out = quantize_tensor(x, qt.name, imatrix=w, name=pt.name)  # 3-D experts: per-expert imatrix
                 spent["read"] += t_b - t_a
                 spent["quantize"] += time.perf_counter() - t_b
                 return out
