@@ -6,10 +6,10 @@
 
 The checkpoint is `quantgate.sample` SHAPE_1B (TinyLlama's shape, F16, 1 GiB shards) with the bundled reference
 model's tokenizer files copied in (a sample has no tokenizer; its ids all fall inside the 32,000-row vocabulary).
-Runs, each in its own process (peak RSS from os.wait4's ru_maxrss of that child): Q4_K_M, auto (fresh calibration
-cache), Q4_K_M again (the ratio uses the mean of the two Q4_K_M runs around the auto run: the machine is shared),
-then `validation.evaluate.cache_baseline` (baseline pass) and `evaluate` of the Q4_K_M file on the cached baseline
-with the torch backend (candidate pass). Writes <workdir>/results.json and prints it.
+Runs, each in its own process (peak RSS from os.wait4's ru_maxrss of that child): the baseline pass
+(`validation.evaluate.cache_baseline`); Q4_K_M; the candidate pass (`evaluate` of the Q4_K_M file with the torch
+backend on the cached baseline); auto (fresh calibration cache); Q4_K_M again (the ratio uses the mean of the two Q4_K_M runs around the
+auto run: the machine is shared). Writes <workdir>/results.json after every stage.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qg-stream-1b"))
     ap.add_argument("--eval-samples", type=int, default=8, help="first N samples of data/eval.jsonl")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--skip-quantize", action="store_true", help="only the evaluation passes")
+    ap.add_argument("--skip-auto", action="store_true", help="only Q4_K_M and the evaluation passes")
     args = ap.parse_args()
 
     from quantgate.sample import SHAPE_1B, make_sample_checkpoint
@@ -61,7 +60,7 @@ def main() -> None:
     wd = args.workdir
     src = wd / "hf"
     if not (src / "config.json").exists():
-        make_sample_checkpoint(src, replace(SHAPE_1B), seed=1, max_shard_bytes=1 << 30)
+        make_sample_checkpoint(src, SHAPE_1B, seed=1, max_shard_bytes=1 << 30)
         for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
             if (ROOT / "models/reference" / f).exists():
                 shutil.copy(ROOT / "models/reference" / f, src / f)
@@ -71,23 +70,16 @@ def main() -> None:
     res: dict = {"model": str(src), "shape": SHAPE_1B.__dict__, "when": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                       time.gmtime())}
     q4 = wd / "q4km.gguf"
-    if not args.skip_quantize:
-        cache = wd / "calib-cache"
-        shutil.rmtree(cache, ignore_errors=True)
-        res["q4km_1"] = run_measured(cli + ["quantize", "--model", str(src), "--precision", "Q4_K_M", "-o", str(q4)],
-                                     env)
-        print(json.dumps(res["q4km_1"]), flush=True)
-        res["auto"] = run_measured(cli + ["quantize", "--model", str(src), "--precision", "auto", "--target-bpw",
-                                          "4.85", "--cache-dir", str(cache), "-o", str(wd / "auto.gguf")],
-                                   {**env, "QUANTGATE_CACHE_DIR": str(cache)})
-        print(json.dumps(res["auto"]), flush=True)
-        res["q4km_2"] = run_measured(cli + ["quantize", "--model", str(src), "--precision", "Q4_K_M", "-o", str(q4)],
-                                     env)
-        print(json.dumps(res["q4km_2"]), flush=True)
-        q4_wall = (res["q4km_1"]["wall_s"] + res["q4km_2"]["wall_s"]) / 2
-        res["auto_over_q4km_wall"] = res["auto"]["wall_s"] / q4_wall
-        res["goal_wall_15x"] = res["auto_over_q4km_wall"] <= 15
-        res["goal_auto_rss_3GB"] = res["auto"]["peak_rss_bytes"] <= 3e9
+    out = wd / "results.json"
+
+    def save(stage: str, value) -> None:
+        res[stage] = value
+        out.write_text(json.dumps(res, indent=1))
+        print(stage, json.dumps(value), flush=True)
+
+    def quantize(precision: str, dst: Path, extra: list[str] = (), env2: dict | None = None) -> dict:
+        return run_measured(cli + ["quantize", "--model", str(src), "--precision", precision, *extra, "-o", str(dst)],
+                            {**env, **(env2 or {})})
 
     # evaluation passes: the baseline pass (cache miss) and the candidate pass (torch backend, cache hit)
     eval_set = wd / "eval.jsonl"
@@ -97,18 +89,27 @@ def main() -> None:
     shutil.rmtree(ecache, ignore_errors=True)
     base_cmd = (f"from validation.evaluate import cache_baseline; cache_baseline({str(src)!r}, {str(eval_set)!r}, "
                 f"max_tokens={args.max_tokens}, cache_dir={str(ecache)!r})")
-    res["baseline_pass"] = run_measured([py, "-c", base_cmd], env)
     cand_cmd = (f"from validation.evaluate import evaluate; evaluate({str(src)!r}, {str(q4)!r}, {str(eval_set)!r}, "
                 f"backend='torch', max_tokens={args.max_tokens}, cache_dir={str(ecache)!r})")
-    res["candidate_pass"] = run_measured([py, "-c", cand_cmd], env)
     base_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    res["baseline_file_bytes"], res["candidate_file_bytes"] = base_bytes, q4.stat().st_size
-    res["baseline_bound_bytes"] = base_bytes + int(1.5 * GiB)
-    res["candidate_bound_bytes"] = q4.stat().st_size + int(1.5 * GiB)
-    res["goal_baseline_rss"] = res["baseline_pass"]["peak_rss_bytes"] <= res["baseline_bound_bytes"]
-    res["goal_candidate_rss"] = res["candidate_pass"]["peak_rss_bytes"] <= res["candidate_bound_bytes"]
-    (wd / "results.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    res.update(baseline_file_bytes=base_bytes, baseline_bound_bytes=base_bytes + int(1.5 * GiB))
+    save("baseline_pass", run_measured([py, "-c", base_cmd], env))
+    save("goal_baseline_rss", res["baseline_pass"]["peak_rss_bytes"] <= res["baseline_bound_bytes"])
+    save("q4km_1", quantize("Q4_K_M", q4))
+    res.update(candidate_file_bytes=q4.stat().st_size, candidate_bound_bytes=q4.stat().st_size + int(1.5 * GiB))
+    save("candidate_pass", run_measured([py, "-c", cand_cmd], env))
+    save("goal_candidate_rss", res["candidate_pass"]["peak_rss_bytes"] <= res["candidate_bound_bytes"])
+    if args.skip_auto:
+        return
+    cache = wd / "calib-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    save("auto", quantize("auto", wd / "auto.gguf", ["--target-bpw", "4.85", "--cache-dir", str(cache)],
+                          {"QUANTGATE_CACHE_DIR": str(cache)}))
+    save("q4km_2", quantize("Q4_K_M", q4))
+    q4_wall = (res["q4km_1"]["wall_s"] + res["q4km_2"]["wall_s"]) / 2
+    save("auto_over_q4km_wall", res["auto"]["wall_s"] / q4_wall)
+    save("goal_wall_15x", res["auto_over_q4km_wall"] <= 15)
+    save("goal_auto_rss_3GB", res["auto"]["peak_rss_bytes"] <= 3e9)
 
 
 if __name__ == "__main__":
