@@ -106,7 +106,7 @@ def model_type_of(path: "str | os.PathLike[str]") -> str | None:
         if is_gguf(p):
             with read_gguf(p) as g:
                 arch = g.value("general.architecture")
-            return {"llama": "llama", "qwen2": "qwen2"}.get(str(arch), str(arch) if arch else None)
+            return str(arch) if arch else None  # llama.cpp's names for these archs are transformers' model_type
         with open_checkpoint(p) as ckpt:
             return (ckpt.config or {}).get("model_type")
     except (CheckpointError, OSError, ValueError):
@@ -174,23 +174,12 @@ class LayerStream:
         """One weight as a float32 torch tensor (HF name)."""
         return self.torch.from_numpy(self.weights.read(name))
 
-    def block_names(self, i: int) -> list[str]:
-        """HF names of block i's parameters."""
-        prefix = self.arch.layer_prefix.format(i=i)
-        return [prefix + n for n, _ in self.decoder.layers[i].named_parameters()]
-
     @contextmanager
-    def block(self, i: int, replace: "dict[str, Any] | None" = None) -> Iterator[Any]:
-        """Block i with its weights read from the file (`replace`: HF name -> float32 array used instead), freed
-        (back on the meta device) when the context exits."""
+    def block(self, i: int) -> Iterator[Any]:
+        """Block i with its weights read from the file, freed (back on the meta device) when the context exits."""
         layer = self.decoder.layers[i]
         prefix = self.arch.layer_prefix.format(i=i)
-        sd = {}
-        for n, _ in layer.named_parameters():
-            full = prefix + n
-            arr = (replace or {}).get(full)
-            sd[n] = self.torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)) if arr is not None \
-                else self.tensor(full)
+        sd = {n: self.tensor(prefix + n) for n, _ in layer.named_parameters()}
         layer.load_state_dict(sd, strict=True, assign=True)
         del sd
         try:
@@ -198,19 +187,10 @@ class LayerStream:
         finally:
             layer.to("meta")
 
-    def set_weight(self, layer: Any, hf_name: str, value) -> Any:
-        """Replace one parameter of a loaded block in place; returns the old tensor (to put back)."""
-        prefix_len = len(self.arch.layer_prefix.format(i=int(hf_name.split(".")[2])))
-        mod_path, _, attr = hf_name[prefix_len:].rpartition(".")
-        mod = _module(layer, mod_path) if mod_path else layer
-        old = getattr(mod, attr).data
-        getattr(mod, attr).data = value
-        return old
-
-    def embed(self, ids: Sequence[Sequence[int]], weight=None) -> list[Any]:
+    def embed(self, ids: Sequence[Sequence[int]]) -> list[Any]:
         """Input hidden states (1, n, hidden) of each sequence (the embedding is read, used, and dropped)."""
         torch = self.torch
-        w = self.tensor(self.arch.embed) if weight is None else weight
+        w = self.tensor(self.arch.embed)
         out = []
         for s in ids:
             t = torch.as_tensor(np.asarray(s, dtype=np.int64))
