@@ -54,7 +54,7 @@ from quant.mixes import allows_quantization, current_type
 from quant.model_plan import plan_model
 from runtime.backends.torch_backend import load_torch_model
 from runtime.datasets import load_dataset
-from runtime.layer_stream import LayerStream, supports
+from runtime.layer_stream import LayerStream, hf_config, supports
 from runtime.tokenize import calibration_chunks
 
 PROFILE_SCHEMA = 1
@@ -167,8 +167,6 @@ def _f32(v: Any) -> Any:
 
 def forward_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
     """The config fields the forward pass depends on, normalized so an HF folder and its GGUF agree."""
-    from runtime.layer_stream import hf_config
-
     cfg = hf_config(path)
     out = {k: _f32(getattr(cfg, k, None)) for k in _FORWARD_FIELDS}
     if not out.get("use_sliding_window"):
