@@ -28,3 +28,11 @@ class CheckpointError(QuantGateError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that would need to execute code to load: refused, never executed."""
+
+
+class ImatrixRequiredError(QuantGateError, ValueError):
+    """A tensor type that ggml/llama-quantize only produce with an importance matrix, requested without one."""
+
+
+class QuantizationError(QuantGateError, ValueError):
+    """An input ggml's quantizer for the requested type cannot handle (ggml itself would abort on it)."""

@@ -19,11 +19,14 @@ def load_kernels() -> dict[str, tuple[QuantizeFn, DequantizeFn]]:
     """Import every kernel family and merge their tables (imported lazily: numba compiles on first use)."""
     from quant.kernels import (  # lazy: numba compiles at first use
         floats,
+        iq3,
         kquants,
         legacy,
     )
 
     table: dict[str, tuple[QuantizeFn, DequantizeFn]] = {}
     for mod in (floats, legacy, kquants):
+        table.update(mod.KERNELS)
+    for mod in (iq3,):  # the imatrix-driven i-quants
         table.update(mod.KERNELS)
     return table

@@ -1,0 +1,142 @@
+"""The i-quant search tables ggml_quantize_init builds (iq2xs_init_impl, iq3xs_init_impl), computed the same way.
+
+For each grid: `grid` (points, coordinates) int8 with the quantizer's odd levels 2l+1; `kmap` maps a packed level
+vector to its grid index, or for an off-grid vector to -(offset+1) into `neighbours`, where
+neighbours[offset] = n is followed by the n grid indices of the `nwant` nearest distance classes, sorted by
+(squared distance, index) as ggml's qsort with iq2/iq3_compare_func orders them (the order is total, so any sort
+gives the same list). Built once per process on first use (about a second for the 2048-point IQ1 grid).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from quant.kernels import iq_grids
+
+
+@dataclass(frozen=True)
+class IQTables:
+    """One grid's search tables, laid out as in ggml's iq2_entry_t / iq3_entry_t."""
+
+    grid: np.ndarray  # int8 (points, ndim), values 2l+1
+    kmap: np.ndarray  # int32 (4^8 or 8^4 region used)
+    neighbours: np.ndarray  # uint16
+
+
+@njit(cache=True)
+def _build(kgrid, bits, ndim, kmap_size, nwant):
+    npts = kgrid.shape[0]
+    mask = (1 << bits) - 1
+    grid = np.empty((npts, ndim), np.int8)
+    for k in range(npts):
+        for i in range(ndim):
+            grid[k, i] = 2 * ((np.int64(kgrid[k]) >> (bits * i)) & mask) + 1
+    kmap = np.full(kmap_size, -1, np.int32)
+    for k in range(npts):
+        index = 0
+        for i in range(ndim):
+            index |= ((np.int64(grid[k, i]) - 1) // 2) << (bits * i)
+        kmap[index] = k
+    # first pass: count; second: fill (the C code's two passes, serial here)
+    keys = np.empty(npts, np.int64)
+    pos = np.empty(ndim, np.int64)
+    total = 0
+    for i in range(kmap_size):
+        if kmap[i] >= 0:
+            continue
+        total += 1 + _neighbour_keys(i, grid, bits, mask, ndim, nwant, keys, pos)
+    neighbours = np.empty(total, np.uint16)
+    counter = 0
+    for i in range(kmap_size):
+        if kmap[i] >= 0:
+            continue
+        n = _neighbour_keys(i, grid, bits, mask, ndim, nwant, keys, pos)
+        kmap[i] = -(counter + 1)
+        neighbours[counter] = n
+        for j in range(n):
+            neighbours[counter + 1 + j] = keys[j] % npts
+        counter += 1 + n
+    return grid, kmap, neighbours
+
+
+@njit(cache=True)
+def _neighbour_keys(i, grid, bits, mask, ndim, nwant, keys, pos):
+    """Sort grid points by (d2, index) from level vector i into keys (d2*npts + j); return how many to keep."""
+    npts = grid.shape[0]
+    for k in range(ndim):
+        pos[k] = 2 * ((i >> (bits * k)) & mask) + 1
+    for j in range(npts):
+        d2 = 0
+        for k in range(ndim):
+            d = np.int64(grid[j, k]) - pos[k]
+            d2 += d * d
+        keys[j] = d2 * npts + j
+    keys.sort()
+    d2 = keys[0] // npts
+    n = 0
+    nhave = 1
+    for j in range(npts):
+        dj = keys[j] // npts
+        if dj > d2:
+            if nhave == nwant:
+                break
+            d2 = dj
+            nhave += 1
+        n += 1
+    return n
+
+
+# type -> (seed, bits per coordinate, coordinates, kmap size, nwant), as in iq2xs_init_impl / iq3xs_init_impl
+_SPECS = {
+    "IQ2_XXS": ("KGRID_IQ2XXS", 2, 8, 43692, 2),
+    "IQ2_XS": ("KGRID_IQ2XS", 2, 8, 43692, 2),
+    "IQ2_S": ("KGRID_IQ2S", 2, 8, 43692, 1),
+    "IQ1_S": ("KGRID_IQ1S", 2, 8, 43692, 3),
+    "IQ1_M": ("KGRID_IQ1S", 2, 8, 43692, 3),
+    "IQ3_XXS": ("KGRID_IQ3XXS", 3, 4, 4096, 2),
+    "IQ3_S": ("KGRID_IQ3S", 3, 4, 4096, 3),
+}
+
+
+@functools.cache
+def tables(qtype: str) -> IQTables:
+    """The grid, map and neighbour tables ggml_quantize_init(qtype) builds (IQ1_S and IQ1_M share one)."""
+    seed, bits, ndim, kmap_size, nwant = _SPECS[qtype]
+    if qtype == "IQ1_M":
+        return tables("IQ1_S")
+    grid, kmap, neighbours = _build(getattr(iq_grids, seed), bits, ndim, kmap_size, nwant)
+    return IQTables(grid, kmap, neighbours)
+
+
+# --------------------------------------------------------------------------------------------- shared search
+
+
+FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+@njit(cache=True, error_model="numpy")
+def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L):
+    """iq2/iq3_find_best_neighbour: the listed neighbour minimising sum weight*(scale*q - x)^2; writes its levels
+    into L and returns its grid index, or -1 where ggml's GGML_ASSERT would abort (no finite distance below FLT_MAX)."""
+    n = np.int64(neighbours[start])
+    ndim = grid.shape[1]
+    best_d2 = FLT_MAX
+    grid_index = -1
+    for j in range(1, n + 1):
+        g = np.int64(neighbours[start + j])
+        d2 = np.float32(0.0)
+        for i in range(ndim):
+            q = np.float32(grid[g, i])
+            diff = scale * q - xval[i]
+            d2 += weight[i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            grid_index = g
+    if grid_index < 0:
+        return -1
+    for i in range(ndim):
+        L[i] = (np.int64(grid[grid_index, i]) - 1) // 2
+    return grid_index
