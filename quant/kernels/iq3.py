@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from core.errors import QuantizationError
 from quant.kernels.common import get_fp16, nearest_int, put_fp16
-from quant.kernels.iq_tables import find_best_neighbour, tables
+from quant.kernels.iq_tables import KMASK, KSIGNS, find_best_neighbour, run_quantize, tables
 
 f32 = np.float32
 QK_K = 256
@@ -23,20 +22,6 @@ IQ3_XXS_SIZE = 98  # d qs[64] scales_and_signs[32]
 IQ3_S_SIZE = 110  # d qs[64] qh[8] signs[32] scales[4]
 GROUP_MAX_EPS_IQ3_XXS = np.float32(1e-8)
 KMAXQ = 8
-
-# kmask_iq2xs / ksigns_iq2xs of ggml-common.h: 7 sign bits plus the parity bit
-KMASK = np.array([1, 2, 4, 8, 16, 32, 64, 128], np.int64)
-
-
-def _ksigns() -> np.ndarray:
-    out = np.empty(128, np.int64)
-    for i in range(128):
-        out[i] = i | ((bin(i).count("1") & 1) << 7)
-    return out
-
-
-KSIGNS = _ksigns()
-
 
 @njit(cache=True, error_model="numpy")
 def _sub_weights(xb, qwb, sigma2, n, weight, waux):
@@ -410,31 +395,12 @@ def dequant_grid(qtype: str) -> np.ndarray:
     return (2 * levels + 1).astype(np.uint8)
 
 
-def quantize_rows(qtype: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """Quantize float32 (rows, cols) to IQ3_XXS / IQ3_S blocks exactly as ggml_quantize_chunk does."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, cols = x.shape
-    size = IQ3_XXS_SIZE if qtype == "IQ3_XXS" else IQ3_S_SIZE
-    out = np.empty((rows, cols // QK_K * size), dtype=np.uint8)
-    qw = np.zeros(0, np.float32) if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    ok = np.ones(rows, np.bool_)
-    t = tables(qtype)
-    drv = _quantize_iq3_xxs if qtype == "IQ3_XXS" else _quantize_iq3_s
-    drv(x, qw, out, ok, t.grid, t.kmap, t.neighbours)
-    if not ok.all():
-        raise QuantizationError(
-            f"ggml's {qtype} quantizer aborts on row {int(np.flatnonzero(~ok)[0])} of this input (its weights "
-            "overflow: no grid point at a finite distance); choose another type for this tensor"
-        )
-    return out
-
-
 def _make(qtype: str):
     size = IQ3_XXS_SIZE if qtype == "IQ3_XXS" else IQ3_S_SIZE
 
     def quantize(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         """Quantize float32 (rows, cols) to `qtype` blocks exactly as ggml_quantize_chunk does."""
-        return quantize_rows(qtype, x, imatrix)
+        return run_quantize(qtype, _quantize_iq3_xxs if qtype == "IQ3_XXS" else _quantize_iq3_s, size, x, imatrix)
 
     def dequantize(raw: np.ndarray, cols: int) -> np.ndarray:
         """Decode `qtype` blocks (rows, row_bytes) to float32 (rows, cols), as dequantize_row_* does."""

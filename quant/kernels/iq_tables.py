@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from core.errors import QuantizationError
 from quant.kernels import iq_grids
 
 
@@ -140,3 +141,26 @@ def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L):
     for i in range(ndim):
         L[i] = (np.int64(grid[grid_index, i]) - 1) // 2
     return grid_index
+
+
+# kmask_iq2xs / ksigns_iq2xs of ggml-common.h: bit masks, and 7 sign bits completed with their parity bit
+KMASK = np.array([1, 2, 4, 8, 16, 32, 64, 128], np.int64)
+KSIGNS = np.array([i | ((bin(i).count("1") & 1) << 7) for i in range(128)], np.int64)
+
+
+def run_quantize(qtype: str, driver, block_bytes: int, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """Run an i-quant row driver `driver(x, qw, out, ok, grid, kmap, neighbours)` over float32 (rows, cols);
+    raise QuantizationError where it reports a row on which ggml would abort."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    out = np.empty((rows, cols // 256 * block_bytes), dtype=np.uint8)
+    qw = np.zeros(0, np.float32) if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    ok = np.ones(rows, np.bool_)
+    t = tables(qtype)
+    driver(x, qw, out, ok, t.grid, t.kmap, t.neighbours)
+    if not ok.all():
+        raise QuantizationError(
+            f"ggml's {qtype} quantizer aborts on row {int(np.flatnonzero(~ok)[0])} of this input (its weights "
+            "overflow to inf/NaN, so no grid point is at a finite distance); choose another type for this tensor"
+        )
+    return out
