@@ -34,6 +34,7 @@ PRECISIONS: dict[str, MixInfo] = {m.name: m for m in (
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK.update(dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"), "IQ4_NL"))
 # convert_hf_to_gguf keeps these 2-D tensors in F32 (its "some tensor types are always in float32" list)
 _HF_F32_PATTERNS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "position_embd.weight",
                     "token_types.weight", "ssm_conv1d.weight", "shortconv.conv.weight", "time_mix_first.weight",

@@ -33,6 +33,7 @@ from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.imatrix import load_imatrix
+from quant.imatrix_policy import check_model_imatrix
 from quant.loaders import open_checkpoint
 from quant.mixes import (
     allows_quantization,
@@ -185,6 +186,10 @@ def quantize_model(
             allow_requantize=req.allow_requantize,
             has_imatrix=imat is not None,
         )
+        quantized = [(t.name, types[t.name]) for t in plan.tensors
+                     if allows_quantization(t.name, tuple(t.shape), plan.arch)]
+        order = {n: i for i, n in enumerate(llama_quantize_order([n for n, _ in quantized]))}
+        check_model_imatrix(sorted(quantized, key=lambda nt: order[nt[0]]), mix.name, imat)
         key = job_key(source_sha, recipe, __version__)
         kv = [k for k in plan.kv if k.key not in _OWNED_KEYS and not k.key.startswith("quantgate.")]
         kv += [

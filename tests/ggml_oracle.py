@@ -5,6 +5,7 @@ Set QUANTGATE_GGML_LIB to a libggml-base.so to compare against another build (e.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import functools
 import importlib.util
 import os
@@ -85,3 +86,22 @@ def ggml_quantize(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) 
     )
     assert n == out.nbytes, (n, out.nbytes)
     return out
+
+
+def ggml_aborts(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> bool:
+    """True when ggml_quantize_chunk aborts the process (GGML_ASSERT) on x: run in a forked child, after the parent
+    built the type's tables (ggml_quantize_init), so the child only quantizes."""
+    lib = _lib()
+    lib.ggml_quantize_init(int(GGMLQuantizationType[get_qtype(qtype).name]))
+    pid = os.fork()
+    if pid == 0:  # child: quantize and exit without running any Python cleanup
+        try:
+            faulthandler.disable()  # the abort is expected: no Python traceback dump from the child
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            ggml_quantize(x, qtype, imatrix)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)

@@ -42,52 +42,64 @@ def _build(kgrid, bits, ndim, kmap_size, nwant):
             index |= ((np.int64(grid[k, i]) - 1) // 2) << (bits * i)
         kmap[index] = k
     # first pass: count; second: fill (the C code's two passes, serial here)
-    keys = np.empty(npts, np.int64)
+    d2 = np.empty(npts, np.int64)
     pos = np.empty(ndim, np.int64)
+    classes = np.empty(nwant, np.int64)
     total = 0
     for i in range(kmap_size):
         if kmap[i] >= 0:
             continue
-        total += 1 + _neighbour_keys(i, grid, bits, mask, ndim, nwant, keys, pos)
+        total += 1 + _distance_classes(i, grid, bits, mask, nwant, d2, pos, classes)[0]
     neighbours = np.empty(total, np.uint16)
     counter = 0
     for i in range(kmap_size):
         if kmap[i] >= 0:
             continue
-        n = _neighbour_keys(i, grid, bits, mask, ndim, nwant, keys, pos)
+        n, nclass = _distance_classes(i, grid, bits, mask, nwant, d2, pos, classes)
         kmap[i] = -(counter + 1)
         neighbours[counter] = n
-        for j in range(n):
-            neighbours[counter + 1 + j] = keys[j] % npts
+        c = counter + 1
+        for m in range(nclass):  # ascending distance, ascending index within a distance: ggml's sorted order
+            for j in range(npts):
+                if d2[j] == classes[m]:
+                    neighbours[c] = j
+                    c += 1
         counter += 1 + n
     return grid, kmap, neighbours
 
 
 @njit(cache=True)
-def _neighbour_keys(i, grid, bits, mask, ndim, nwant, keys, pos):
-    """Sort grid points by (d2, index) from level vector i into keys (d2*npts + j); return how many to keep."""
-    npts = grid.shape[0]
+def _distance_classes(i, grid, bits, mask, nwant, d2, pos, classes):
+    """Squared distances d2[j] from level vector i to every grid point and the `nwant` smallest distinct values
+    (classes, ascending); returns (points in those classes, number of classes): what ggml keeps after its qsort."""
+    npts, ndim = grid.shape
     for k in range(ndim):
         pos[k] = 2 * ((i >> (bits * k)) & mask) + 1
+    nclass = 0
     for j in range(npts):
-        d2 = 0
+        v = 0
         for k in range(ndim):
             d = np.int64(grid[j, k]) - pos[k]
-            d2 += d * d
-        keys[j] = d2 * npts + j
-    keys.sort()
-    d2 = keys[0] // npts
+            v += d * d
+        d2[j] = v
+        m = 0  # insert v into the ascending list of the nwant smallest distinct distances
+        while m < nclass and classes[m] < v:
+            m += 1
+        if m >= nwant or (m < nclass and classes[m] == v):
+            continue
+        top = nclass if nclass < nwant else nwant - 1
+        for t in range(top, m, -1):
+            classes[t] = classes[t - 1]
+        classes[m] = v
+        if nclass < nwant:
+            nclass += 1
     n = 0
-    nhave = 1
     for j in range(npts):
-        dj = keys[j] // npts
-        if dj > d2:
-            if nhave == nwant:
+        for m in range(nclass):
+            if d2[j] == classes[m]:
+                n += 1
                 break
-            d2 = dj
-            nhave += 1
-        n += 1
-    return n
+    return n, nclass
 
 
 # type -> (seed, bits per coordinate, coordinates, kmap size, nwant), as in iq2xs_init_impl / iq3xs_init_impl
