@@ -100,6 +100,8 @@ LINEAGE_REL_RMSE: dict[str, float] = {
     "F32": 0.01, "F16": 0.01, "BF16": 0.01,
     "Q8_0": 0.02, "Q6_K": 0.05, "Q5_K": 0.08, "Q5_1": 0.08, "Q5_0": 0.10,
     "Q4_K": 0.15, "Q4_1": 0.16, "Q4_0": 0.20, "Q3_K": 0.35, "Q2_K": 0.60,
+    # i-quants: about twice their relative RMSE on Gaussian weights with an imatrix (docs/DECISIONS.md)
+    "IQ3_S": 0.40, "IQ3_XXS": 0.45, "IQ2_S": 0.65, "IQ2_XS": 0.80, "IQ2_XXS": 0.90, "IQ1_M": 0.95, "IQ1_S": 0.95,
 }
 
 

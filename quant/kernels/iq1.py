@@ -44,7 +44,7 @@ def _sort_idx(xb, n, idx):
 
 
 @njit(cache=True, error_model="numpy")
-def _best_neighbour2(nb, start, grid, xval, weight, scale, xg, L):
+def _best_neighbour2(nb, start, grid, xval, weight, scale, xg, L, off):
     """iq1_find_best_neighbour2 over the listed neighbours; -1 where none scores below FLT_MAX (then ggml's
     fallback reads past xval, undefined behaviour, and asserts for non-finite weights: reported as an abort)."""
     n = np.int64(nb[start])
@@ -55,8 +55,8 @@ def _best_neighbour2(nb, start, grid, xval, weight, scale, xg, L):
         d2 = f32(0.0)
         for i in range(8):
             q = xg[(np.int64(grid[g, i]) - 1) // 2]
-            w = weight[i]
-            diff = scale * q - xval[i]
+            w = weight[off + i]
+            diff = scale * q - xval[off + i]
             d2 += w * diff * diff
         if d2 < best:
             best = d2
@@ -64,7 +64,7 @@ def _best_neighbour2(nb, start, grid, xval, weight, scale, xg, L):
     if gi < 0:
         return -1
     for i in range(8):
-        L[i] = (np.int64(grid[gi, i]) - 1) // 2
+        L[off + i] = (np.int64(grid[gi, i]) - 1) // 2
     return gi
 
 
@@ -160,8 +160,7 @@ def _iq1_s_row(x, y, qw, grid, kmap, nb):
                 gi = kmap[u]
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour2(nb, -gi - 1, grid, xb[8 * k:8 * k + 8], weight[8 * k:8 * k + 8], scale,
-                                          xx, L[8 * k:8 * k + 8])
+                    gi = _best_neighbour2(nb, -gi - 1, grid, xb, weight, scale, xx, L, 8 * k)
                     if gi < 0:
                         return False
                 index[k] = gi
@@ -331,8 +330,7 @@ def _iq1_m_row(x, y, qw, grid, kmap, nb):
                 gi = kmap[u]
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour2(nb, -gi - 1, grid, xb[8 * k:8 * k + 8], weight[8 * k:8 * k + 8], scale,
-                                          xx, L[8 * k:8 * k + 8])
+                    gi = _best_neighbour2(nb, -gi - 1, grid, xb, weight, scale, xx, L, 8 * k)
                     if gi < 0:
                         return False
                 index[k] = gi

@@ -103,8 +103,7 @@ def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_
             on_grid_aux[k] = True
             if gi < 0:
                 on_grid_aux[k] = False
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval[8 * k:8 * k + 8], waux[8 * k:8 * k + 8],
-                                         this_scale, Laux[8 * k:8 * k + 8])
+                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, this_scale, Laux, 8 * k)
                 if gi < 0:
                     return scale, False
         sumqx, sumq2 = _sums(n, weight, xval, Laux)
@@ -127,8 +126,7 @@ def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_
             u = _levels(id_, xval, L, k)
             gi = kmap[u]
             if gi < 0:
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval[8 * k:8 * k + 8], waux[8 * k:8 * k + 8],
-                                         scale, L[8 * k:8 * k + 8])
+                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, scale, L, 8 * k)
                 if gi < 0:
                     return scale, False
         sumqx, sumq2 = _sums(n, weight, xval, L)

@@ -81,8 +81,7 @@ def _search(n, nis, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kma
             on_grid_aux[k] = True
             if gi < 0:
                 on_grid_aux[k] = False
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval[4 * k:4 * k + 4], waux[4 * k:4 * k + 4],
-                                         this_scale, Laux[4 * k:4 * k + 4])
+                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, this_scale, Laux, 4 * k)
                 if gi < 0:
                     return scale, False
         sumqx, sumq2 = _sums(n, weight, xval, Laux)
@@ -109,8 +108,7 @@ def _search(n, nis, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kma
                 u |= l << (3 * i)
             gi = kmap[u]
             if gi < 0:
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval[4 * k:4 * k + 4], waux[4 * k:4 * k + 4],
-                                         scale, L[4 * k:4 * k + 4])
+                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, scale, L, 4 * k)
                 if gi < 0:
                     return scale, False
             for i in range(4):

@@ -131,9 +131,10 @@ FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 @njit(cache=True, error_model="numpy")
-def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L):
-    """iq2/iq3_find_best_neighbour: the listed neighbour minimising sum weight*(scale*q - x)^2; writes its levels
-    into L and returns its grid index, or -1 where ggml's GGML_ASSERT would abort (no finite distance below FLT_MAX)."""
+def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L, off):
+    """iq2/iq3_find_best_neighbour on the group xval[off:off+ndim] (weights weight[off:...]): the listed neighbour
+    minimising sum weight*(scale*q - x)^2; writes its levels into L[off:...] and returns its grid index, or -1 where
+    ggml's GGML_ASSERT would abort (no distance below FLT_MAX). Offsets, not slices: no array views in the loop."""
     n = np.int64(neighbours[start])
     ndim = grid.shape[1]
     best_d2 = FLT_MAX
@@ -143,15 +144,15 @@ def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L):
         d2 = np.float32(0.0)
         for i in range(ndim):
             q = np.float32(grid[g, i])
-            diff = scale * q - xval[i]
-            d2 += weight[i] * diff * diff
+            diff = scale * q - xval[off + i]
+            d2 += weight[off + i] * diff * diff
         if d2 < best_d2:
             best_d2 = d2
             grid_index = g
     if grid_index < 0:
         return -1
     for i in range(ndim):
-        L[i] = (np.int64(grid[grid_index, i]) - 1) // 2
+        L[off + i] = (np.int64(grid[grid_index, i]) - 1) // 2
     return grid_index
 
 
