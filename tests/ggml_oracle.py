@@ -96,7 +96,8 @@ def ggml_aborts(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) ->
     pid = os.fork()
     if pid == 0:  # child: quantize and exit without running any Python cleanup
         try:
-            faulthandler.disable()  # the abort is expected: no Python traceback dump from the child
+            faulthandler.disable()  # the abort is expected: no Python traceback dump from the child,
+            os.environ["GGML_NO_BACKTRACE"] = "1"  # and no gdb attach from ggml_abort (seconds per abort)
             fd = os.open(os.devnull, os.O_WRONLY)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
