@@ -11,6 +11,7 @@ import numpy as np
 
 from core.errors import NonFiniteError, ShapeError
 from quant.formats import get_qtype
+from quant.imatrix_policy import check_kernel_imatrix
 
 
 @functools.cache
@@ -78,14 +79,15 @@ def quantize(
 ) -> np.ndarray:
     """Quantize a float32 (rows, cols) matrix to ggml `qtype`; returns uint8 (rows, bytes_per_row) block bytes.
 
-    `imatrix` is the per-column importance (as llama-imatrix produces), used exactly where ggml uses it.
-    `name` only labels error messages.
+    `imatrix` is the per-column importance (as llama-imatrix produces), used exactly where ggml uses it; IQ2_XXS,
+    IQ2_XS and IQ1_S refuse to run without one (ImatrixRequiredError), as ggml does. `name` only labels errors.
     """
     qt = get_qtype(qtype)
     m = _as_matrix(x, name)
     rows, cols = m.shape
     qt.row_bytes(cols)  # validates the block multiple
     check_finite(m, name)
+    check_kernel_imatrix(qt.name, imatrix, name)
     w = None
     if imatrix is not None:
         w = np.ascontiguousarray(np.asarray(imatrix, dtype=np.float32).reshape(-1))

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Collection, Sequence
 
-from core.errors import CheckpointError, UnsupportedTypeError
+from core.errors import CheckpointError, ImatrixRequiredError, UnsupportedTypeError
 from quant.formats import QTYPES, get_qtype
 from quant.gguf_reader import ggml_type
+from quant.imatrix_policy import tensor_requires_imatrix
 from quant.model_plan import ModelPlan, PlannedTensor
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
              "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
              "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q2_0": "Q4_0", "TQ1_0": "Q4_0",
              "TQ2_0": "Q4_0"}
-# tensor_requires_imatrix: these target types need an importance matrix (Q2_K too, in a Q2_K_S file)
-_IMATRIX_TYPES = frozenset(("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"))
 # convert_hf_to_gguf keeps these 2-D tensors in F32 (its "some tensor types are always in float32" list)
 _HF_F32_PATTERNS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "position_embd.weight",
                     "token_types.weight", "ssm_conv1d.weight", "shortconv.conv.weight", "time_mix_first.weight",
@@ -412,10 +411,8 @@ def _fallback(new_type: str, ncols: int) -> str:
 
 def requires_imatrix(name: str, new_type: str, ftype: str) -> bool:
     """tensor_requires_imatrix: the very low-bit types (and Q2_K in a Q2_K_S file) are garbage without an importance
-    matrix, except in token_embd/output."""
-    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
-        return False
-    return new_type in _IMATRIX_TYPES or (new_type == "Q2_K" and ftype == "Q2_K_S")
+    matrix, except in token_embd/output (the one rule: quant.imatrix_policy)."""
+    return tensor_requires_imatrix(name, new_type, ftype)
 
 
 def missing_kernels(types: "dict[str, str]") -> list[str]:
@@ -494,15 +491,16 @@ def tensor_types(plan: ModelPlan, precision: str, *, pure: bool = False, output_
                 if chosen not in _FLOAT_TYPES and ne[0] % _block(chosen):
                     fallbacks.append(t.name)
         if not has_imatrix and allowed and requires_imatrix(t.name, new_type, ftype):
-            raise CheckpointError(
-                f"{ftype} requires an importance matrix (--imatrix): tensor {t.name} would be {new_type}")
+            raise ImatrixRequiredError(
+                f"{ftype} requires an importance matrix (offending tensor: {t.name}, target type: {new_type}); "
+                "pass --imatrix (quantgate imatrix or llama-imatrix makes one)")
         result[t.name] = new_type
     for t in ordered:  # the main loop's checks, before any tensor is quantized
         cur, new_type = current_type(plan, t), result[t.name]
         if new_type == cur:
             continue
         if imatrix_names is not None and t.name not in imatrix_names and requires_imatrix(t.name, new_type, ftype):
-            raise CheckpointError(f"the importance matrix has no entry for tensor {t.name}, which {ftype} quantizes "
+            raise ImatrixRequiredError(f"the importance matrix has no entry for tensor {t.name}, which {ftype} quantizes "
                                   f"to {new_type} (garbage without one)")
         if cur not in _FLOAT_TYPES and not allow_requantize:
             raise CheckpointError(

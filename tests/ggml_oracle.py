@@ -5,6 +5,7 @@ Set QUANTGATE_GGML_LIB to a libggml-base.so to compare against another build (e.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import functools
 import importlib.util
 import os
@@ -183,3 +184,23 @@ def build_gguf_split(out_dir: Path) -> Path:
     if res.returncode != 0:
         raise RuntimeError(f"building llama-gguf-split failed: {res.stderr[-2000:]}")
     return exe
+
+
+def ggml_aborts(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> bool:
+    """True when ggml_quantize_chunk aborts the process (GGML_ASSERT) on x: run in a forked child, after the parent
+    built the type's tables (ggml_quantize_init), so the child only quantizes."""
+    lib = _lib()
+    lib.ggml_quantize_init(int(GGMLQuantizationType[get_qtype(qtype).name]))
+    pid = os.fork()
+    if pid == 0:  # child: quantize and exit without running any Python cleanup
+        try:
+            faulthandler.disable()  # the abort is expected: no Python traceback dump from the child,
+            os.environ["GGML_NO_BACKTRACE"] = "1"  # and no gdb attach from ggml_abort (seconds per abort)
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            ggml_quantize(x, qtype, imatrix)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)

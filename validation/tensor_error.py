@@ -112,6 +112,8 @@ LINEAGE_REL_RMSE: dict[str, float] = {
     "IQ4_NL": 0.16, "IQ4_XS": 0.16, "MXFP4": 0.25,
     # ternary types on non-ternary weights sit near 0.82; another model's weights near 1.47: 1.0 separates them
     "TQ1_0": 1.0, "TQ2_0": 1.0,
+    # i-quants: about twice their relative RMSE on Gaussian weights with an imatrix (docs/DECISIONS.md)
+    "IQ3_S": 0.40, "IQ3_XXS": 0.45, "IQ2_S": 0.65, "IQ2_XS": 0.80, "IQ2_XXS": 0.90, "IQ1_M": 0.95, "IQ1_S": 0.95,
 }
 
 
