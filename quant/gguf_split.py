@@ -132,6 +132,15 @@ class SplitWriteResult:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.parts)
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Where the time went (produce / hash / write), summed over the parts."""
+        out: dict[str, float] = {}
+        for r in self.parts:
+            for k, v in r.seconds.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
     def part_records(self) -> list[dict]:
         """[{path, sha256, nbytes}] per part, for artifact records and audit events."""
         return [{"path": str(r.path), "sha256": r.sha256, "nbytes": r.nbytes} for r in self.parts]
