@@ -132,13 +132,21 @@ class QuantizedArtifact:
     tensor_bytes: dict[str, int]
     n_params: int
     bits_per_weight: float
-    seconds: float
+    seconds: float | None = None   # None in a content record (content_dict): how long it took is not what it is
     timings: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what `quantize --json`, artifact.json and Celery results carry)."""
         return asdict(self)
+
+    def content_dict(self) -> dict[str, Any]:
+        """to_dict without the durations (seconds, timings): the same file gives the same record on every run, so
+        a DVC-tracked artifact.json hashes the same on every machine."""
+        d = self.to_dict()
+        d.pop("seconds")
+        d.pop("timings")
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantizedArtifact":

@@ -51,7 +51,8 @@ def gguf_facts(path: "str | os.PathLike[str]", artifact: QuantizedArtifact | Non
                          Path(artifact.source).name or artifact.source, artifact.recipe.precision,
                          asdict(artifact.recipe), artifact.recipe.imatrix_sha256, artifact.tool_version,
                          artifact.file_type, artifact.bits_per_weight, artifact.n_params,
-                         {"total": artifact.seconds, **artifact.timings})
+                         {**({"total": artifact.seconds} if artifact.seconds is not None else {}),
+                          **artifact.timings})
     return GGUFFacts(
         path=p, sha256=sha, nbytes=p.stat().st_size,
         job_key=kv.get("quantgate.job_key") or sha256_text(f"external\n{sha}"),
