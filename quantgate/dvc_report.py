@@ -83,6 +83,15 @@ def verdict_summary(verdict: Mapping[str, Any]) -> dict:
                     "failed": [g["name"] for g in gates if not g["passed"] and not g["skipped"]], "gates": gates})
 
 
+def profile_content(profile: Mapping[str, Any]) -> dict:
+    """A sensitivity profile without what depends on the run (timings, whether the imatrix came from the cache),
+    floats rounded: the file the AUTO mix is planned from, the same on every fresh run."""
+    d = {k: v for k, v in profile.items() if k != "timings"}
+    if isinstance(d.get("imatrix"), Mapping):
+        d["imatrix"] = {k: v for k, v in d["imatrix"].items() if k != "source"}
+    return rounded(d)
+
+
 def registration_record(rv: Mapping[str, Any], passed: bool, alias: str) -> dict:
     """The content of a registration: model, version, artifact, verdict and the mix alias a passing version holds
     (whether this run or an earlier one promoted it); the MLflow run id is the run record's, printed, not kept."""

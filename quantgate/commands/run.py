@@ -245,6 +245,27 @@ def stage_prepare(
     console.print(f"{lit(model)}: {ident['kind']}, sha256 {ident['sha256'][:16]}", highlight=False)
 
 
+@stage_app.command("profile-content")
+@handle_errors
+def stage_profile_content(
+    profile: Path = typer.Option(..., "--profile", help="Profile JSON that `quantgate profile` wrote"),
+    out: Path = typer.Option(..., "--out", "-o", help="The profile's content, for DVC to track"),
+) -> None:
+    """Write a profile without its run facts (timings, imatrix cache hit) and with floats rounded, so a fresh
+    `dvc repro` writes the same file (the AUTO mix is planned from it)."""
+    from core.errors import QuantGateError
+    from quantgate.dvc_report import profile_content, write_json
+
+    try:
+        d = json.loads(profile.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QuantGateError(f"cannot read profile {profile}: {e}") from e
+    if not isinstance(d, dict):
+        raise QuantGateError(f"{profile}: not a profile (expected a JSON object)")
+    write_json(out, profile_content(d))
+    console.print(f"wrote {lit(out)}", highlight=False)
+
+
 @stage_app.command("quantize")
 @handle_errors
 def stage_quantize(
