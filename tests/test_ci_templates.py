@@ -170,7 +170,7 @@ def test_github_workflow_steps_run(tmp_path):
             action = step["uses"].split("@")[0]
             assert action in ("actions/checkout", "actions/setup-python", "actions/upload-artifact"), action
             if action == "actions/upload-artifact":
-                uploads += [ws / _expr(p, env) for p in step["with"]["path"].split()]
+                uploads += [ws / _expr(p, env).strip() for p in step["with"]["path"].splitlines() if p.strip()]
             continue
         if step.get("id") == "install":                          # this venv is the installed quantgate
             continue
