@@ -29,6 +29,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 ARTIFACTS = Path(os.environ.get("QUANTGATE_CI_ARTIFACTS", ROOT / "ci-artifacts"))
 SHOTS = ARTIFACTS / "screenshots"
 WIDTH = 1280
+#: the screenshots this session took (tests/conftest.py prints the folder at the end of the run)
+TAKEN: list[Path] = []
 
 _MEASURE = """<script>
 (function () {
@@ -169,5 +171,6 @@ def render(html: Path, name: str, tmp: Path, *, height: int = 2000) -> Rendered:
     assert m, f"chromium rendered nothing for {html}: {dom[-2000:]}"
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"no screenshot of {html}"
     print(f"screenshot: {shot}")
+    TAKEN.append(shot)
     return Rendered(dom=dom, screenshot=shot, scroll_width=int(m.group(1)), client_width=int(m.group(2)),
                     wide=m.group(4), requests=seen_shot + seen, loaded=m.group(3).split())

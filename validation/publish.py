@@ -321,7 +321,7 @@ def plot_categories(rep: Any) -> str:
     plt = pyplot()
     sets = [("overall", rep.overall)] + list(rep.per_category.items())
     metrics = ("kl_mean", "top1_agreement", "ppl_ratio", "accuracy_drop")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.2), layout="constrained")   # no label over a neighbour
     for ax, m in zip(axes, metrics):
         vals = [getattr(x, m) for _, x in sets]
         ax.bar([plot_label(n) for n, _ in sets], [v if v is not None and math.isfinite(v) else 0 for v in vals],

@@ -70,7 +70,7 @@ def test_html_opens_with_verdict_quality_and_plots_and_folds_the_gates(verdicts)
     order = [html.index(x) for x in ('id="verdict"', 'id="failed-gates"', 'id="quality"', 'id="quality-gates"',
                                      "<img", 'id="suites"', '<details id="all-gates"', '<details id="per-tensor"')]
     assert order == sorted(order)
-    assert re.search(r'<summary>All \d+ gates: \d+ passed, 1 failed, 0 skipped</summary>', html)
+    assert re.search(r'<summary>Every gate \(\d+ gates: \d+ passed, 1 failed, 0 skipped\)</summary>', html)
 
 
 def test_html_in_headless_chromium(verdicts, gate_env, tmp_path):  # noqa: F811
