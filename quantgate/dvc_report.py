@@ -84,12 +84,10 @@ def verdict_summary(verdict: Mapping[str, Any]) -> dict:
 
 
 def profile_content(profile: Mapping[str, Any]) -> dict:
-    """A sensitivity profile without what depends on the run (timings, whether the imatrix came from the cache),
-    floats rounded: the file the AUTO mix is planned from, the same on every fresh run."""
-    d = {k: v for k, v in profile.items() if k != "timings"}
-    if isinstance(d.get("imatrix"), Mapping):
-        d["imatrix"] = {k: v for k, v in d["imatrix"].items() if k != "source"}
-    return rounded(d)
+    """A sensitivity profile without what depends on the run (its timings, which also count the tensors the
+    calibration cache already held), floats rounded: the file the AUTO mix is planned from, the same on every
+    fresh run."""
+    return rounded({k: v for k, v in profile.items() if k != "timings"})
 
 
 def registration_record(rv: Mapping[str, Any], passed: bool, alias: str) -> dict:

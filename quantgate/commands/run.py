@@ -251,7 +251,7 @@ def stage_profile_content(
     profile: Path = typer.Option(..., "--profile", help="Profile JSON that `quantgate profile` wrote"),
     out: Path = typer.Option(..., "--out", "-o", help="The profile's content, for DVC to track"),
 ) -> None:
-    """Write a profile without its run facts (timings, imatrix cache hit) and with floats rounded, so a fresh
+    """Write a profile without its run facts (timings, cache hits) and with floats rounded, so a fresh
     `dvc repro` writes the same file (the AUTO mix is planned from it)."""
     from core.errors import QuantGateError
     from quantgate.dvc_report import profile_content, write_json
