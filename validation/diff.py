@@ -303,7 +303,7 @@ def render_html(r: DiffReport) -> str:
                    "text_cols": (0,)})
     tables.append({"title": "Metadata", "head": ["metadata", "key", "value"],
                    "rows": [[kind, k, json.dumps(v, default=str)[:200]] for kind in ("added", "removed", "changed")
-                            for k, v in r.metadata[kind].items()], "text_cols": (0, 1, 2)})
+                            for k, v in r.metadata[kind].items()], "text_cols": (1, 2)})
     # every key the template reads, on every table (the environment's StrictUndefined fails on a missing one)
     # control characters shown escaped, each value on one line (HTML escaping is the template's autoescape)
     tables = [{"title": "", "image": None, "head": None, "text_cols": (0,), **t, "rows": [[one_line(c, 100_000) for c in row]
