@@ -146,7 +146,7 @@ def _metric_rows(show: dict) -> dict[str, dict]:
 def _plot_revs(text: str) -> dict[str, dict[str, set[str]]]:
     """`dvc plots diff --json` -> {plot id: {revision: the mixes in its data}}."""
     out: dict[str, dict[str, set[str]]] = {}
-    for plot_id, renders in json.loads(text).items():
+    for plot_id, renders in json.loads(text)["data"].items():
         for r in renders:
             assert r["type"] == "vega", r
             for point in r["content"]["data"]["values"]:
