@@ -84,7 +84,7 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     rows = _metric_rows(m[""])                                  # one file (one row) per mix, both stages' figures
     assert set(rows) == {"Q8_0", "Q4_K_M", "AUTO"}
     for row in rows.values():
-        assert {"size_bytes", "bpw", "weight_rel_rmse_mean", "ppl_ratio", "kl_mean", "accuracy_drop"} <= set(row)
+        assert {"size_bytes", "bpw", "weight_rel_rmse_mean", "ppl_ratio", "kl_mean", "acc_candidate"} <= set(row)
     assert rows["Q8_0"]["bpw"] > rows["Q4_K_M"]["bpw"] and rows["Q8_0"]["kl_mean"] < rows["Q4_K_M"]["kl_mean"]
     assert (repo / "out/pipeline/plots/tensor_error_by_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert (repo / "out/pipeline/plots/bpw_vs_kld.png").read_bytes()[:4] == b"\x89PNG"
