@@ -229,9 +229,9 @@ def render_markdown(v: Any) -> str:
     icon = "✅" if vd.passed else "❌"
     lines = [f"## {icon} quantgate validation: {'PASSED' if vd.passed else 'FAILED'}", "",
              f"**{md_escape(summary_line(vd), 600)}**", "",
-             f"{md_code(Path(v.facts.path).name, 120)} (sha256 {md_code(vd.artifact_sha256[:16])}, "
-             f"{fmt(v.facts.nbytes, ',d')} bytes) vs baseline {md_code(Path(v.baseline).name, 120)} "
-             f"({md_code(v.baseline_sha256[:16])}); gate set {md_code(vd.gate_set, 120)}; {gate_counts(vd)}.", ""]
+             f"{md_code(Path(v.facts.path).name)} (sha256 {md_code(vd.artifact_sha256[:16])}, "
+             f"{fmt(v.facts.nbytes, ',d')} bytes) vs baseline {md_code(Path(v.baseline).name)} "
+             f"({md_code(v.baseline_sha256[:16])}); gate set {md_code(vd.gate_set)}; {gate_counts(vd)}.", ""]
 
     def table(head: list[Any], rows: list[list[Any]]) -> list[str]:
         shown, more = _md_cap(rows)
