@@ -27,6 +27,13 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return r.stdout + r.stderr
 
 
+def _json(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """A dvc command's --json output (stdout only: DVC warns on stderr)."""
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
+    return json.loads(r.stdout)
+
+
 def _ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", out))
 
@@ -80,7 +87,7 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     assert sum(auto["tensor_bytes"].values()) <= sum(q4["tensor_bytes"].values())
     assert (repo / "out/pipeline/register/AUTO.json").is_file()
     assert _ran(_run(dvc + ["repro"], repo, env)) == set()   # nothing changed: nothing runs
-    m = json.loads(_run(dvc + ["metrics", "show", "--json"], repo, env))
+    m = _json(dvc + ["metrics", "show", "--json"], repo, env)
     rows = _metric_rows(m[""])                                  # one file (one row) per mix, both stages' figures
     assert set(rows) == {"Q8_0", "Q4_K_M", "AUTO"}
     for row in rows.values():
@@ -121,20 +128,20 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     _commit(repo, env, "Q2_K")
 
     # two commits: the new mix's metrics file appears; both plots carry both revisions' data
-    diff = json.loads(_run(dvc + ["metrics", "diff", "HEAD~1", "HEAD", "--json"], repo, env))
+    diff = _json(dvc + ["metrics", "diff", "HEAD~1", "HEAD", "--json"], repo, env)
     q2 = diff["out/pipeline/metrics/Q2_K.json"]
     assert q2["kl_mean"]["old"] is None and q2["kl_mean"]["new"] > rows["Q4_K_M"]["kl_mean"]
-    assert _plot_revs(_run(dvc + ["plots", "diff", "HEAD~1", "HEAD", "--json"], repo, env)) == {
+    assert _plot_revs(_json(dvc + ["plots", "diff", "HEAD~1", "HEAD", "--json"], repo, env)) == {
         "bpw_vs_kld": {"HEAD~1": {"Q8_0", "Q4_K_M", "AUTO"}, "HEAD": {"Q8_0", "Q4_K_M", "AUTO", "Q2_K"}},
         "layer_error": {"HEAD~1": {"Q8_0", "Q4_K_M", "AUTO"}, "HEAD": {"Q8_0", "Q4_K_M", "AUTO", "Q2_K"}}}
 
     # an experiment with another AUTO budget: only the AUTO branch (and the plots) re-run; diff against it
     out = _run(dvc + ["exp", "run", "-n", "auto-q2k", "-S", "auto.target=Q2_K"], repo, env)
     assert _ran(out) == {"quantize_auto", "validate_auto", "register_auto", "plots"}
-    diff = json.loads(_run(dvc + ["metrics", "diff", "HEAD", "auto-q2k", "--json"], repo, env))
+    diff = _json(dvc + ["metrics", "diff", "HEAD", "auto-q2k", "--json"], repo, env)
     assert set(diff) == {"out/pipeline/metrics/AUTO.json"}
     assert diff["out/pipeline/metrics/AUTO.json"]["bpw"]["new"] < diff["out/pipeline/metrics/AUTO.json"]["bpw"]["old"]
-    revs = _plot_revs(_run(dvc + ["plots", "diff", "HEAD", "auto-q2k", "--json"], repo, env))
+    revs = _plot_revs(_json(dvc + ["plots", "diff", "HEAD", "auto-q2k", "--json"], repo, env))
     assert set(revs["bpw_vs_kld"]) == {"HEAD", "auto-q2k"}
 
 
@@ -143,10 +150,10 @@ def _metric_rows(show: dict) -> dict[str, dict]:
     return {Path(f).stem: d["data"] for f, d in show["data"].items()}
 
 
-def _plot_revs(text: str) -> dict[str, dict[str, set[str]]]:
+def _plot_revs(doc: dict) -> dict[str, dict[str, set[str]]]:
     """`dvc plots diff --json` -> {plot id: {revision: the mixes in its data}}."""
     out: dict[str, dict[str, set[str]]] = {}
-    for plot_id, renders in json.loads(text)["data"].items():
+    for plot_id, renders in doc["data"].items():
         for r in renders:
             assert r["type"] == "vega", r
             for point in r["content"]["data"]["values"]:
