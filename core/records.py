@@ -138,7 +138,7 @@ class QuantizedArtifact:
     tensor_bytes: dict[str, int]
     n_params: int
     bits_per_weight: float
-    seconds: float
+    seconds: float | None = None   # None in a content record (content_dict): how long it took is not what it is
     timings: dict[str, float] = field(default_factory=dict)
     #: a split GGUF: [{path, sha256, nbytes}] per part, in order (path is the first part's, sha256 the set's
     #: core.hashing.checkpoint_sha256, nbytes the total); empty for a single file
@@ -148,6 +148,14 @@ class QuantizedArtifact:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what `quantize --json`, artifact.json and Celery results carry)."""
         return asdict(self)
+
+    def content_dict(self) -> dict[str, Any]:
+        """to_dict without the durations (seconds, timings): the same file gives the same record on every run, so
+        a DVC-tracked artifact.json hashes the same on every machine."""
+        d = self.to_dict()
+        d.pop("seconds")
+        d.pop("timings")
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantizedArtifact":

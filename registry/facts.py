@@ -97,7 +97,8 @@ def gguf_facts(path: "str | os.PathLike[str]", artifact: QuantizedArtifact | Non
                          artifact.recipe.precision,
                          asdict(artifact.recipe), artifact.recipe.imatrix_sha256, artifact.tool_version,
                          artifact.file_type, artifact.bits_per_weight, artifact.n_params,
-                         {"total": artifact.seconds, **artifact.timings}, parts, lineage)
+                         {**({"total": artifact.seconds} if artifact.seconds is not None else {}),
+                          **artifact.timings}, parts, lineage)
     return GGUFFacts(
         path=p, sha256=sha, nbytes=sum(q["bytes"] for q in parts) if parts else p.stat().st_size,
         job_key=kv.get("quantgate.job_key") or sha256_text(f"external\n{sha}"),

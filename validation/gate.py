@@ -162,11 +162,11 @@ def gate_and_report(
     *,
     report_dir: "str | os.PathLike[str] | None" = None,
     junit: "str | os.PathLike[str] | None" = None,
-    data_docs: bool = True,
+    data_docs: bool = False,
     **kwargs: Any,
 ) -> Verdict:
     """Validate `candidate` against `baseline` with `gates` and write the reports (validation.json/.md/.html,
-    verdict.json, junit.xml, gx/ Data Docs) atomically into report_dir/<artifact sha256>/ (default
+    verdict.json, junit.xml; with data_docs, GX's own Data Docs in gx/) atomically into report_dir/<artifact sha256>/ (default
     <candidate>.reports/); returns the Verdict (report paths filled in). Unusable inputs: error.json only, then
     UnusableInput. kwargs: see run_validation."""
 

@@ -41,6 +41,9 @@ def validate(
     expect_sha256: Optional[str] = typer.Option(None, "--expect-sha256", help="The expected SHA-256 of the GGUF"),
     suites: List[Path] = typer.Option([], "--suites", help="Extra folder of GX suite JSON files (repeatable)"),
     no_expectations: bool = typer.Option(False, "--no-expectations", help="Skip the Great Expectations suites"),
+    data_docs: bool = typer.Option(False, "--data-docs",
+                                   help="Also write Great Expectations' own Data Docs to gx/ (their styling loads "
+                                        "from a CDN; validation.html summarises the same results offline)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the verdict line"),
 ) -> None:
     """Gate a quantized GGUF: structural gates, expectation suites, then quality metrics vs the baseline.
@@ -67,7 +70,7 @@ def validate(
         verdict = run(base, cand, gate_set, report_dir=report_dir, junit=junit, dataset=dataset,
                       calibration=calibration, backend=backend, max_tokens=max_tokens, batch_size=batch_size,
                       manifest=manifest, expect_sha256=expect_sha256, suites_dirs=suites,
-                      expectations=not no_expectations, progress=_progress(quiet))
+                      expectations=not no_expectations, data_docs=data_docs, progress=_progress(quiet))
     except UnusableInput as e:
         fail(f"{e} (record: {e.error_path})")
         return
