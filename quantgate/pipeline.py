@@ -330,7 +330,9 @@ def quantize_model(
             else:
                 write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
     art = made[0]
-    remember_file_sha256(art.path, art.sha256)  # hashed while writing: validate/registration need not re-read it
+    # hashed while writing: validate/registration need not re-read them (a split's sha256 is the set's, not a file's)
+    for p in art.parts or [{"path": art.path, "sha256": art.sha256}]:
+        remember_file_sha256(p["path"], p["sha256"])
     return art
 
 
