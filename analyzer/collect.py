@@ -23,7 +23,8 @@ from quant.imatrix import Imatrix, ImatrixEntry
 from quant.loaders import open_checkpoint
 from quant.model_plan import plan_model
 from runtime.backends.torch_backend import load_torch_model
-from runtime.tokenize import DEFAULT_CHUNK_SIZE, calibration_chunks
+from runtime.layer_stream import DEFAULT_ACTIVATION_BUDGET, LayerStream, group_by_budget, supports
+from runtime.tokenize import DEFAULT_CHUNK_SIZE, CalibrationTokens, calibration_chunks
 
 
 def linear_gguf_names(model, arch: str) -> dict[str, str]:
@@ -48,35 +49,88 @@ def linear_gguf_names(model, arch: str) -> dict[str, str]:
 
 def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], *,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, n_chunks: int | None = None, process_output: bool = True,
-                    dataset_name: str = "", progress: ProgressFn | None = None) -> Imatrix:
+                    dataset_name: str = "", progress: ProgressFn | None = None,
+                    tokens: CalibrationTokens | None = None) -> Imatrix:
     """Run the model (HF folder or float GGUF, float32 torch) over the calibration chunks and return the
-    importance matrix: for each 2-D matmul weight, per-input-column sums of squared activations and token counts."""
-    import torch
-
-
-    toks = calibration_chunks(model_path, texts, chunk_size, n_chunks)
-    model = load_torch_model(model_path)
-    names = linear_gguf_names(model, _arch_of(model_path))
-    if not process_output:
-        names = {m: g for m, g in names.items() if g.startswith("blk.")}
+    importance matrix: for each 2-D matmul weight, per-input-column sums of squared activations and token counts.
+    Layer by layer (runtime.layer_stream: one block's weights in memory) when the architecture has an adapter,
+    else the whole model. `tokens`: the chunks, already cut (else `texts` are tokenized here)."""
+    toks = tokens if tokens is not None else calibration_chunks(model_path, texts, chunk_size, n_chunks)
+    arch = _arch_of(model_path)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    handles = []
 
-    def hook_for(gname: str):
-        def hook(_mod, inputs, _out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            s = (x * x).sum(dim=0).numpy()
-            if gname in sums:
-                sums[gname] += s
-            else:
-                sums[gname] = s
-            counts[gname] = counts.get(gname, 0) + int(x.shape[0])
-        return hook
+    def add(gname: str, x) -> None:
+        import torch
 
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        s = (x * x).sum(dim=0).numpy()
+        if gname in sums:
+            sums[gname] += s
+        else:
+            sums[gname] = s
+        counts[gname] = counts.get(gname, 0) + int(x.shape[0])
+
+    if supports(model_path):
+        _collect_streamed(model_path, arch, toks, process_output, add, progress)
+    else:
+        _collect_full(model_path, arch, toks, process_output, add, progress)
+    entries = {}
+    for gname, s in sums.items():
+        if not np.all(np.isfinite(s)):
+            raise QuantGateError(f"non-finite activations in {gname}")
+        entries[gname] = ImatrixEntry(s.astype(np.float32), np.array([counts[gname]], np.float32))
+    if not entries:
+        raise CheckpointError(f"{model_path}: no 2-D matmul weights found to collect activations for")
+    return Imatrix(entries, [dataset_name] if dataset_name else [], len(toks.chunks), toks.chunk_size)
+
+
+def _hook(add, gname: str):
+    def hook(_mod, inputs, _out):
+        add(gname, inputs[0])
+    return hook
+
+
+def _collect_streamed(model_path, arch: str, toks: CalibrationTokens, process_output: bool, add,
+                      progress: ProgressFn | None) -> None:
+    """One block in memory at a time; chunks in order within each block, so the float64 sums add up in the same
+    order as the whole-model loop."""
+    import torch
+
+    with LayerStream(model_path) as ls:
+        names = linear_gguf_names(ls.skeleton, arch)
+        groups = group_by_budget([len(c) for c in toks.chunks], ls.n_embd, DEFAULT_ACTIVATION_BUDGET)
+        done = 0
+        for g in groups:
+            def on_block(i: int, layer):
+                prefix = ls.arch.layer_prefix.format(i=i).rstrip(".")
+                mods = dict(layer.named_modules())
+                return [mods[m[len(prefix) + 1:]].register_forward_hook(_hook(add, gn))
+                        for m, gn in names.items() if m.startswith(prefix + ".")]
+
+            hs = ls.hidden_states([toks.chunks[i] for i in g], on_block=on_block)
+            head_mod = next((m for m, gn in names.items() if gn == "output.weight"), None)
+            if process_output and head_mod is not None:
+                with torch.inference_mode(), ls.head() as (norm, _w):
+                    for h in hs:
+                        add("output.weight", norm(h))
+            del hs
+            done += len(g)
+            if progress is not None:
+                progress(done, len(toks.chunks), "imatrix")
+
+
+def _collect_full(model_path, arch: str, toks: CalibrationTokens, process_output: bool, add,
+                  progress: ProgressFn | None) -> None:
+    """The whole float32 model (architectures without a layer-streaming adapter)."""
+    import torch
+
+    model = load_torch_model(model_path)
+    names = linear_gguf_names(model, arch)
+    if not process_output:
+        names = {m: g for m, g in names.items() if g.startswith("blk.")}
     mods = dict(model.named_modules())
-    for mod_name, gname in names.items():
-        handles.append(mods[mod_name].register_forward_hook(hook_for(gname)))
+    handles = [mods[m].register_forward_hook(_hook(add, g)) for m, g in names.items()]
     try:
         with torch.inference_mode():
             for i, chunk in enumerate(toks.chunks):
@@ -86,14 +140,6 @@ def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], 
     finally:
         for h in handles:
             h.remove()
-    entries = {}
-    for gname, s in sums.items():
-        if not np.all(np.isfinite(s)):
-            raise QuantGateError(f"non-finite activations in {gname}")
-        entries[gname] = ImatrixEntry(s.astype(np.float32), np.array([counts[gname]], np.float32))
-    if not entries:
-        raise CheckpointError(f"{model_path}: no 2-D matmul weights found to collect activations for")
-    return Imatrix(entries, [dataset_name] if dataset_name else [], len(toks.chunks), toks.chunk_size)
 
 
 def _arch_of(model_path: "str | os.PathLike[str]") -> str:

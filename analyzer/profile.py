@@ -20,14 +20,16 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from analyzer.cache import CacheKey, CalibrationCache
 from analyzer.collect import collect_imatrix
+from analyzer.stream_measure import rel_weight_error, streamed_sweep
 from analyzer.policy import (
     CANDIDATE_TYPES,
     BudgetPolicy,
@@ -41,9 +43,10 @@ from analyzer.policy import (
 )
 from core.atomic import atomic_write
 from core.errors import QuantGateError
-from core.hashing import checkpoint_sha256
+from core.hashing import canonical_json, checkpoint_sha256
 from core.progress import ProgressFn
 from core.version import __version__
+from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.imatrix import Imatrix, ImatrixEntry
 from quant.loaders import open_checkpoint
@@ -51,9 +54,12 @@ from quant.mixes import allows_quantization, current_type
 from quant.model_plan import plan_model
 from runtime.backends.torch_backend import load_torch_model
 from runtime.datasets import load_dataset
+from runtime.layer_stream import LayerStream, hf_config, supports
 from runtime.tokenize import calibration_chunks
 
 PROFILE_SCHEMA = 1
+#: How the per-(tensor, type) output effect is measured (docs/ANALYZER.md).
+MEASURE_MODES = ("stream", "exact")
 
 
 @dataclass
@@ -65,6 +71,7 @@ class TypeStats:
     measured_kld: float | None = None
     measured_mse: float | None = None
     predicted: float | None = None
+    block_err: float | None = None
 
 
 @dataclass
@@ -140,12 +147,45 @@ class Profile:
 #: Files beside HF weights that change what a forward pass computes or how calibration text is tokenized.
 _MODEL_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                      "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+#: transformers config fields that change what the forward pass computes (the rest, e.g. max_position_embeddings
+#: or token ids, do not change the activations of a calibration batch).
+_FORWARD_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
+                   "hidden_act", "attention_bias", "rope_parameters", "sliding_window", "use_sliding_window")
+
+
+def _f32(v: Any) -> Any:
+    """Floats as float32 values (GGUF stores hyperparameters in float32), recursively."""
+    if isinstance(v, float):
+        return float(np.float32(v))
+    if isinstance(v, dict):
+        return {k: _f32(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_f32(x) for x in v]
+    return v
+
+
+def forward_config(path: "str | os.PathLike[str]") -> dict[str, Any]:
+    """The config fields the forward pass depends on, normalized so an HF folder and its GGUF agree."""
+    cfg = hf_config(path)
+    out = {k: _f32(getattr(cfg, k, None)) for k in _FORWARD_FIELDS}
+    if not out.get("use_sliding_window"):
+        out["sliding_window"] = None
+    return out
 
 
 def model_identity(ckpt) -> str:
-    """The model's cache identity: core.hashing.checkpoint_sha256 over its weight files plus, for HF folders,
-    the config and tokenizer files (a changed config or tokenizer changes every activation)."""
-
+    """The model's cache identity. Normally the weights fingerprint (quant.fingerprint: one value for an HF folder
+    and its F32/F16/BF16 GGUFs) plus the forward-relevant config, so both containers share cache rows (the
+    tokenizer is covered by the token ids in each key). Where no fingerprint exists (a GGUF that cannot be mapped
+    back): checkpoint_sha256 over the weight files plus, for HF folders, the config and tokenizer files."""
+    fp = weights_fingerprint(ckpt.path)
+    if fp is not None:
+        try:
+            return hashlib.sha256(canonical_json({"weights": fp, "forward": forward_config(ckpt.path)}).encode()
+                                  ).hexdigest()
+        except (ValueError, OSError, KeyError):
+            pass
     files = [Path(f) for f in ckpt.files]
     folder = Path(ckpt.path) if Path(ckpt.path).is_dir() else Path(ckpt.path).parent
     if ckpt.kind != "gguf":
@@ -179,19 +219,31 @@ def _imatrix_from_arrays(a: dict[str, np.ndarray], datasets: list[str]) -> Imatr
 
 def cached_imatrix(model: Path, calib: Path, model_sha: str, *, chunk_size: int, n_chunks: int | None,
                    cache: CalibrationCache | None, tool_version: str, process_output: bool = True) -> Imatrix:
-    """The collected imatrix of (model, calibration set, config), from the cache or collected (and stored)."""
+    """The collected imatrix of (model, calibration set, config), from the cache or collected (and stored). The
+    key holds the token ids fed (the tokenizer's effect), so an HF folder and its GGUF share the entry."""
 
     ds = load_dataset(calib)
+    toks = calibration_chunks(model, [s.text for s in ds.usable()], chunk_size, n_chunks)
     key = CacheKey(model_sha, ds.sha256, "imatrix",
-                   {"chunk_size": chunk_size, "n_chunks": n_chunks, "process_output": process_output}, tool_version)
+                   {"chunk_size": chunk_size, "n_chunks": n_chunks, "process_output": process_output,
+                    "tokens": tokens_sha256(toks.chunks)}, tool_version)
     hit = cache.get_arrays(key) if cache is not None else None
     if hit is not None:
         return _imatrix_from_arrays(hit, [calib.name])
-    imat = collect_imatrix(model, [s.text for s in ds.usable()], chunk_size=chunk_size, n_chunks=n_chunks,
-                           process_output=process_output, dataset_name=calib.name)
+    imat = collect_imatrix(model, [], chunk_size=chunk_size, n_chunks=n_chunks, process_output=process_output,
+                           dataset_name=calib.name, tokens=toks)
     if cache is not None:
         cache.put_arrays(key, _imatrix_to_arrays(imat))
     return imat
+
+
+def tokens_sha256(chunks: Sequence[Sequence[int]]) -> str:
+    """SHA-256 of token id chunks (int64 length, then int32 ids, per chunk)."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(np.int64(len(c)).tobytes())
+        h.update(np.asarray(c, dtype="<i4").tobytes())
+    return h.hexdigest()
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -204,15 +256,14 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 class _Measurer:
-    """Runs the model with one weight swapped, against cached baseline log-probs of a calibration subsample."""
+    """Runs the whole model with one weight swapped, against cached baseline log-probs of a calibration subsample
+    (the exact reference mode: one full forward pass per (tensor, type))."""
 
-    def __init__(self, model_path: Path, calib_texts: list[str], n_seqs: int, seq_len: int) -> None:
+    def __init__(self, model_path: Path, chunks: list[list[int]]) -> None:
         import torch
 
-
         self.torch = torch
-        toks = calibration_chunks(model_path, calib_texts, seq_len, n_seqs)
-        self.batch = torch.tensor(toks.chunks, dtype=torch.long)
+        self.batch = torch.tensor(chunks, dtype=torch.long)
         self.model = load_torch_model(model_path)
         self.base_logits = self._logits()
         self.base_lp = torch.log_softmax(self.base_logits, dim=-1)
@@ -266,13 +317,20 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
                   chunk_size: int = 512, n_chunks: int | None = None,
                   candidate_types: Sequence[str] = CANDIDATE_TYPES, measure: bool = True, measure_seqs: int = 8,
                   measure_len: int = 128, cache: CalibrationCache | None = None,
-                  progress: ProgressFn | None = None) -> Profile:
+                  progress: ProgressFn | None = None, measure_mode: str = "stream") -> Profile:
     """Measure every quantizable tensor of `model` at every candidate type on the calibration set `calib`.
     `imatrix` given: use it; else (use_imatrix) collect one (cached). Every (tensor, type) row comes from
-    `cache` when present there, so a second run of the same model + calibration set does no forward pass."""
+    `cache` when present there, so a second run of the same model + calibration set does no forward pass.
+    measure_mode "stream" (default): block-level effects + calibrated gains, one sweep over the blocks
+    (analyzer.stream_measure); "exact": one whole-model pass per (tensor, type), the reference it is checked
+    against (docs/ANALYZER.md)."""
 
     t0 = time.perf_counter()
     model, calib = Path(model), Path(calib)
+    if measure_mode not in MEASURE_MODES:
+        raise QuantGateError(f"measure mode {measure_mode!r} is not one of {', '.join(MEASURE_MODES)}")
+    if measure and measure_mode == "stream" and not supports(model):
+        measure_mode = "exact"  # no layer-streaming adapter for this architecture: the whole-model reference
     for t in candidate_types:
         if t not in CANDIDATE_TYPES:
             raise QuantGateError(f"candidate type {t!r} is not one of {', '.join(CANDIDATE_TYPES)}")
@@ -296,7 +354,10 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         imat_info = {"used": True, "source": "collected", "digest": imatrix_digest(imatrix),
                      "chunk_size": imatrix.chunk_size, "chunk_count": imatrix.chunk_count, "n_chunks": n_chunks}
     t_imat = time.perf_counter()
-    measure_cfg = {"n_seqs": measure_seqs, "seq_len": measure_len} if measure else None
+    measure_cfg = {"n_seqs": measure_seqs, "seq_len": measure_len, "mode": measure_mode} if measure else None
+    mtoks = calibration_chunks(model, texts, measure_len, measure_seqs) if measure else None
+    tokens = tokens_sha256(mtoks.chunks) if mtoks is not None else None
+    gains: dict[str, float] = {}
 
     profiles: list[TensorProfile] = []
     todo: list[tuple[TensorProfile, list[str], dict[str, CacheKey]]] = []
@@ -313,21 +374,25 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
                 continue  # llama.cpp would fall back to another type: not a candidate
             keys[qt] = CacheKey(model_sha, ds.sha256, "tensor_type_error",
                                 {"tensor": name, "type": qt, "imatrix": imat_info.get("digest"),
-                                 "measure": measure_cfg}, __version__)
+                                 "measure": measure_cfg, "tokens": tokens}, __version__)
             hit = cache.get_json(keys[qt]) if cache is not None else None
             if hit is not None:
+                if "gain" in hit:
+                    gains[name] = hit.pop("gain")
                 tp.candidates[qt] = TypeStats(**hit)
             else:
                 missing.append(qt)
         if missing:
             todo.append((tp, missing, keys))
 
-    if todo:
-        _compute(model, arch, texts, todo, imatrix, measure_cfg, cache, progress)
+    if todo and measure_cfg is not None and measure_mode == "stream":
+        gains.update(_compute_streamed(model, arch, mtoks.chunks, todo, imatrix, cache, progress))
+    elif todo:
+        _compute(model, arch, mtoks.chunks if mtoks is not None else None, todo, imatrix, cache, progress)
     t_measure = time.perf_counter()
     for tp in profiles:
         tp.candidates = {qt: tp.candidates[qt] for qt in candidate_types if qt in tp.candidates}
-        _fit_gain(tp)
+        _fit_gain(tp, gains.get(tp.name))
     prof = Profile(
         model={"path": str(model), "sha256": model_sha, "weights_sha256": weights_sha, "arch": arch,
                "n_params": int(sum(tp.n_params for tp in profiles))},
@@ -345,39 +410,95 @@ def _block(qtype: str) -> int:
     return get_qtype(qtype).block_size
 
 
-def _compute(model: Path, arch: str, texts: list[str], todo, imatrix: Imatrix | None, measure_cfg, cache,
+def _compute(model: Path, arch: str, chunks: list[list[int]] | None, todo, imatrix: Imatrix | None, cache,
              progress: ProgressFn | None) -> None:
-    """Fill the missing (tensor, type) rows: quantize/dequantize, estimate, measure, store."""
+    """Fill the missing (tensor, type) rows: quantize/dequantize, estimate and, with `chunks`, measure each pair's
+    whole-model effect (one full forward pass per pair: the exact reference mode); store."""
 
-    if measure_cfg is not None:
-        meas = _Measurer(model, texts, measure_cfg["n_seqs"], measure_cfg["seq_len"])
-        torch_model = meas.model
-    else:
-        meas, torch_model = None, load_torch_model(model)
-    params = _gguf_params(torch_model, arch)
-    for i, (tp, missing, keys) in enumerate(todo):
-        if tp.name not in params:
-            raise QuantGateError(f"tensor {tp.name} has no 2-D transformers parameter to measure")
-        p = params[tp.name]
-        x = np.ascontiguousarray(p.detach().float().numpy())
-        w = imatrix.values(tp.name) if imatrix is not None else None
-        ww = (w if w is not None else np.ones(x.shape[1], np.float32)).astype(np.float64)
-        denom = float((ww * (x.astype(np.float64) ** 2)).sum())
+    with ExitStack() as stack:
+        if chunks is not None:
+            meas = _Measurer(model, chunks)
+            params = _gguf_params(meas.model, arch)
+            read = {g: (lambda p=p: np.ascontiguousarray(p.detach().float().numpy())) for g, p in params.items()}
+        else:
+            meas, params, read = None, {}, stack.enter_context(_weight_readers(model, arch))
+        for i, (tp, missing, keys) in enumerate(todo):
+            if tp.name not in read:
+                raise QuantGateError(f"tensor {tp.name} has no 2-D transformers parameter to measure")
+            x = read[tp.name]()
+            w = imatrix.values(tp.name) if imatrix is not None else None
+            for qt in missing:
+                xq = _quant_dequant(x, qt, w)
+                st = TypeStats(tp.size_of(qt), rel_weight_error(x, xq, w))
+                if meas is not None:
+                    st.measured_kld, st.measured_mse = meas.measure(params[tp.name], xq)
+                tp.candidates[qt] = st
+                if cache is not None:
+                    cache.put_json(keys[qt], asdict(st))
+                del xq
+            del x
+            if progress is not None:
+                progress(i + 1, len(todo), tp.name)
+
+
+@contextmanager
+def _weight_readers(model: Path, arch: str) -> Iterator[dict[str, Any]]:
+    """GGUF name -> reader of its float32 HF-layout weight, one tensor at a time (layer-streamed checkpoints: no
+    model in memory; other architectures: the whole transformers model)."""
+    if not supports(model):
+        tm = load_torch_model(model)
+        yield {g: (lambda p=p: np.ascontiguousarray(p.detach().float().numpy())) for g, p in
+               _gguf_params(tm, arch).items()}
+        return
+    with LayerStream(model) as ls:
+        yield {g: (lambda hf=hf: ls.weights.read(hf)) for hf, g in _hf_to_gguf(ls.weights.names, arch,
+                                                                                  ls.n_layer).items()}
+
+
+def _hf_to_gguf(hf_names, arch: str, n_layer: int) -> dict[str, str]:
+    """HF weight name -> GGUF tensor name (gguf's TensorNameMap for `arch`), for the names that have one."""
+    import gguf
+
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    name_map = gguf.get_tensor_name_map(archs[arch], n_layer)
+    return {hf: g for hf in sorted(hf_names) if hf.endswith(".weight")
+            and (g := name_map.get_name(key=hf, try_suffixes=(".weight", ".bias"))) is not None}
+
+
+def _compute_streamed(model: Path, arch: str, chunks: list[list[int]], todo, imatrix: Imatrix | None, cache,
+                      progress: ProgressFn | None) -> dict[str, float]:
+    """Fill the missing rows with the layer-streamed measurement (analyzer.stream_measure); returns every
+    tensor's gain (block error -> KLD), which each stored row also carries."""
+    shapes = {tp.name: tuple(tp.shape) for tp, _, _ in todo}
+
+    def names_of(hf_names, n_layer: int) -> dict[str, str]:
+        return _hf_to_gguf(hf_names, arch, n_layer)
+
+    def allowed(name: str, qt: str) -> bool:
+        shape = shapes.get(name)
+        return shape is not None and shape[-1] % _block(qt) == 0
+
+    res = streamed_sweep(model, chunks, {tp.name: missing for tp, missing, _ in todo}, imatrix=imatrix,
+                         quant_dequant=_quant_dequant, gguf_names=names_of, allowed=allowed, progress=progress)
+    for tp, missing, keys in todo:
         for qt in missing:
-            xq = _quant_dequant(x, qt, w)
-            num = float((ww * ((x.astype(np.float64) - xq) ** 2)).sum())
-            st = TypeStats(tp.size_of(qt), num / denom if denom > 0 else 0.0)
-            if meas is not None:
-                st.measured_kld, st.measured_mse = meas.measure(p, xq)
+            r = res.rows[tp.name][qt]
+            st = TypeStats(tp.size_of(qt), r.est_error, r.measured_kld, r.measured_mse, block_err=r.block_err)
             tp.candidates[qt] = st
             if cache is not None:
-                cache.put_json(keys[qt], asdict(st))
-        if progress is not None:
-            progress(i + 1, len(todo), tp.name)
+                cache.put_json(keys[qt], {**asdict(st), "gain": res.gains.get(tp.name)})
+    return res.gains
 
 
-def _fit_gain(tp: TensorProfile) -> None:
-    """gain = exp(median log(measured KLD / est)) over types where both are positive; pred = gain * est."""
+def _fit_gain(tp: TensorProfile, stream_gain: float | None = None) -> None:
+    """Streamed block errors with a calibrated gain: pred = gain * block_err. Otherwise (exact measurements, the
+    head in stream mode): gain = exp(median log(measured KLD / est)) over types where both are positive,
+    pred = gain * est. Nothing measured: gain 1."""
+    if stream_gain is not None and any(s.block_err is not None for s in tp.candidates.values()):
+        tp.gain = float(stream_gain)
+        for s in tp.candidates.values():
+            s.predicted = tp.gain * (s.block_err or 0.0)
+        return
     ratios = [math.log(s.measured_kld / s.est_error) for s in tp.candidates.values()
               if s.measured_kld is not None and s.measured_kld > 0 and s.est_error > 0]
     tp.gain = float(math.exp(float(np.median(ratios)))) if ratios else (1.0 if tp.quantizable else None)
@@ -386,23 +507,31 @@ def _fit_gain(tp: TensorProfile) -> None:
 
 
 def validation_stats(prof: Profile) -> dict[str, Any]:
-    """Spearman rank correlations that validate the cheap estimate against the measurements."""
+    """Spearman rank correlations that validate the cheap estimate against the measurements (exact mode: the
+    whole-model output MSE and KLD; stream mode: the block-output error)."""
+    out: dict[str, Any] = {}
+    blk = [(tp.name, qt, s) for tp in prof.tensors for qt, s in tp.candidates.items()
+           if s.block_err is not None and qt != "F16"]
+    if blk:
+        out["block_pairs"] = len(blk)
+        out["est_vs_block_err_all"] = _spearman([s.est_error for *_, s in blk], [s.block_err for *_, s in blk])
     rows = [(tp.name, qt, s) for tp in prof.tensors for qt, s in tp.candidates.items()
             if s.measured_mse is not None and qt != "F16"]
     if not rows:
-        return {}
+        return out
     by_type = {}
     for qt in prof.candidate_types:
         sub = [s for _, t, s in rows if t == qt]
         by_type[qt] = {"est_vs_mse": _spearman([s.est_error for s in sub], [s.measured_mse for s in sub]),
                        "est_vs_kld": _spearman([s.est_error for s in sub], [s.measured_kld for s in sub])}
-    return {
+    out.update({
         "pairs": len(rows),
         "est_vs_mse_all": _spearman([s.est_error for *_, s in rows], [s.measured_mse for *_, s in rows]),
         "est_vs_kld_all": _spearman([s.est_error for *_, s in rows], [s.measured_kld for *_, s in rows]),
         "pred_vs_kld_all": _spearman([s.predicted for *_, s in rows], [s.measured_kld for *_, s in rows]),
         "across_tensors_by_type": {k: v for k, v in by_type.items() if v["est_vs_mse"] is not None},
-    }
+    })
+    return out
 
 
 # ------------------------------------------------------------------------------------------- choices

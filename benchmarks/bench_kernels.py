@@ -21,9 +21,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import quant  # noqa: E402
+from quant.imatrix_policy import KERNEL_REQUIRES_IMATRIX  # noqa: E402
 from tests import ggml_oracle  # noqa: E402
 
-ALL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
+ALL_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "TQ1_0",
+             "TQ2_0", "MXFP4", "F16", "BF16"]
+#: the search-heavy i-quants (`--types iq`); those ggml cannot run without an imatrix always get one
+IQ_TYPES = ["IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 
 
 def _best_pair(fa, fb, repeat: int) -> tuple[float, float]:
@@ -52,7 +56,7 @@ def ggml_threaded(x: np.ndarray, qtype: str, n_threads: int, imatrix=None) -> np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", default="4096x4096,11008x4096")
-    ap.add_argument("--types", default=",".join(ALL_TYPES))
+    ap.add_argument("--types", default=",".join(ALL_TYPES), help="comma list; `iq` stands for every i-quant")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", default="", help="comma list of thread counts (default: 1 and all cores)")
     ap.add_argument("--imatrix", action="store_true", help="also pass a random importance matrix")
@@ -67,15 +71,20 @@ def main() -> None:
         r, c = (int(v) for v in shp.lower().split("x"))
         x = rng.standard_normal((r, c), dtype=np.float32)
         imat = rng.random(c, dtype=np.float32) + 0.1 if args.imatrix else None
-        for t in args.types.split(","):
+        types = [u for v in args.types.split(",") for u in (IQ_TYPES if v.lower() == "iq" else [v])]
+        for t in types:
+            imat_t = imat
+            if imat_t is None and t in KERNEL_REQUIRES_IMATRIX:
+                imat_t = rng.random(c, dtype=np.float32) + 0.1
             for n_thr in ([int(v) for v in args.threads.split(",")] if args.threads else sorted({1, n_all})):
                 with quant.threads(n_thr):
-                    quant.quantize(x[:8], t, imatrix=imat)  # compile / warm up
-                    ours, ref = _best_pair(lambda: quant.quantize(x, t, imatrix=imat),
-                                           lambda: ggml_threaded(x, t, n_thr, imat), args.repeat)
+                    quant.quantize(x[:8], t, imatrix=imat_t)  # compile / warm up (and build i-quant tables)
+                    ggml_oracle.ggml_quantize(x[:1], t, imat_t)  # ggml_quantize_init
+                    ours, ref = _best_pair(lambda: quant.quantize(x, t, imatrix=imat_t),
+                                           lambda: ggml_threaded(x, t, n_thr, imat_t), args.repeat)
                 row = {"type": t, "shape": shp, "threads": n_thr, "ours_s": ours, "ggml_s": ref,
                        "ratio": ours / ref, "weights_per_s_ours": x.size / ours, "weights_per_s_ggml": x.size / ref,
-                       "imatrix": bool(args.imatrix)}
+                       "imatrix": imat_t is not None}
                 rows.append(row)
                 print(f"  {t:6} {shp:>11} {n_thr:>3} {ours:8.3f} {ref:8.3f} {ours / ref:6.2f} "
                       f"{x.size / ours / 1e6:10.1f} {x.size / ref / 1e6:10.1f}", flush=True)

@@ -8,7 +8,7 @@ import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 _BUFFER = 8 << 20  # big write buffer: tensor data goes out in large chunks
 #: Temp files are named .TARGET.<host8>-<pid>.<random>.tmp: the writer's host and PID, so a later write into the
@@ -113,6 +113,37 @@ def atomic_write(path: "str | os.PathLike[str]",
     _fsync_dir(folder)
 
 
+@contextlib.contextmanager
+def atomic_publish_many(paths: "Sequence[str | os.PathLike[str]]", *, first_last: bool = True) -> Iterator[list[Path]]:
+    """Yield one temp path per target (beside it, named like atomic_write's temps, so a dead writer's are removed
+    by the next write into the folder); the caller writes each completely (atomic_write/write_gguf fsync them).
+    On success the temps are renamed onto the targets, the first target last when `first_last` (for file sets that
+    are opened through their first file: it appears only once all others are in place). On any failure every temp
+    and every target already renamed in this call are removed, and earlier files at the targets are lost only
+    for targets already renamed."""
+    targets = [Path(p) for p in paths]
+    temps = []
+    for t in targets:
+        folder = t.parent if str(t.parent) else Path(".")
+        temps.append(folder / f".{t.name}.{_host_tag()}-{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    renamed: list[Path] = []
+    try:
+        yield list(temps)
+        order = list(range(len(targets)))
+        if first_last:
+            order = order[1:] + order[:1]
+        for i in order:
+            os.replace(temps[i], targets[i])
+            renamed.append(targets[i])
+    except BaseException:
+        for p in temps + renamed:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        raise
+    for folder in {t.parent if str(t.parent) else Path(".") for t in targets}:
+        _fsync_dir(folder)
+
+
 def atomic_write_bytes(path: "str | os.PathLike[str]", data: bytes) -> None:
     """Atomically replace `path` with `data`."""
     with atomic_write(path) as f:
@@ -124,4 +155,4 @@ def atomic_write_text(path: "str | os.PathLike[str]", text: str, encoding: str =
     atomic_write_bytes(path, text.encode(encoding))
 
 
-__all__ = ["clean_stale_temps", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["clean_stale_temps", "atomic_write", "atomic_publish_many", "atomic_write_bytes", "atomic_write_text"]

@@ -28,3 +28,12 @@ class CheckpointError(QuantGateError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that would need to execute code to load: refused, never executed."""
+
+
+class ImatrixRequiredError(CheckpointError):
+    """A tensor type that ggml/llama-quantize only produce with an importance matrix, requested without one (or
+    with an imatrix that lacks the tensor)."""
+
+
+class QuantizationError(QuantGateError, ValueError):
+    """An input ggml's quantizer for the requested type cannot handle (ggml itself would abort on it)."""

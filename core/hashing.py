@@ -77,6 +77,18 @@ def file_sha256(path: "str | os.PathLike[str]") -> str:
     return digest
 
 
+def remember_file_sha256(path: "str | os.PathLike[str]", digest: str) -> None:
+    """Record the SHA-256 of a file this process has just written (and hashed while writing) in file_sha256's
+    cache, so the next step that needs its identity (quantize from a convert output, validate) does not read the
+    whole file again. Keyed like file_sha256: a later change of the file (size or mtime) misses the entry."""
+    p = Path(path).resolve()
+    st = p.stat()
+    cache_file = cache_dir() / _CACHE_NAME
+    cache = load_json_cache(cache_file)
+    cache[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    store_json_cache(cache_file, cache)
+
+
 def checkpoint_sha256(files: Iterable["str | os.PathLike[str]"]) -> str:
     """Identity of a multi-file checkpoint. Rule: for one file, that file's SHA-256; for several, the SHA-256 of
     the UTF-8 text made of one line "relname\\0filehash\\n" per file, sorted by relname, where relname is the
@@ -87,8 +99,13 @@ def checkpoint_sha256(files: Iterable["str | os.PathLike[str]"]) -> str:
     if len(paths) == 1:
         return file_sha256(paths[0])
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    lines = sorted((p.relative_to(root).as_posix(), file_sha256(p)) for p in paths)
+    return combined_sha256({p.relative_to(root).as_posix(): file_sha256(p) for p in paths})
+
+
+def combined_sha256(digests: "dict[str, str]") -> str:
+    """checkpoint_sha256's rule for several files, from their digests: SHA-256 of one "relname\0filehash\n" line
+    per file, sorted by relname (lets a writer name the set it just hashed without reading it back)."""
     h = hashlib.sha256()
-    for rel, digest in lines:
+    for rel, digest in sorted(digests.items()):
         h.update(f"{rel}\0{digest}\n".encode("utf-8"))
     return h.hexdigest()

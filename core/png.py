@@ -19,6 +19,17 @@ def pyplot() -> Any:
     return plt
 
 
+def legend_outside(ax: Any, fontsize: int = 7, max_rows: int = 14) -> Any:
+    """The axes' legend to the right of the plot area, never over the data (one column per `max_rows` entries);
+    save with tight=True (the default) so the PNG widens to hold it. Returns the legend (None without labels)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    ncol = max(1, -(-len(handles) // max_rows))
+    return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                     fontsize=fontsize, ncol=ncol, frameon=False)
+
+
 def png_bytes(fig: Any, dpi: int = 100, tight: bool = True) -> bytes:
     """The figure as PNG bytes without the matplotlib version stamp (same figure -> same bytes); closes it."""
     buf = io.BytesIO()

@@ -113,6 +113,12 @@ class QuantizeRequest:
     file_type_mix: str | None = None
     #: precision AUTO: how the types were chosen (policy, budget, profile SHA-256), canonical JSON
     policy: str | None = None
+    #: write a llama.cpp split GGUF (quant.gguf_split): at most this many tensor-data bytes, or tensors, per part
+    split_max_bytes: int | None = None
+    split_max_tensors: int | None = None
+    #: where the source came from when it is not a plain path (HF cache id, models:/ version, DVC revision):
+    #: canonical JSON with at least `kind` and `ref` (quantgate.inputs.ModelInput.lineage_json); not in the job key
+    source_lineage: str | None = None
 
 
 @dataclass
@@ -132,13 +138,24 @@ class QuantizedArtifact:
     tensor_bytes: dict[str, int]
     n_params: int
     bits_per_weight: float
-    seconds: float
+    seconds: float | None = None   # None in a content record (content_dict): how long it took is not what it is
     timings: dict[str, float] = field(default_factory=dict)
+    #: a split GGUF: [{path, sha256, nbytes}] per part, in order (path is the first part's, sha256 the set's
+    #: core.hashing.checkpoint_sha256, nbytes the total); empty for a single file
+    parts: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what `quantize --json`, artifact.json and Celery results carry)."""
         return asdict(self)
+
+    def content_dict(self) -> dict[str, Any]:
+        """to_dict without the durations (seconds, timings): the same file gives the same record on every run, so
+        a DVC-tracked artifact.json hashes the same on every machine."""
+        d = self.to_dict()
+        d.pop("seconds")
+        d.pop("timings")
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantizedArtifact":

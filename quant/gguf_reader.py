@@ -150,6 +150,17 @@ class GGUFFile:
             raise GGUFFormatError(f"{self.path}: data of tensor {t.name!r} lies beyond the end of the file")
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
+    def release(self, t: "TensorInfo | None" = None) -> None:
+        """Drop this process's mapped pages of tensor `t` (None: of the whole file) once its data has been copied
+        out (madvise MADV_DONTNEED): the pages stay in the page cache and a later read faults them back in, but
+        they stop counting as resident, so reading a whole model tensor by tensor keeps RSS at about one tensor."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, stop = (0, self.file_size) if t is None else (t.offset, min(t.offset + t.nbytes, self.file_size))
+        start -= start % mmap.PAGESIZE  # madvise wants a page-aligned start; the page it shares is re-faulted if read
+        if stop > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def region(self, start: int, stop: int) -> np.ndarray:
         """Bytes [start, stop) of the file, clipped to its end, as a read-only uint8 view."""
         if self._mm is None:

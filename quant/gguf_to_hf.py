@@ -1,6 +1,7 @@
 """The inverse of quant/model_plan.py for llama-family GGUFs: KVs -> a transformers config dict, tensors -> an HF
-state dict (GGUF names mapped back through gguf.TensorNameMap, the Q/K RoPE permutation undone, quantized data
-dequantized with quant.dequantize one tensor at a time).
+state dict (GGUF names mapped back through gguf.TensorNameMap, the Q/K RoPE permutation undone, stacked MoE
+experts un-stacked back to one 2-D weight per expert as HF checkpoints store them, quantized data dequantized with
+quant.dequantize one tensor at a time).
 
 This lets a quantized GGUF run in transformers so its quality can be compared with the original checkpoint.
 """
@@ -18,10 +19,25 @@ from core.errors import CheckpointError
 from quant.api import dequantize
 from quant.gguf_reader import GGUFFile, TensorInfo, read_gguf
 
-#: GGUF architecture -> (HF architecture class name, HF model_type, attention bias by default, Q/K permuted)
+#: GGUF architecture -> (HF architecture class name, HF model_type, attention bias by default, Q/K permuted);
+#: a llama GGUF with experts is Mixtral (_MIXTRAL)
 _ARCHS: dict[str, tuple[str, str, bool, bool]] = {
     "llama": ("LlamaForCausalLM", "llama", False, True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", True, False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False, False),
+    "phi3": ("Phi3ForCausalLM", "phi3", False, False),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False, False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False, False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", True, False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False, False),
+}
+_MIXTRAL = ("MixtralForCausalLM", "mixtral", False, True)
+#: stacked expert tensor (GGUF suffix) -> HF per-expert weight, for Mixtral and for the Qwen MoE families
+_EXPERT_NAMES = {
+    "mixtral": {"ffn_gate_exps": "block_sparse_moe.experts.{x}.w1", "ffn_down_exps": "block_sparse_moe.experts.{x}.w2",
+                "ffn_up_exps": "block_sparse_moe.experts.{x}.w3"},
+    "qwen": {"ffn_gate_exps": "mlp.experts.{x}.gate_proj", "ffn_down_exps": "mlp.experts.{x}.down_proj",
+             "ffn_up_exps": "mlp.experts.{x}.up_proj"},
 }
 _LAYER_TEMPLATES = (
     "model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.bias",
@@ -31,6 +47,12 @@ _LAYER_TEMPLATES = (
     "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight",
     "model.layers.{i}.mlp.down_proj.weight",
     "model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight", "model.layers.{i}.post_feedforward_layernorm.weight",
+    "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight",
+    "model.layers.{i}.self_attn.q_norm.weight", "model.layers.{i}.self_attn.k_norm.weight",
+    "model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight",
+    "model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "model.layers.{i}.mlp.shared_expert.down_proj.weight", "model.layers.{i}.mlp.shared_expert_gate.weight",
 )
 _GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
@@ -39,8 +61,10 @@ _GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weig
 class HFTensorMap:
     """How each GGUF tensor becomes an HF tensor: the HF name and which Q/K un-permutation (if any) applies."""
 
-    hf_name: dict[str, str]            # GGUF name -> HF name
+    hf_name: dict[str, str]            # GGUF name -> HF name (for stacked experts: a template with {x})
     unpermute_heads: dict[str, int]    # GGUF name -> head count for the inverse RoPE permutation (Q/K only)
+    experts: frozenset[str] = frozenset()  # GGUF names of stacked (n_expert, rows, cols) expert tensors
+    norm_minus_one: bool = False           # Gemma: norms are stored as 1 + w
 
 
 def unpermute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -67,10 +91,16 @@ def _arch(g: GGUFFile) -> str:
     return str(arch)
 
 
+def _hf_arch(g: GGUFFile, arch: str) -> tuple[str, str, bool, bool]:
+    if arch == "llama" and int(_kv(g, "llama.expert_count", 0) or 0) > 0:
+        return _MIXTRAL
+    return _ARCHS[arch]
+
+
 def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     """A transformers config dict (LlamaConfig / Qwen2Config keys) rebuilt from the GGUF's hyperparameter KVs."""
     arch = _arch(g)
-    cls_name, model_type, default_bias, _ = _ARCHS[arch]
+    cls_name, model_type, default_bias, _ = _hf_arch(g, arch)
     names = {t.name for t in g.tensors}
 
     def need(suffix: str) -> Any:
@@ -113,27 +143,75 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
                                                                          "eos_token_id")):
         if (v := g.value(key)) is not None:
             cfg[hf_key] = int(v)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
         cfg["use_sliding_window"] = False
+    if model_type in ("qwen3", "qwen3_moe"):
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+    if model_type == "phi3":
+        rope_dim = int(_kv(g, "phi3.rope.dimension_count", n_embd // n_head))
+        rope["partial_rotary_factor"] = rope_dim * n_head / n_embd
+        cfg.update(original_max_position_embeddings=int(need("rope.scaling.original_context_length")),
+                   sliding_window=int(_kv(g, "phi3.attention.sliding_window", 0) or 0) or None,
+                   pad_token_id=g.value("tokenizer.ggml.padding_token_id"))
+    if model_type == "gemma2":  # llama.cpp scales queries by 1/sqrt(head_dim) (the 2B/9B setting)
+        cfg.update(query_pre_attn_scalar=cfg["head_dim"], hidden_activation="gelu_pytorch_tanh",
+                   attn_logit_softcapping=float(need("attn_logit_softcapping")),
+                   final_logit_softcapping=float(need("final_logit_softcapping")),
+                   sliding_window=int(need("attention.sliding_window")), tie_word_embeddings=True)
+    if model_type == "gemma3_text":  # llama.cpp: every 6th layer global (swa pattern 6), the rest sliding
+        n_layer = cfg["num_hidden_layers"]
+        local = float(_kv(g, "gemma3.rope.freq_base_swa", 10000.0))
+        cfg.update(query_pre_attn_scalar=cfg["head_dim"], hidden_activation="gelu_pytorch_tanh",
+                   sliding_window=int(need("attention.sliding_window")), tie_word_embeddings=True,
+                   final_logit_softcapping=(float(v) if (v := _kv(g, "gemma3.final_logit_softcapping")) else None),
+                   layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)],
+                   rope_parameters={"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                                  "rope_theta": local}})
+    if model_type == "mixtral":
+        cfg.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                   sliding_window=None)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        # llama.cpp's qwen2moe graph uses the raw softmax weights of the top-k experts, its qwen3moe graph
+        # renormalizes them: the config says what the GGUF computes
+        cfg.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                   moe_intermediate_size=int(need("expert_feed_forward_length")), decoder_sparse_step=1,
+                   mlp_only_layers=[], norm_topk_prob=model_type == "qwen3_moe")
+        if model_type == "qwen2_moe":
+            cfg.update(shared_expert_intermediate_size=int(need("expert_shared_feed_forward_length")),
+                       qkv_bias="blk.0.attn_q.bias" in names)
     return cfg
 
 
 def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
     """Map every GGUF tensor to its HF name (the exact inverse of model_plan's TensorNameMap lookup)."""
     arch = _arch(g)
-    _, _, _, permuted = _ARCHS[arch]
+    _, model_type, _, permuted = _hf_arch(g, arch)
     n_layer = int(config["num_hidden_layers"])
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
-    candidates = list(_GLOBAL_NAMES) + [t.format(i=i) for i in range(n_layer) for t in _LAYER_TEMPLATES]
+    # the router is block_sparse_moe.gate in Mixtral checkpoints, mlp.gate in the Qwen MoE ones
+    templates = [t for t in _LAYER_TEMPLATES if ("block_sparse_moe" in t) == (model_type == "mixtral")
+                 or not t.endswith(("moe.gate.weight", "mlp.gate.weight"))]
+    if model_type == "phi3":  # attn_qkv / ffn_up are Phi-3's fused qkv_proj / gate_up_proj
+        templates.sort(key=lambda t: not t.endswith(("qkv_proj.weight", "gate_up_proj.weight")))
+    candidates = list(_GLOBAL_NAMES) + [t.format(i=i) for i in range(n_layer) for t in templates]
     inverse: dict[str, str] = {}
     for hf in candidates:
         gg = name_map.get_name(key=hf, try_suffixes=(".weight", ".bias"))
         if gg is not None:
             inverse.setdefault(gg, hf)
+    experts: set[str] = set()
+    family = "mixtral" if model_type == "mixtral" else "qwen"
+    for i in range(n_layer):
+        for suffix, hf in _EXPERT_NAMES[family].items():
+            inverse[f"blk.{i}.{suffix}.weight"] = f"model.layers.{i}.{hf}.weight"
+            experts.add(f"blk.{i}.{suffix}.weight")
     heads: dict[str, int] = {}
     hf_name: dict[str, str] = {}
     n_head, n_head_kv = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
     for t in g.tensors:
+        if t.name in experts and len(t.shape) != 3:
+            raise CheckpointError(f"{g.path}: expert tensor {t.name!r} has shape {list(t.shape)}; expected "
+                                  "(n_expert, rows, cols)")
         if t.name not in inverse:
             raise CheckpointError(f"{g.path}: tensor {t.name!r} has no transformers counterpart for {arch!r}")
         hf = inverse[t.name]
@@ -142,7 +220,8 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
             heads[t.name] = n_head
         elif permuted and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads[t.name] = n_head_kv
-    return HFTensorMap(hf_name, heads)
+    return HFTensorMap(hf_name, heads, frozenset(n for n in hf_name if n in experts),
+                       model_type in ("gemma2", "gemma3_text"))
 
 
 def read_tensor_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
@@ -153,13 +232,23 @@ def read_tensor_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
 
 
 def iter_hf_tensors(g: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, float32 array) for each GGUF tensor, one at a time (bounded memory), Q/K un-permuted."""
+    """Yield (HF name, float32 array) for each GGUF tensor, one at a time (bounded memory), Q/K un-permuted; a
+    stacked expert tensor yields one (rows, cols) weight per expert, under the names HF checkpoints use."""
     tmap = hf_tensor_map(g, config)
     for t in g.tensors:
         arr = read_tensor_f32(g, t)
         if t.name in tmap.unpermute_heads:
             arr = unpermute_qk(arr, tmap.unpermute_heads[t.name], tmap.unpermute_heads[t.name])
-        yield tmap.hf_name[t.name], arr
+        name = tmap.hf_name[t.name]
+        if t.name in tmap.experts:
+            for x in range(arr.shape[0]):
+                yield name.format(x=x), arr[x]
+        elif name.endswith("shared_expert_gate.weight"):
+            yield name, arr.reshape(1, -1)  # (1, n_embd): llama-quantize writes it 1-D (ggml_n_dims)
+        elif tmap.norm_minus_one and name.endswith("norm.weight"):
+            yield name, arr - np.float32(1)  # Gemma stores 1 + w (the converter's norm shift)
+        else:
+            yield name, arr
 
 
 def gguf_to_hf(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 from gguf.constants import GGUFValueType
@@ -48,6 +50,9 @@ class TensorSpec:
     shape: tuple[int, ...]
     qtype: str
     produce: Callable[[], np.ndarray]   # returns exactly the tensor's bytes as uint8
+    # dimensions written: None = ggml_n_dims (trailing 1s dropped, as ggml / llama-quantize write); convert passes
+    # len(shape), as gguf-py's GGUFWriter (convert_hf_to_gguf.py) writes a (1, n) tensor as 2-D
+    n_dims: int | None = None
 
 
 @dataclass
@@ -58,6 +63,7 @@ class WriteResult:
     sha256: str
     nbytes: int
     tensor_offsets: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)  # produce / hash / write: where the time went
 
 
 def _str_bytes(s: Any, what: str) -> bytes:
@@ -209,6 +215,10 @@ def _tensor_info(spec: TensorSpec, rel_offset: int) -> tuple[bytes, int]:
     if n_el >= 2**63:
         raise GGUFFormatError(f"tensor {spec.name!r}: shape {shape} has too many elements")
     n_dims = next((i + 1 for i in range(GGML_MAX_DIMS - 1, 0, -1) if ne[i] > 1), 1)
+    if spec.n_dims is not None:
+        if not n_dims <= spec.n_dims <= GGML_MAX_DIMS:
+            raise GGUFFormatError(f"tensor {spec.name!r}: cannot write shape {shape} with {spec.n_dims} dimensions")
+        n_dims = spec.n_dims
     rec = (
         struct.pack("<Q", len(name_b)) + name_b + struct.pack("<I", n_dims)
         + struct.pack(f"<{n_dims}q", *ne[:n_dims]) + struct.pack("<iQ", t.id, rel_offset)
@@ -258,6 +268,16 @@ def _tensor_bytes(spec: TensorSpec, expected: int) -> memoryview:
     return memoryview(np.ascontiguousarray(data).reshape(-1))
 
 
+def _drop_written(f, upto: int) -> None:
+    """Start writeback of the bytes written so far and drop those already clean from the page cache
+    (POSIX_FADV_DONTNEED: Linux writes dirty pages back asynchronously and evicts the clean ones): dirty pages and
+    the output's cache stay at about one tensor instead of growing with the file (a 16 GB model would otherwise
+    leave GBs of dirty pages on a shared machine until the final fsync)."""
+    if hasattr(os, "posix_fadvise"):
+        f.flush()
+        os.posix_fadvise(f.fileno(), 0, upto, os.POSIX_FADV_DONTNEED)
+
+
 def write_gguf(
     path: "str | os.PathLike[str]",
     *,
@@ -279,25 +299,49 @@ def write_gguf(
     target = Path(path)
     h = hashlib.sha256(meta)
     pos = len(meta)
+    seconds = {"produce": 0.0, "hash": 0.0, "write": 0.0}
 
     def result() -> WriteResult:
-        return WriteResult(target, h.hexdigest(), pos, {s.name: len(meta) + o for s, o in zip(tensors, offsets)})
+        return WriteResult(target, h.hexdigest(), pos, {s.name: len(meta) + o for s, o in zip(tensors, offsets)},
+                           dict(seconds))
+
+    def emit(f: BinaryIO, buf: memoryview, pad: bytes, end: int) -> None:
+        t1 = time.perf_counter()
+        h.update(buf)  # hashlib and file writes release the GIL: this overlaps the next tensor's production
+        h.update(pad)
+        t2 = time.perf_counter()
+        f.write(buf)
+        f.write(pad)
+        _drop_written(f, end)
+        seconds["hash"] += t2 - t1
+        seconds["write"] += time.perf_counter() - t2
 
     hook = None if before_publish is None else (lambda _tmp: before_publish(result()))
-    with atomic_write(target, before_replace=hook) as f:
+    # One writer thread hashes and writes tensor i while tensor i + 1 is produced (read, converted, quantized);
+    # at most one tensor's bytes wait, and tensors reach the file in order.
+    with atomic_write(target, before_replace=hook) as f, ThreadPoolExecutor(1, "gguf-writer") as writer:
         f.write(meta)
-        pos = len(meta)
-        for i, (spec, size) in enumerate(zip(tensors, sizes)):
-            buf = _tensor_bytes(spec, size)
-            h.update(buf)
-            f.write(buf)
-            del buf
-            pad = bytes(gguf_pad(size, alignment) - size)
-            h.update(pad)
-            f.write(pad)
-            pos += size + len(pad)
-            if on_tensor is not None:
-                on_tensor(i + 1, len(tensors), spec.name)
+        pending: Future | None = None
+        try:
+            for i, (spec, size) in enumerate(zip(tensors, sizes)):
+                t0 = time.perf_counter()
+                buf = _tensor_bytes(spec, size)
+                seconds["produce"] += time.perf_counter() - t0
+                pad = bytes(gguf_pad(size, alignment) - size)
+                if pending is not None:
+                    pending.result()
+                    if on_tensor is not None:
+                        on_tensor(i, len(tensors), tensors[i - 1].name)
+                pos += size + len(pad)
+                pending = writer.submit(emit, f, buf, pad, pos)
+                del buf
+            if pending is not None:
+                pending.result()
+                if on_tensor is not None:
+                    on_tensor(len(tensors), len(tensors), tensors[-1].name)
+        finally:
+            if pending is not None:
+                wait([pending])  # never leave the with-block (close, unlink) while a write is in flight
     return result()
 
 

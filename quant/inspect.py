@@ -12,7 +12,7 @@ import numpy as np
 from gguf.constants import GGUFValueType
 
 from quant.gguf_kv import KV
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf_parts
 
 MAX_ARRAY_SHOWN = 16        # longer arrays are summarized as "[N type]"
 MAX_STRING_RENDERED = 120   # render() shortens longer strings (to_json keeps them whole)
@@ -71,6 +71,9 @@ class InspectReport:
                         f"{t.bytes:,}", f"{t.bits_per_weight:.2f}")
         console.print(tab)
         tot = self.totals
+        if tot.get("parts"):
+            console.print(f"split GGUF: {len(tot['parts'])} parts: "
+                          + ", ".join(_printable(Path(q["path"]).name) for q in tot["parts"]))
         per_type = ", ".join(f"{k}: {v}" for k, v in tot["tensors_per_type"].items())
         console.print(
             f"{tot['tensors']} tensors, {tot['parameters']:,} parameters, {tot['bytes']:,} bytes, "
@@ -109,28 +112,36 @@ def summarize_value(kv: KV) -> Any:
 
 
 def inspect_gguf(path: "str | os.PathLike[str]") -> InspectReport:
-    """Read a GGUF file's metadata and tensor infos (not its data) into an InspectReport."""
-    with read_gguf(path) as g:
+    """Read a GGUF file's metadata and tensor infos (not its data) into an InspectReport; for any part of a split
+    GGUF, the whole set (metadata from the first part, every part's tensors, sizes summed, totals["parts"])."""
+    parts = open_gguf_parts(path)
+    try:
+        g = parts[0]
         rows = [
             TensorRow(t.name, t.qtype, list(t.shape), t.n_elements, t.nbytes,
                       8.0 * t.nbytes / t.n_elements if t.n_elements else 0.0)
-            for t in g.tensors
+            for part in parts for t in part.tensors
         ]
         params = sum(r.n_elements for r in rows)
         nbytes = sum(r.bytes for r in rows)
-        totals = {
+        totals: dict[str, Any] = {
             "tensors": len(rows),
             "parameters": params,
             "bytes": nbytes,
             "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
             "tensors_per_type": dict(Counter(r.type for r in rows).most_common()),
         }
+        if len(parts) > 1:
+            totals["parts"] = [{"path": str(q.path), "bytes": q.file_size, "tensors": len(q.tensors)} for q in parts]
         return InspectReport(
-            str(Path(path)), g.version, g.alignment, g.file_size,
+            str(g.path if len(parts) > 1 else Path(path)), g.version, g.alignment, sum(q.file_size for q in parts),
             {kv.key: summarize_value(kv) for kv in g.kv},
             {kv.key: _type_name(kv) for kv in g.kv},
             rows, totals,
         )
+    finally:
+        for q in parts:
+            q.close()
 
 
 __all__ = ["InspectReport", "TensorRow", "inspect_gguf", "summarize_value"]

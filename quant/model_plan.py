@@ -6,10 +6,13 @@ the converter adds them, followed by the tokenizer KVs (quant.tokenizer_gguf) so
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import gguf
 import numpy as np
@@ -18,7 +21,7 @@ from gguf.constants import GGUFValueType
 from core.errors import CheckpointError
 from quant.gguf_kv import KV
 from quant.loaders.base import Checkpoint, SourceTensor
-from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, tokenizer_kvs
+from quant.tokenizer_gguf import TokenizerExport, kv_from_writer, sentencepiece_vocab, tokenizer_kvs
 
 GENERIC_ARCH = "quantgate-generic"
 MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
@@ -74,22 +77,74 @@ class ModelPlan:
 
 
 @dataclass(frozen=True)
+class _Experts:
+    """How a converter class stacks per-expert 2-D weights into one 3-D tensor per projection and block: the HF
+    name of one expert's weight (regex groups: block, expert, projection), the projections in the order the
+    converter emits them, and the HF name of the stacked tensor it maps through TensorNameMap."""
+
+    pattern: re.Pattern[str]
+    trigger: str           # the substring that routes a tensor to the expert buffer (the converter's test)
+    projections: tuple[str, ...]
+    merged: str            # format string with {bid} and {w}
+
+
+_MIXTRAL_EXPERTS = _Experts(
+    re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"),
+    "block_sparse_moe.experts", ("w1", "w2", "w3"), "layers.{bid}.feed_forward.experts.{w}.weight")
+_QWEN_EXPERTS = _Experts(
+    re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight$"),
+    "experts", ("down_proj", "gate_proj", "up_proj"), "model.layers.{bid}.mlp.experts.{w}.weight")
+
+
+@dataclass(frozen=True)
 class _HFArch:
     gguf_arch: gguf.MODEL_ARCH
     permute_qk: bool
     llama_extras: bool  # vocab_size + rope_dimension_count KVs and llama3 rope_freqs (LlamaModel only)
     defaults: dict[str, Any]
+    experts: _Experts | None = None
+    moe_ff_kvs: bool = False  # Qwen2MoeModel: expert (shared) feed-forward lengths after the generic KVs
+    fill_head_dim: bool = False  # LlamaConfig / MistralConfig set head_dim = hidden // heads when it is absent
+    params: str = "text"  # which set_gguf_parameters: TextModel's, Phi3MiniModel's ("phi3"), Gemma2Model's
+    norm_plus_one: bool = False  # Gemma: every *norm.weight is stored as 1 + w (HF's RMSNorm multiplies by 1 + w)
+    skip_lm_head: bool = False   # Gemma: lm_head.weight is dropped (the embeddings are always tied)
+    trim_embeddings: bool = False  # Gemma 3: token_embd rows beyond the tokenizer's vocabulary are dropped
 
 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+_QWEN_DEFAULTS = {"vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 _HF_ARCHS: dict[str, _HFArch] = {
-    "LlamaForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS),
-    "LLaMAForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS),
+    "LlamaForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS, fill_head_dim=True),
+    "LLaMAForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True, _LLAMA_DEFAULTS, fill_head_dim=True),
     "MistralForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True,
-                                  {**_LLAMA_DEFAULTS, "max_position_embeddings": 4096 * 32}),
-    "Qwen2ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN2, False, False,
-                                {"vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                                 "rope_theta": 10000.0}),
+                                  {**_LLAMA_DEFAULTS, "max_position_embeddings": 4096 * 32}, fill_head_dim=True),
+    "MixtralForCausalLM": _HFArch(gguf.MODEL_ARCH.LLAMA, True, True,
+                                  {**_LLAMA_DEFAULTS, "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5,
+                                   "rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2},
+                                  experts=_MIXTRAL_EXPERTS),
+    "Qwen2ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN2, False, False, _QWEN_DEFAULTS),
+    "Qwen2MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN2MOE, False, False,
+                                   {**_QWEN_DEFAULTS, "num_experts": 60, "num_experts_per_tok": 4,
+                                    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+                                   experts=_QWEN_EXPERTS, moe_ff_kvs=True),
+    "Phi3ForCausalLM": _HFArch(gguf.MODEL_ARCH.PHI3, False, False,
+                               {"vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                                "rope_theta": 10000.0, "original_max_position_embeddings": 4096},
+                               params="phi3"),
+    "Gemma2ForCausalLM": _HFArch(gguf.MODEL_ARCH.GEMMA2, False, False,
+                                 {"vocab_size": 256000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+                                  "rope_theta": 10000.0, "head_dim": 256, "attn_logit_softcapping": 50.0,
+                                  "final_logit_softcapping": 30.0, "sliding_window": 4096},
+                                 params="gemma2", norm_plus_one=True, skip_lm_head=True),
+    "Gemma3ForCausalLM": _HFArch(gguf.MODEL_ARCH.GEMMA3, False, False,
+                                 {"vocab_size": 262208, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                                  "head_dim": 256, "sliding_window": 4096},
+                                 params="gemma3", norm_plus_one=True, trim_embeddings=True),
+    "Qwen3ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3, False, False, _QWEN_DEFAULTS),
+    "Qwen3MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3MOE, False, False,
+                                   {**_QWEN_DEFAULTS, "num_local_experts": 128, "num_experts_per_tok": 8,
+                                    "moe_intermediate_size": 768},
+                                   experts=_QWEN_EXPERTS, moe_ff_kvs=True),
 }
 
 
@@ -316,8 +371,18 @@ def _rope_parameters(cfg: dict) -> dict:
                              "rotary_emb_base"))
         if "rope_theta" not in rope and theta is not None:
             rope["rope_theta"] = theta
+        local = _first(cfg, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                             "rope_local_base_freq"))
+        if local is not None:
+            rope["sliding_attention"] = {"rope_theta": local}
         if "rope_type" not in rope and rope.get("type") is not None:
             rope["rope_type"] = rope["type"]
+        partial = _first(cfg, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+        if "partial_rotary_factor" not in rope and partial is not None:
+            rope["partial_rotary_factor"] = partial
+        orig = cfg.get("original_max_position_embeddings")
+        if "original_max_position_embeddings" not in rope and orig is not None:
+            rope["original_max_position_embeddings"] = orig
     return rope
 
 
@@ -350,18 +415,209 @@ def _llama3_rope_freqs(cfg: dict, rope: dict) -> SourceTensor | None:
     return SourceTensor("rope_freqs.weight", (dim // 2,), "F32", read)
 
 
-def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: int) -> tuple[list[KV], int]:
+def _parameter_counts(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
+    """GGUFWriter.get_total_parameter_count: (total, shared, per-expert, expert count) of the output tensors, which
+    the converter's general.size_label ("8x22M") and metadata derive from."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = int(np.prod(t.shape, dtype=np.int64))
+        if "_exps." in t.name and len(t.shape) >= 3:
+            count = t.shape[-2 if ".bias" in t.name else -3]
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_expert_tensors) if n_expert_tensors else 0
+
+
+def _stacked(name: str, parts: list[SourceTensor]) -> SourceTensor:
+    """One (n_expert, rows, cols) source made of the experts' 2-D weights, read one projection at a time, as the
+    converter's torch.stack(datas, dim=0)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.shape != first.shape or p.dtype != first.dtype:
+            raise CheckpointError(f"expert tensors {first.name!r} {list(first.shape)} {first.dtype} and {p.name!r} "
+                                  f"{list(p.shape)} {p.dtype} cannot be stacked (shapes and types must agree)")
+    return SourceTensor(name, (len(parts), *first.shape), first.dtype,
+                        lambda: np.stack([p.read() for p in parts], axis=0))
+
+
+def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
+                       ) -> Iterator[tuple[str, SourceTensor, Callable[[np.ndarray], np.ndarray] | None]]:
+    """(HF name to map, source, transform) in the order the converter's modify_tensors yields them: skipped
+    suffixes dropped, Q/K permuted (LlamaModel), per-expert weights buffered per block and stacked into one 3-D
+    tensor per projection once all of that block's experts are seen (emitted where the last one is)."""
+    n_head, n_head_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    ex = spec.experts
+    n_experts = int(_first(cfg, _N_EXPERT_KEYS) or 0) if ex else 0
+    buffers: dict[int, dict[tuple[int, str], SourceTensor]] = {}
+    for t in ckpt.tensors:
+        name = t.name.replace("language_model.", "")
+        if name.endswith(_SKIP_SUFFIXES) or (spec.skip_lm_head and t.name == "lm_head.weight"):
+            continue
+        if ex is not None and ex.trigger in name:
+            m = ex.pattern.match(name)
+            if m is None or not n_experts or int(m.group(2)) >= n_experts:
+                raise CheckpointError(f"{ckpt.path}: expert tensor {t.name!r} is not one of "
+                                      f"{n_experts} experts' {'/'.join(ex.projections)} weights")
+            bid, buf = int(m.group(1)), buffers.setdefault(int(m.group(1)), {})
+            buf[(int(m.group(2)), m.group(3))] = t
+            if len(buf) >= n_experts * len(ex.projections):
+                for w in ex.projections:
+                    merged = ex.merged.format(bid=bid, w=w)
+                    yield merged, _stacked(merged, [buf.pop((x, w)) for x in range(n_experts)]), None
+                del buffers[bid]
+            continue
+        transform = None
+        if spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            transform = lambda a, h=n_head: permute_qk(a, h, h)  # noqa: E731
+        elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
+        elif spec.norm_plus_one and name.endswith("norm.weight"):
+            transform = _norm_plus_one(t.dtype)
+        if spec.trim_embeddings and "embed_tokens.weight" in name and len(t.shape) == 2:
+            model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+            rows = min(t.shape[0], _vocab_rows(model_dir, cfg.get("vocab_size")))
+            if rows < t.shape[0]:
+                t = SourceTensor(t.name, (rows, t.shape[1]), t.dtype, lambda t=t, r=rows: t.read()[:r])
+        yield name, t, transform
+    if buffers:
+        left = [t.name for buf in buffers.values() for t in buf.values()]
+        raise CheckpointError(f"{ckpt.path}: incomplete experts ({len(left)} expert tensors of a block left "
+                              f"unstacked, first: {left[0]!r}); every block needs all {n_experts} experts")
+
+
+def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
+            counts: tuple[int, int, int, int]) -> tuple[list[KV], int]:
     arch_name = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
     w = gguf.GGUFWriter(path=None, arch=arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    meta = gguf.Metadata.load(None, model_dir, None, n_params)
+    total, shared, expert, expert_count = counts
+    meta = gguf.Metadata.load(None, model_dir, None, total)
     if meta.name is None:
         meta.name = model_dir.name
-    if meta.size_label is None and n_params > 0:
-        meta.size_label = gguf.size_label(n_params, n_params, 0, 0)
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, expert_count)
     meta.set_gguf_meta_model(w)
-    # TextModel.set_gguf_parameters
+    file_type_index = {"phi3": _phi3_params, "gemma2": _gemma2_params, "gemma3": _gemma3_params}.get(
+        spec.params, _text_params)(
+        ckpt, w, cfg, rope)
+    if spec.llama_extras:
+        w.add_vocab_size(cfg["vocab_size"])
+        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    if spec.moe_ff_kvs:
+        if (n_ff_exp := cfg.get("moe_intermediate_size")) is not None:
+            w.add_expert_feed_forward_length(n_ff_exp)
+        if (n_ff_shexp := cfg.get("shared_expert_intermediate_size")) is not None:
+            w.add_expert_shared_feed_forward_length(n_ff_shexp)
+    kvs = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
+    return kvs, file_type_index
+
+
+def _phi3_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """Phi3MiniModel.set_gguf_parameters (its own KV order); returns where general.file_type goes. LongRoPE
+    checkpoints (128k, rope long/short factor tensors) are refused."""
+    if rope.get("long_factor") or rope.get("short_factor"):
+        raise CheckpointError(f"{ckpt.path}: Phi-3 LongRoPE (rope long_factor/short_factor) is not supported; "
+                              "convert this model with llama.cpp's convert_hf_to_gguf.py")
+    if rope.get("original_max_position_embeddings") is None:
+        raise CheckpointError(f"{ckpt.path}: config.json lacks original_max_position_embeddings (Phi-3)")
+    n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+    w.add_context_length(_first(cfg, ("n_positions", "max_position_embeddings")))
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head)
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    file_type_index = len(w.kv_data[0])
+    w.add_sliding_window(cfg.get("sliding_window") or 0)  # 0 tells Phi-3 from Phi-4 (no sliding window)
+    return file_type_index
+
+
+def _gemma2_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """Gemma2Model.set_gguf_parameters (its own KV order, soft-capping and sliding window); returns where
+    general.file_type goes."""
+    for k in ("intermediate_size", "head_dim", "sliding_window"):
+        if cfg.get(k) is None:
+            raise CheckpointError(f"{ckpt.path}: config.json lacks {k!r} (Gemma 2)")
+    for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = cfg.get(k)
+        if not (_is_number(v) and math.isfinite(float(v)) and float(v) > 0):
+            raise CheckpointError(f"{ckpt.path}: config.json {k} must be a finite positive number, got {_short(v)}")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    file_type_index = len(w.kv_data[0])
+    w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_sliding_window(cfg["sliding_window"])
+    return file_type_index
+
+
+def _no_duplicate_key_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Duplicated key name")
+
+
+def _gemma3_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """Gemma3Model.set_gguf_parameters: TextModel's KVs, then its own values (a repeated key keeps its place, as
+    GGUFWriter overwrites in place) and soft-capping / sliding window; returns where general.file_type goes."""
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise CheckpointError(f"{ckpt.path}: Gemma 3 has no attn_logit_softcapping (the converter asserts so)")
+    file_type_index = _text_params(ckpt, w, cfg, rope)
+    logging.getLogger("gguf.gguf_writer").addFilter(_no_duplicate_key_warning)  # the overwrites are intended
+    w.add_context_length(cfg.get("max_position_embeddings", 131072))
+    w.add_head_count(cfg.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_key_length(cfg.get("head_dim", 256))
+    w.add_value_length(cfg.get("head_dim", 256))
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if final := cfg.get("final_logit_softcapping"):
+        if not (_is_number(final) and math.isfinite(float(final)) and float(final) > 0):
+            raise CheckpointError(f"{ckpt.path}: config.json final_logit_softcapping must be a finite positive "
+                                  f"number, got {_short(final)}")
+        w.add_final_logit_softcapping(final)
+    if cfg.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(cfg["sliding_window"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", 4))
+    return file_type_index
+
+
+def _vocab_rows(model_dir: Path, vocab_size: int | None) -> int:
+    """Gemma3Model.modify_tensors' real vocabulary size: the SentencePiece table (padded to vocab_size), else the
+    tokenizer.json vocabulary plus its added tokens."""
+    if (model_dir / "tokenizer.model").is_file():
+        return len(sentencepiece_vocab(model_dir, vocab_size)[0])
+    try:
+        tj = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        return len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{model_dir}: Gemma 3 needs tokenizer.model or a tokenizer.json with a vocabulary"
+                              ) from None
+
+
+def _norm_plus_one(dtype: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Gemma's `data_torch + 1` as the converter computes it: in float16 for an F16 source (torch's half add:
+    float32 sum rounded to half), in float32 otherwise (other dtypes are made float32 first)."""
+    if dtype == "F16":
+        return lambda a: (a + np.float32(1)).astype(np.float16).astype(np.float32)
+    return lambda a: a + np.float32(1)
+
+
+def _text_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
+    """TextModel.set_gguf_parameters; returns where general.file_type goes (the pipeline adds it)."""
     w.add_block_count(cfg["num_hidden_layers"])
     if (n_ctx := _first(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length",
                               "max_sequence_length", "model_max_length"))) is not None:
@@ -387,28 +643,47 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict, n_params: in
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     if (theta := params.get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
+    if (local_theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(local_theta)
     if (eps := _first(cfg, ("rms_norm_eps", "norm_eps"))) is not None:
         w.add_layer_norm_rms_eps(eps)
+    if (eps := _first(cfg, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        w.add_layer_norm_eps(eps)
+    if (n_experts := _first(cfg, _N_EXPERT_KEYS)) is not None:
+        w.add_expert_count(n_experts)
+    if (n_used := _first(cfg, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
+        w.add_expert_used_count(n_used)
+    if (n_group := cfg.get("n_group")) is not None:
+        w.add_expert_group_count(n_group)
+    if (n_group_used := cfg.get("topk_group")) is not None:
+        w.add_expert_group_used_count(n_group_used)
+    if (score := _first(cfg, _SCORE_FUNC_KEYS)) is not None:
+        gating = {"sigmoid": gguf.ExpertGatingFuncType.SIGMOID, "softmax": gguf.ExpertGatingFuncType.SOFTMAX,
+                  "sqrtsoftplus": gguf.ExpertGatingFuncType.SQRTSOFTPLUS}.get(score)
+        if gating is None:
+            raise CheckpointError(f"{ckpt.path}: config.json expert score function {_short(score)} is not supported")
+        w.add_expert_gating_func(gating)
     if (head_dim := cfg.get("head_dim")) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    # (convert_hf_to_gguf adds general.file_type here; the pipeline adds it)
-    file_type_index = len(w.kv_data[0])
-    if spec.llama_extras:
-        w.add_vocab_size(cfg["vocab_size"])
-        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    kvs = [kv_from_writer(k, v) for k, v in w.kv_data[0].items() if k not in _PIPELINE_KEYS]
-    return kvs, file_type_index
+    return len(w.kv_data[0])
 
 
+_N_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_SCORE_FUNC_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation",
+                    "moe_router_activation_func", "expert_selection_fn")
 _HF_INT_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
                 "head_dim", "max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
                 "model_max_length", "prefix_dense_intermediate_size", "dense_intermediate_size",
-                "intermediate_size", "n_inner", "hidden_dim", "num_local_experts")
-_HF_FLOAT_KEYS = ("rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
-                  "rms_norm_eps", "norm_eps")
+                "intermediate_size", "n_inner", "hidden_dim", "num_local_experts", "num_experts",
+                "n_routed_experts", "num_experts_per_tok", "num_experts_per_token", "top_k_experts",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "n_group", "topk_group",
+                "original_max_position_embeddings")
+_HF_FLOAT_KEYS = ("attn_logit_softcapping", "final_logit_softcapping", "rope_theta", "global_rope_theta", "rope_global_theta", "rope_theta_global", "rotary_emb_base",
+                  "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon",
+                  "partial_rotary_factor", "local_rope_theta", "rope_local_base_freq")
 _ROPE_INT_KEYS = ("original_max_position_embeddings",)
-_ROPE_FLOAT_KEYS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")
+_ROPE_FLOAT_KEYS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "partial_rotary_factor")
 
 
 def _check_hf_config(ckpt: Checkpoint, cfg: dict) -> None:
@@ -463,7 +738,7 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     _check_hf_config(ckpt, cfg)
     if cfg.get("num_key_value_heads") is None:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-    if spec.gguf_arch == gguf.MODEL_ARCH.LLAMA and cfg.get("head_dim") is None:
+    if spec.fill_head_dim and cfg.get("head_dim") is None:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]  # as transformers' LlamaConfig sets it
     n_layer, n_head, n_head_kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     rope = _rope_parameters(cfg)
@@ -472,27 +747,18 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     if spec.llama_extras and (rf := _llama3_rope_freqs(cfg, rope)) is not None:
         tensors.append(PlannedTensor(rf.name, rf.shape, rf))
     mapped: dict[str, str] = {}
-    for t in ckpt.tensors:
-        name = t.name.replace("language_model.", "")
-        if name.endswith(_SKIP_SUFFIXES):
-            continue
+    for name, t, transform in _converter_tensors(ckpt, spec, cfg):
         new_name = name_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise CheckpointError(
                 f"cannot map tensor {t.name!r} to a GGUF name for architecture "
                 f"{gguf.MODEL_ARCH_NAMES[spec.gguf_arch]!r}; use --generic to keep the original names")
-        transform = None
-        if spec.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
-            transform = lambda a, h=n_head: permute_qk(a, h, h)  # noqa: E731
-        elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
-            transform = lambda a, h=n_head, hk=n_head_kv: permute_qk(a, h, hk)  # noqa: E731
         if new_name in mapped:
             raise CheckpointError(f"{ckpt.path}: tensors {mapped[new_name]!r} and {t.name!r} both map to GGUF "
                                   f"tensor {new_name!r}; refused (one would be silently dropped)")
         mapped[new_name] = t.name
         tensors.append(PlannedTensor(new_name, t.shape, t, transform))
-    n_params = sum(int(np.prod(p.shape, dtype=np.int64)) for p in tensors)
-    kvs, file_type_index = _hf_kvs(ckpt, spec, cfg, rope, n_params)
+    kvs, file_type_index = _hf_kvs(ckpt, spec, cfg, rope, _parameter_counts(tensors))
     model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     tok = tokenizer_kvs(model_dir, gguf.MODEL_ARCH_NAMES[spec.gguf_arch], raw_cfg, tokenizer_pre=tokenizer_pre)
     kvs += tok.kv
@@ -504,7 +770,7 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     hparams = {
         "n_layer": int(n_layer), "n_embd": int(cfg["hidden_size"]), "n_head": int(n_head),
         "n_head_kv": int(n_head_kv), "n_ff": int(cfg.get("intermediate_size") or 0),
-        "n_vocab": int(cfg["vocab_size"]), "n_expert": int(cfg.get("num_local_experts") or 0),
+        "n_vocab": int(cfg["vocab_size"]), "n_expert": int(_first(cfg, _N_EXPERT_KEYS) or 0),
     }
     return ModelPlan(arch=gguf.MODEL_ARCH_NAMES[spec.gguf_arch], kv=kvs, tensors=tensors, hparams=hparams,
                      source_kind=ckpt.kind, file_type_index=file_type_index, tokenizer=tok)

@@ -138,7 +138,10 @@ PRE_BY_SPLIT_REGEX: dict[str, str] = {
 }
 
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED, _SPM_BYTE = 1, 2, 3, 4, 5, 6
-_ARCH_FLAVOURS = {"llama": "llama", "qwen2": "qwen2"}
+#: GGUF architecture -> which converter set_vocab it uses: LlamaModel's, Qwen2Model's (SentencePiece, else BPE) or
+#: TextModel's default (BPE only: Qwen2MoeModel, Qwen3MoeModel)
+_ARCH_FLAVOURS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen2", "qwen2moe": "gpt2", "qwen3moe": "gpt2",
+                  "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
 
 
 @dataclass
@@ -280,6 +283,60 @@ def gpt2_vocab(model_dir: Path, vocab_size: int | None, pre_override: str | None
     return tokens, types, pre, source, chkhsh
 
 
+def phi3_vocab(model_dir: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int]]:
+    """Phi3MiniModel.set_vocab's SentencePiece table: vocab_size slots ([PADi], UNUSED, -10000) filled from
+    tokenizer.model, then added_tokens.json, tokenizer_config.json's added_tokens_decoder and tokenizer.json's
+    added_tokens (USER_DEFINED, or CONTROL when special; score -1000); ids outside the table are refused."""
+    import sentencepiece as spm
+
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: Phi-3 needs tokenizer.model")
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromFile(str(path))
+    n = int(vocab_size if vocab_size is not None else sp.vocab_size())
+    if sp.vocab_size() > n:
+        raise CheckpointError(f"{model_dir}: tokenizer.model has {sp.vocab_size()} pieces, vocab_size is {n}")
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores, types = [-10000.0] * n, [_SPM_UNUSED] * n
+    for i in range(sp.vocab_size()):
+        t = _SPM_NORMAL
+        if sp.IsUnknown(i):
+            t = _SPM_UNKNOWN
+        elif sp.IsControl(i):
+            t = _SPM_CONTROL
+        elif sp.IsUnused(i):
+            t = _SPM_UNUSED
+        elif sp.IsByte(i):
+            t = _SPM_BYTE
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i), t
+    if (f := model_dir / "added_tokens.json").is_file():
+        for text, tid in _read_json(f).items():
+            if isinstance(tid, int) and 0 <= tid < n:  # the converter ignores out-of-range ids
+                tokens[tid], scores[tid], types[tid] = str(text).encode("utf-8"), -1000.0, _SPM_USER_DEFINED
+    added = []
+    if (f := model_dir / "tokenizer_config.json").is_file():
+        added += [(k, v) for k, v in (_read_json(f).get("added_tokens_decoder") or {}).items()]
+    if (f := model_dir / "tokenizer.json").is_file():
+        added += [(d.get("id"), d) for d in _read_json(f).get("added_tokens") or []]
+    for tid, data in added:
+        try:
+            i = int(tid)
+            text = str(data["content"]).encode("utf-8")
+        except (TypeError, ValueError, KeyError):
+            raise CheckpointError(f"{model_dir}: malformed added token {_short_repr(tid)}") from None
+        if not 0 <= i < n:
+            raise CheckpointError(f"{model_dir}: added token id {i} is outside the vocabulary ({n})")
+        tokens[i], scores[i] = text, -1000.0
+        types[i] = _SPM_CONTROL if data.get("special") else _SPM_USER_DEFINED
+    return tokens, scores, types
+
+
+def _short_repr(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
 def _set_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int | None, exp: TokenizerExport) -> None:
     tokens, scores, types = sentencepiece_vocab(model_dir, vocab_size)
     _write_llama_vocab(w, model_dir, tokens, scores, types, exp)
@@ -353,6 +410,18 @@ def tokenizer_kvs(model_dir: Path, arch: str, hparams: dict[str, Any], *,
             special.add_to_gguf(w, quiet=True)
         if hparams.get("vocab_size", 32000) == 49152:  # granite small models
             w.add_add_bos_token(False)
+    elif flavour == "phi3":  # Phi3MiniModel.set_vocab
+        tc = model_dir / "tokenizer_config.json"
+        if tc.is_file() and _read_json(tc).get("tokenizer_class") == "GPT2Tokenizer":
+            _set_gpt2(w, model_dir, vocab_size, tokenizer_pre, exp)
+        else:
+            tokens, scores, types = phi3_vocab(model_dir, vocab_size)
+            _write_llama_vocab(w, model_dir, tokens, scores, types, exp)
+    elif flavour == "gemma2" or (flavour == "gemma3" and (model_dir / "tokenizer.model").is_file()):
+        _set_sentencepiece(w, model_dir, vocab_size, exp)  # Gemma2Model / Gemma3Model.set_vocab
+        w.add_add_space_prefix(False)
+    elif flavour in ("gpt2", "gemma3"):  # TextModel.set_vocab; Gemma 3 without tokenizer.model
+        _set_gpt2(w, model_dir, vocab_size, tokenizer_pre, exp)
     else:  # Qwen2Model.set_vocab
         try:
             _set_sentencepiece(w, model_dir, vocab_size, exp)

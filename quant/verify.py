@@ -1,6 +1,7 @@
 """Check a GGUF file against the spec and what ggml/llama.cpp enforce, listing every problem found."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,10 +9,11 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGUFValueType
 
-from core.errors import GGUFFormatError, UnsupportedTypeError
+from core.errors import CheckpointError, GGUFFormatError, UnsupportedTypeError
 from quant.api import dequantize
 from quant.formats import QTYPES
 from quant.gguf_reader import GGML_TYPES, GGUFFile, TensorInfo, gguf_pad, read_gguf
+from quant.gguf_split import check_parts, part_paths
 from quant.model_plan import CHECKED_ARCHS, check_architecture
 
 GGML_QNT_VERSION = 2                      # ggml.h: bump on quantization format changes
@@ -170,7 +172,8 @@ def _check_values(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
 
 
 def verify_gguf(path: "str | os.PathLike[str]", *, check_values: bool = True) -> VerifyReport:
-    """Check structure, metadata and (optionally) tensor values of a GGUF file; never raises on bad input."""
+    """Check structure, metadata and (optionally) tensor values of a GGUF file, or of the whole split GGUF any
+    part of which is given (quant.gguf_split); never raises on bad input."""
     p = Path(path)
     try:
         size = os.stat(p).st_size
@@ -180,6 +183,14 @@ def verify_gguf(path: "str | os.PathLike[str]", *, check_values: bool = True) ->
         g = read_gguf(p, strict=False)
     except GGUFFormatError as e:
         return VerifyReport(p, False, [str(e)], 0, size)
+    try:
+        paths = part_paths(p, g)
+    except CheckpointError as e:
+        g.close()
+        return VerifyReport(p, False, [str(e)], len(g.tensors), size)
+    if paths is not None:
+        g.close()
+        return _verify_split(paths, check_values=check_values)
     with g:
         problems = list(g.problems)
         notes: list[str] = []
@@ -191,6 +202,44 @@ def verify_gguf(path: "str | os.PathLike[str]", *, check_values: bool = True) ->
         if check_values:
             _check_values(g, problems, notes)
     return VerifyReport(p, not problems, problems, len(g.tensors), size, notes)
+
+
+def _verify_split(paths: list[Path], *, check_values: bool) -> VerifyReport:
+    """verify_gguf for a split GGUF: each part's structure, padding and values, the set's consistency
+    (quant.gguf_split.check_parts), and metadata and architecture over the whole set; problems name their part."""
+    problems: list[str] = []
+    notes: list[str] = [f"split GGUF of {len(paths)} parts"]
+    parts: list[GGUFFile] = []
+    size = 0
+    try:
+        for i, q in enumerate(paths):
+            if not q.is_file():
+                problems.append(f"{q}: part {i + 1} of {len(paths)} of the split GGUF is missing")
+                continue
+            try:
+                parts.append(read_gguf(q, strict=False))
+            except GGUFFormatError as e:
+                problems.append(str(e))
+                continue
+            size += parts[-1].file_size
+        if problems:  # missing or unparseable parts: the set cannot be checked further
+            return VerifyReport(paths[0], False, problems, sum(len(g.tensors) for g in parts), size, notes)
+        for g in parts:
+            part_problems: list[str] = list(g.problems)
+            part_notes: list[str] = []
+            _check_padding(g, part_problems, part_notes)
+            if check_values:
+                _check_values(g, part_problems, part_notes)
+            problems += [f"{g.path.name}: {m}" for m in part_problems]
+            notes += [f"{g.path.name}: {m}" for m in part_notes]
+        problems += check_parts(parts)
+        whole = dataclasses.replace(parts[0], tensors=[t for g in parts for t in g.tensors])  # metadata view only
+        _check_metadata(whole, problems, notes)
+        _check_architecture(whole, problems, notes)
+        return VerifyReport(paths[0], not problems, problems, len(whole.tensors), size, notes)
+    finally:
+        for g in parts:
+            g.close()
 
 
 __all__ = ["VerifyReport", "verify_gguf", "LLAMA_FTYPES", "GGML_QNT_VERSION", "UNQUANTIZED_TYPES"]

@@ -12,13 +12,14 @@ consoles also show any stray control character (ESC of an ANSI sequence, BEL, ..
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -141,13 +142,63 @@ def _passes_through(e: BaseException) -> bool:
                           click.ClickException))
 
 
+#: Environment that keeps the libraries' progress bars and advice out of a `--quiet` run (read by tqdm, the Hub
+#: client, transformers, MLflow and GX when they start; set before their first import).
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+             "GX_ANALYTICS_ENABLED": "false", "MLFLOW_LOGGING_LEVEL": "ERROR"}
+#: Library loggers a `--quiet` run raises to ERROR (gguf's "Unknown separator token", MLflow's INFO/WARNING lines...).
+QUIET_LOGGERS = ("gguf", "transformers", "mlflow", "great_expectations", "huggingface_hub", "alembic", "urllib3",
+                 "dvc", "numba", "py.warnings", "root")
+
+
+@contextlib.contextmanager
+def quiet_libraries(enabled: bool = True) -> Iterator[None]:
+    """`--quiet`: no library noise while the command runs (progress bars, warnings, log lines of transformers,
+    gguf, MLflow, GX, tqdm), by environment, logger levels, warning filters and a muted sys.stderr; everything is
+    restored on the way out, before an error is reported, so our own `error:` line is never hidden."""
+    if not enabled:
+        yield
+        return
+    import logging
+    import warnings
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    if "transformers" in sys.modules:  # imported already: its progress-bar switch was read at import
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    levels = {n: logging.getLogger(None if n == "root" else n).level for n in QUIET_LOGGERS}
+    for n in QUIET_LOGGERS:
+        logging.getLogger(None if n == "root" else n).setLevel(logging.ERROR)
+    saved_err = sys.stderr
+    devnull = open(os.devnull, "w", encoding="utf-8")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sys.stderr = devnull  # bars that are drawn whatever the settings (GX's tqdm passes disable= itself)
+            yield
+    finally:
+        sys.stderr = saved_err
+        devnull.close()
+        for n, lvl in levels.items():
+            logging.getLogger(None if n == "root" else n).setLevel(lvl)
+
+
 def handle_errors(fn: F) -> F:
-    """Turn every failure of a command into one line on stderr and exit code 2 (see the module docstring)."""
+    """Turn every failure of a command into one line on stderr and exit code 2 (see the module docstring); a command
+    called with quiet=True runs inside quiet_libraries()."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with quiet_libraries(kwargs.get("quiet") is True):
+                return fn(*args, **kwargs)
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)
             raise typer.Exit(130)

@@ -13,13 +13,15 @@ from gguf.constants import GGUFValueType
 import quant
 from core.paths import check_output_target
 from core.errors import CheckpointError, UnsupportedTypeError
-from core.hashing import checkpoint_sha256
+from core.hashing import checkpoint_sha256, remember_file_sha256
 from core.records import QuantizedArtifact, Recipe, job_key
 from core.version import __version__
+from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.loaders import open_checkpoint
+from quant.mixes import ALWAYS_F32_SUFFIXES
 from quant.model_plan import plan_model
 from quantgate.pipeline import GGML_QNT_VERSION, identity_kv
 
@@ -28,9 +30,11 @@ OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32)}
 
 
 def converted_type(name: str, shape: tuple[int, ...], outtype: str) -> str:
-    """The ggml type convert_hf_to_gguf gives a tensor: 1-D tensors, norms and non-weights (biases) stay F32,
-    everything else gets the outtype."""
+    """The ggml type convert_hf_to_gguf gives a tensor: 1-D tensors, norms, non-weights (biases) and its
+    always-F32 tensors (MoE routers, ...) stay F32, everything else gets the outtype."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or name[-7:] not in (".weight", ".lora_a", ".lora_b"):
+        return "F32"
+    if name.endswith(ALWAYS_F32_SUFFIXES):  # e.g. the MoE routers ffn_gate_inp / ffn_gate_inp_shexp
         return "F32"
     return OUTTYPES[outtype][0]
 
@@ -51,9 +55,11 @@ def convert_model(
     tokenizer_pre: str | None = None,
     threads: int | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    source_lineage: str | None = None,
 ) -> QuantizedArtifact:
     """Convert an HF checkpoint (folder, .safetensors or torch file) to a float GGUF as convert_hf_to_gguf.py
-    would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer)."""
+    would, written atomically; returns its record. `generic` keeps the original tensor names (no tokenizer);
+    `source_lineage` (quantgate.inputs) names where the source came from in the file's quantgate.* keys."""
 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
@@ -76,7 +82,9 @@ def convert_model(
                             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32)]
         types = {pt.name: converted_type(pt.name, tuple(pt.shape), outtype) for pt in plan.tensors}
         key = job_key(source_sha, recipe, __version__)
-        kv += identity_kv(recipe, source_sha, ckpt.kind, key)
+        fingerprint = weights_fingerprint(source)  # lineage by content from this file on (docs/LINEAGE.md)
+        t_fp = time.perf_counter()
+        kv += identity_kv(recipe, source_sha, ckpt.kind, key, fingerprint, source_lineage=source_lineage)
         tok = plan.tokenizer
         if tok is not None and tok.pre_source is not None:
             kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))
@@ -89,10 +97,12 @@ def convert_model(
 
             return produce
 
-        specs = [TensorSpec(pt.name, tuple(pt.shape), types[pt.name], producer(pt, types[pt.name]))
+        specs = [TensorSpec(pt.name, tuple(pt.shape), types[pt.name], producer(pt, types[pt.name]),
+                        n_dims=len(pt.shape))
                  for pt in plan.tensors]  # the converter's order: extra tensors first, then as the source lists them
         with quant.threads(threads):
             result = write_gguf(out, kv=kv, tensors=specs, on_tensor=on_tensor)
+        remember_file_sha256(result.path, result.sha256)  # a quantize of this file need not hash it again
         t_write = time.perf_counter()
 
     n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
@@ -112,5 +122,6 @@ def convert_model(
         n_params=n_params,
         bits_per_weight=8.0 * sum(tensor_bytes.values()) / max(n_params, 1),
         seconds=t_write - t0,
-        timings={"hash": t_hash - t0, "convert_write": t_write - t_hash},
+        timings={"hash": t_hash - t0, "fingerprint": t_fp - t_hash, "convert_write": t_write - t_fp,
+                 "output_hash": result.seconds.get("hash", 0.0), "write": result.seconds.get("write", 0.0)},
     )

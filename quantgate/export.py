@@ -469,7 +469,7 @@ def export_ollama(ref: str, out_dir: "str | os.PathLike[str]", *, settings: Any 
         from registry.queries import download  # lazy: the audit trail's SQLAlchemy, MLflow
 
         gguf = download(ref, out, settings=settings)
-        default_name = ref.replace("@", "-").replace("/", "-")
+        default_name = ref.removeprefix("models:/").replace("@", "-").replace("/", "-")
     else:
         raise ExportError(f"{ref!r} is neither a GGUF file nor a registry reference (MODEL@ALIAS or MODEL/VERSION)")
     with read_gguf(gguf) as g:
@@ -573,7 +573,7 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
         run = client.get_run(mv.run_id)
         m = run.data.metrics
         tags = mv.tags
-        bpw = tags.get("bits_per_weight")
+        bpw = m.get("bits_per_weight", tags.get("bits_per_weight"))  # the run metric (older versions: a tag)
         verdict_text = run_artifact_text(s, mv.run_id, "validation/verdict.json")
         gates = json.loads(verdict_text).get("gates", []) if verdict_text else []
         files.append(HFFile(

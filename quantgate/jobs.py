@@ -11,7 +11,7 @@ import fcntl
 import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -59,6 +59,8 @@ class JobSpec:
     options: Mapping[str, Any] = field(default_factory=dict)  # extra keyword arguments for validate()
     profile_options: Mapping[str, Any] = field(default_factory=dict)  # calib, chunk_size, measure_seqs, measure_len
     auto_target: str = DEFAULT_AUTO_TARGET   # AUTO budget: a mix name, bits per weight ("4.5") or size ("3.9GB")
+    source_name: str | None = None           # the source's own name (outputs, default registered name): `run --model X`
+    source_lineage: str | None = None        # where the source came from (quantgate.inputs), written into each GGUF
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -188,7 +190,7 @@ def prepare_step(model: "str | os.PathLike[str]", out: "str | os.PathLike[str] |
 
 def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | os.PathLike[str]" = "out/jobs",
                   out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
-                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
+                  on_progress: ProgressFn | None = None, source_lineage: str | None = None) -> dict[str, Any]:
     """Quantize `model` with `mix` into out_dir (default workdir/<job key>), or return the finished artifact.
 
     Holds the job's lock while working, so a redelivered copy of the same job waits and then returns the first
@@ -210,7 +212,8 @@ def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | 
         if on_progress is not None:
             def cb(i: int, n: int, _tensor: str) -> None:
                 on_progress(i, n, "quantize")
-        art = quantize_model(QuantizeRequest(source=Path(model), out=out, precision=recipe.precision), on_tensor=cb)
+        art = quantize_model(QuantizeRequest(source=Path(model), out=out, precision=recipe.precision,
+                                             source_lineage=source_lineage), on_tensor=cb)
         if art.job_key != key:  # the pipeline's recipe drifted from mix_recipe(): a bug, not bad input
             raise RuntimeError(f"job key mismatch for {mix}: planned {key[:12]}, pipeline {art.job_key[:12]}")
         rec = art.to_dict()
@@ -259,11 +262,13 @@ def validate_step(artifact: Mapping[str, Any], *, baseline: "str | os.PathLike[s
 
 
 def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None = None, *,
-                  model_name: str | None = None) -> dict[str, Any]:
-    """Register the artifact (with its verdict) in the model registry; idempotent per artifact + job key. A version
+                  model_name: str | None = None, source_name: str | None = None) -> dict[str, Any]:
+    """Register the artifact (with its verdict, its validation reports and a compliance report in the version's run)
+    in the model registry; idempotent per artifact + job key. A version
     that passed the gate also gets its mix's alias (e.g. q4_k_m, auto) through registry.registration.promote, audited;
     failed and unvalidated versions stay registered without one. Only the call that creates the version promotes it,
     so reruns and redelivered tasks append no second promote event."""
+    from registry.facts import verdict_reports  # lazy: with the registration below
     from registry.registration import (  # lazy: SQLAlchemy/MLflow load at first use (light worker start)
         promote,
         register_gguf,
@@ -272,7 +277,8 @@ def register_step(artifact: Mapping[str, Any], verdict: Mapping[str, Any] | None
     v = Verdict.from_dict(verdict) if verdict else None
     art = QuantizedArtifact.from_dict(artifact)
     settings = registry_settings()
-    rv = register_gguf(art.path, settings=settings, verdict=v, artifact=art, model_name=model_name)
+    rv = register_gguf(art.path, settings=settings, verdict=v, artifact=art, model_name=model_name,
+                       source_name=source_name, reports=verdict_reports(v), compliance=True)
     out = rv.to_dict()
     if v is not None and v.passed and rv.created:  # a rerun finds the version (and its alias) already there
         alias = art.recipe.precision.lower()
@@ -336,7 +342,7 @@ def auto_budget(model: "str | os.PathLike[str]", target: str, n_params: int) -> 
 def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathLike[str]", *,
                        target: str = DEFAULT_AUTO_TARGET, workdir: "str | os.PathLike[str]" = "out/jobs",
                        out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
-                       on_progress: ProgressFn | None = None) -> dict[str, Any]:
+                       on_progress: ProgressFn | None = None, source_lineage: str | None = None) -> dict[str, Any]:
     """`quantize --precision auto --profile P --policy budget` for one model, idempotent like quantize_step.
 
     The job key of an auto file depends on the types the policy picks, known only after planning, so the folder
@@ -360,7 +366,7 @@ def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathL
                 on_progress(i, n, "quantize")
         with auto_request(model, folder / f"{stem}-AUTO.gguf", profile=profile, policy="budget",
                           **budget) as (req, plan):
-            art = quantize_model(req, on_tensor=cb)
+            art = quantize_model(replace(req, source_lineage=source_lineage), on_tensor=cb)
         rec = {**art.to_dict(), "plan_key": plan_key, "auto": {"target": str(target), **budget,
                                                                "file_type_mix": plan.file_type_mix,
                                                                "profile": str(profile)}}
@@ -373,8 +379,10 @@ def quantize_for(spec: "JobSpec", mix: str, on_progress: ProgressFn | None = Non
     if is_auto(mix):
         prof = profile_step(spec.model, workdir=spec.workdir, options=spec.profile_options)
         return quantize_auto_step(spec.model, prof["path"], target=spec.auto_target, workdir=spec.workdir,
-                                  name=spec.model_name, on_progress=on_progress)
-    return quantize_step(spec.model, mix, workdir=spec.workdir, name=spec.model_name, on_progress=on_progress)
+                                  name=spec.source_name or spec.model_name, on_progress=on_progress,
+                                  source_lineage=spec.source_lineage)
+    return quantize_step(spec.model, mix, workdir=spec.workdir, name=spec.source_name or spec.model_name,
+                         on_progress=on_progress, source_lineage=spec.source_lineage)
 
 
 def check_mixes(spec: "JobSpec") -> None:
@@ -439,7 +447,8 @@ def run_mix(spec: JobSpec, mix: str, on_progress: ProgressFn | None = None) -> d
     if spec.gates is not None:
         verdict = validate_step(art, baseline=spec.model, gates=spec.gates, dataset=spec.dataset,
                                 options=spec.options, on_progress=on_progress)
-    version = register_step(art, verdict, model_name=spec.model_name) if spec.register else None
+    version = register_step(art, verdict, model_name=spec.model_name, source_name=spec.source_name) \
+        if spec.register else None
     return {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": verdict, "version": version}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,7 @@ from gguf.constants import GGUFValueType
 import quant
 from analyzer.cache import CalibrationCache
 from core.errors import QuantGateError, UnsupportedTypeError
-from core.hashing import canonical_json, checkpoint_sha256, file_sha256, sha256_text
+from core.hashing import canonical_json, checkpoint_sha256, file_sha256, remember_file_sha256, sha256_text
 from core.paths import check_output_target
 from core.progress import ProgressFn
 from core.records import (
@@ -28,9 +29,11 @@ from core.records import (
     job_key,
 )
 from core.version import __version__
+from quant.api import quantize_tensor
 from quant.fingerprint import weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
+from quant.gguf_split import plan_parts, split_path, split_prefix, write_split_gguf
 from quant.gguf_writer import TensorSpec, write_gguf
 from quant.imatrix import load_imatrix
 from quant.loaders import open_checkpoint
@@ -39,6 +42,7 @@ from quant.mixes import (
     current_type,
     get_mix,
     llama_quantize_order,
+    missing_kernels,
     tensor_types,
 )
 from quant.model_plan import plan_model
@@ -53,11 +57,15 @@ _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
 
 def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
-                source_fingerprint: str | None = None) -> list[KV]:
+                source_fingerprint: str | None = None, source_lineage: str | None = None) -> list[KV]:
     """The quantgate.* keys every file we write carries: tool version, source identity (file SHA-256 and, when
-    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md), recipe and job key."""
+    given, the weights fingerprint of quant.fingerprint: docs/LINEAGE.md; where the source came from: HF cache id,
+    models:/ version or DVC revision, quantgate.inputs), recipe and job key."""
     s = GGUFValueType.STRING
     fp = [KV("quantgate.source_fingerprint", source_fingerprint, s)] if source_fingerprint else []
+    if source_lineage:
+        fp += [KV("quantgate.source_ref", str(json.loads(source_lineage).get("ref", "")), s),
+               KV("quantgate.source_lineage", source_lineage, s)]
     return [
         KV("quantgate.version", __version__, s),
         KV("quantgate.source_sha256", source_sha, s),
@@ -72,10 +80,10 @@ def identity_kv(recipe: Recipe, source_sha: str, source_kind: str, key: str,
 
 def _provenance_kv(
     recipe: Recipe, source_sha: str, source_kind: str, key: str, types: dict[str, str],
-    source_fingerprint: str | None = None,
+    source_fingerprint: str | None = None, source_lineage: str | None = None,
 ) -> list[KV]:
     s = GGUFValueType.STRING
-    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint)
+    kv = identity_kv(recipe, source_sha, source_kind, key, source_fingerprint, source_lineage)
     kv.append(KV("quantgate.tensor_type_counts", canonical_json(dict(sorted(Counter(types.values()).items()))), s))
     if recipe.imatrix_sha256:
         kv.append(KV("quantgate.imatrix_sha256", recipe.imatrix_sha256, s))
@@ -138,29 +146,18 @@ def import_cache(src: Path, cache_dir: "Path | None" = None):
     return result
 
 
-def quantize_model(
-    req: QuantizeRequest, *, on_tensor: ProgressFn | None = None, record: bool = True
-) -> QuantizedArtifact:
-    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record
-    and (record=True) appends a "quantize" audit event."""
-
-    t0 = time.perf_counter()
+def _recipe_of(req: QuantizeRequest):
+    """The request's llama.cpp mix, its Recipe and the loaded importance matrix (None without one)."""
     auto = is_auto(req.precision)
     if auto and (not req.type_map or req.file_type_mix is None):
-
         raise QuantGateError("precision AUTO needs a type map and the closest llama.cpp mix (analyzer)")
     mix = get_mix(req.file_type_mix if auto else req.precision)
-    imat = None
-    imatrix_sha = None
-    if req.imatrix is not None:
-
-        imat = load_imatrix(req.imatrix)
-        imatrix_sha = file_sha256(req.imatrix)
+    imat = load_imatrix(req.imatrix) if req.imatrix is not None else None
     type_map = dict(req.type_map) if auto else {}
     recipe = Recipe(
         precision=AUTO if auto else mix.name,
         pure=req.pure,
-        imatrix_sha256=imatrix_sha,
+        imatrix_sha256=file_sha256(req.imatrix) if req.imatrix is not None else None,
         output_tensor_type=req.output_tensor_type.upper() if req.output_tensor_type else None,
         token_embedding_type=req.token_embedding_type.upper() if req.token_embedding_type else None,
         tensor_type_overrides=tuple((p, t.upper()) for p, t in req.tensor_type_overrides),
@@ -169,40 +166,109 @@ def quantize_model(
         type_map_sha256=sha256_text(canonical_json(type_map)) if auto else None,
         policy=req.policy if auto else None,
     )
+    return mix, recipe, imat
+
+
+def _types_of(req: QuantizeRequest, plan, mix, recipe: Recipe, imat) -> dict[str, str]:
+    """Every tensor's ggml type: the AUTO type map checked against the model, or the mix's llama.cpp rules; a type
+    this build has no quantization kernel for is refused before anything is written."""
+    if is_auto(req.precision):
+        return _explicit_types(plan, dict(req.type_map))
+    types = tensor_types(
+        plan,
+        mix.name,
+        pure=req.pure,
+        output_tensor_type=recipe.output_tensor_type,
+        token_embedding_type=recipe.token_embedding_type,
+        tensor_type_overrides=recipe.tensor_type_overrides,
+        allow_requantize=req.allow_requantize,
+        imatrix_names=set(imat.entries) if imat is not None else None,
+    )
+    missing = missing_kernels(types)
+    if missing:
+        raise UnsupportedTypeError(f"{recipe.precision} needs tensor type(s) {', '.join(missing)}, which this "
+                                   f"quantgate has no quantization kernel for")
+    return types
+
+
+@dataclass
+class QuantizePlan:
+    """What a quantization would write, without writing it (`quantize --dry-run`): each tensor's type and bytes in
+    file order, the totals and the bits per weight, by the same planning code a real run uses."""
+
+    source: str
+    precision: str
+    file_type: int
+    file_type_name: str
+    tensors: list[dict]          # {name, shape, type, bytes}, in the order the file holds them
+    n_params: int
+    tensor_bytes: int
+    bits_per_weight: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_quantize(req: QuantizeRequest) -> QuantizePlan:
+    """The plan of `quantize_model(req)` (types, sizes, bits per weight) without hashing or writing anything."""
+    from registry.facts import file_type_name  # lazy: the registry's facts module only for a dry run
+
+    mix, recipe, imat = _recipe_of(req)
+    with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
+        plan = plan_model(ckpt, generic=req.generic)
+        types = _types_of(req, plan, mix, recipe, imat)
+        by_name = {pt.name: pt for pt in plan.tensors}
+        rows = [{"name": n, "shape": list(by_name[n].shape), "type": types[n],
+                 "bytes": get_qtype(types[n]).nbytes(tuple(by_name[n].shape))}
+                for n in llama_quantize_order(list(by_name))]
+    n_params = sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan.tensors)
+    total = sum(r["bytes"] for r in rows)
+    return QuantizePlan(str(req.source), recipe.precision, mix.llama_ftype, file_type_name(mix.llama_ftype), rows,
+                        n_params, total,
+                        8.0 * total / max(n_params, 1))
+
+
+def quantize_model(
+    req: QuantizeRequest, *, on_tensor: ProgressFn | None = None, record: bool = True
+) -> QuantizedArtifact:
+    """Quantize a checkpoint to a GGUF v3 file tensor by tensor (bounded memory), atomically; returns its record
+    and (record=True) appends a "quantize" audit event."""
+
+    t0 = time.perf_counter()
+    mix, recipe, imat = _recipe_of(req)
+    imatrix_sha = recipe.imatrix_sha256
     check_output_target(req.out, [req.source] + ([req.imatrix] if req.imatrix is not None else []))
     with open_checkpoint(req.source, allow_requantize=req.allow_requantize) as ckpt:
         check_output_target(req.out, ckpt.files)
         source_sha = checkpoint_sha256(ckpt.files)
         t_hash = time.perf_counter()
         plan = plan_model(ckpt, generic=req.generic)
-        types = _explicit_types(plan, type_map) if auto else tensor_types(
-            plan,
-            mix.name,
-            pure=req.pure,
-            output_tensor_type=recipe.output_tensor_type,
-            token_embedding_type=recipe.token_embedding_type,
-            tensor_type_overrides=recipe.tensor_type_overrides,
-            allow_requantize=req.allow_requantize,
-            has_imatrix=imat is not None,
-        )
+        types = _types_of(req, plan, mix, recipe, imat)
         key = job_key(source_sha, recipe, __version__)
         kv = [k for k in plan.kv if k.key not in _OWNED_KEYS and not k.key.startswith("quantgate.")]
         kv += [
             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32),
             KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
         ]
-        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, weights_fingerprint(req.source))
+        fingerprint = weights_fingerprint(req.source)
+        t_fp = time.perf_counter()
+        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, fingerprint, req.source_lineage)
+        spent = {"read": 0.0, "quantize": 0.0}
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             qt = get_qtype(qtype)
 
             def produce() -> np.ndarray:
+                t_a = time.perf_counter()
                 x = pt.source.read()
                 if pt.transform is not None:
                     x = pt.transform(x)
-                m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
                 w = imat.values(pt.name) if (imat is not None and not qt.is_float) else None
-                return quant.quantize(m, qt.name, imatrix=w, name=pt.name).reshape(-1)
+                t_b = time.perf_counter()
+                out = quantize_tensor(x, qt.name, imatrix=w, name=pt.name)  # 3-D experts: per-expert imatrix
+                spent["read"] += t_b - t_a
+                spent["quantize"] += time.perf_counter() - t_b
+                return out
 
             return produce
 
@@ -214,6 +280,12 @@ def quantize_model(
         tensor_bytes = {s.name: get_qtype(s.qtype).nbytes(s.shape) for s in specs}
         total = sum(tensor_bytes.values())
         made: list[QuantizedArtifact] = []
+        split = None
+        if req.split_max_bytes is not None or req.split_max_tensors is not None:
+            split = plan_parts([tensor_bytes[s.name] for s in specs], max_bytes=req.split_max_bytes,
+                               max_tensors=req.split_max_tensors)
+            for i in range(len(split)):
+                check_output_target(split_path(split_prefix(req.out), i, len(split)), ckpt.files)
 
         def publish(result) -> None:
             """Runs with the bytes durable in the temp file, before the rename: the audit event exists before the
@@ -231,24 +303,36 @@ def quantize_model(
                 file_type=mix.llama_ftype,
                 tensor_types=dict(types),
                 tensor_bytes=tensor_bytes,
+                parts=result.part_records() if split else [],
                 n_params=n_params,
                 bits_per_weight=8.0 * total / max(n_params, 1),
                 seconds=t_write - t0,
-                timings={"hash": t_hash - t0, "quantize_write": t_write - t_hash},
+                timings={"hash": t_hash - t0, "fingerprint": t_fp - t_hash, "quantize_write": t_write - t_fp,
+                         **spent, "output_hash": result.seconds.get("hash", 0.0),
+                         "write": result.seconds.get("write", 0.0)},
             )
             if record:
-                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha}]
+                inputs = [{"role": "source", "path": str(req.source), "sha256": source_sha,
+                           **({"lineage": json.loads(req.source_lineage)} if req.source_lineage else {})}]
                 if req.imatrix is not None:
                     inputs.append({"role": "imatrix", "path": str(req.imatrix), "sha256": imatrix_sha})
-                audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs,
-                      outputs=[{"role": "gguf", "path": art.path, "sha256": art.sha256}],
+                outputs = [{"role": "gguf", "path": art.path, "sha256": art.sha256}] + [
+                    {"role": f"gguf_part_{i + 1}", **p} for i, p in enumerate(art.parts)]
+                audit("quantize", artifact_sha256=art.sha256, job_key=art.job_key, inputs=inputs, outputs=outputs,
                       config={"recipe": recipe.as_dict(), "bits_per_weight": art.bits_per_weight,
                               "nbytes": art.nbytes})
             made.append(art)
 
         with quant.threads(req.threads):
-            write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
+            if split:
+                write_split_gguf(split_prefix(req.out), kv=kv, tensors=specs, parts=split, on_tensor=on_tensor,
+                                 before_publish=publish)
+            else:
+                write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
     art = made[0]
+    # hashed while writing: validate/registration need not re-read them (a split's sha256 is the set's, not a file's)
+    for p in art.parts or [{"path": art.path, "sha256": art.sha256}]:
+        remember_file_sha256(p["path"], p["sha256"])
     return art
 
 

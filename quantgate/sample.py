@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from core.atomic import atomic_write_text
+from core.atomic import atomic_write, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,23 @@ class SampleShape:
     n_vocab: int = 1024
     max_position_embeddings: int = 2048
     tie_embeddings: bool = False
+    #: "t5": heavy-tailed Student-t(5) rows (like trained LLM weights; ~60 ns a value to draw), "normal": float32
+    #: Gaussian rows (~6x faster: what makes a 16 GB 8B-shaped checkpoint a matter of minutes), both with the
+    #: same per-row scales and outlier columns.
+    values: str = "t5"
 
 
 #: A ~1.1B-parameter shape (TinyLlama's) for the streaming-memory benchmark.
 SHAPE_1B = SampleShape(n_layer=22, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000)
+#: Llama-3-8B's shapes (8.03B parameters, ~16 GB in F16) for the at-scale benchmark (benchmarks/bench_scale.py).
+SHAPE_8B = SampleShape(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=128256,
+                       max_position_embeddings=8192, values="normal")
+#: Named shapes for `quantgate sample --shape`.
+SHAPES = {"1b": SHAPE_1B, "8b": SHAPE_8B}
+#: Tensors with more elements than this are generated in row blocks (bounded memory); smaller ones in one draw, so
+#: the values of every shape whose tensors are all below it stay what they always were for a given seed.
+_CHUNKED_ABOVE = 1 << 27
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def _hf_config(s: SampleShape, dtype: str) -> dict:
@@ -83,6 +98,50 @@ def _weights(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.
     return w
 
 
+def _weight_blocks(name: str, shape: tuple[int, ...], rng: np.random.Generator,
+                   values: str = "t5") -> Iterator[np.ndarray]:
+    """The tensor's float32 values in row blocks: t5 tensors up to _CHUNKED_ABOVE elements in one block
+    (`_weights`), larger ones and every "normal" matrix block by block (row scales and hot columns first),
+    never the whole tensor."""
+    n = int(np.prod(shape))
+    if len(shape) != 2 or (values == "t5" and n <= _CHUNKED_ABOVE):
+        yield _weights(name, shape, rng)
+        return
+    rows, fan_in = shape
+    scales = rng.lognormal(0.0, 0.3, size=(rows, 1)).astype(np.float32)
+    hot = rng.choice(fan_in, size=max(1, fan_in // 128), replace=False)
+    step = max(1, _CHUNK_ELEMENTS // fan_in)
+    for r in range(0, rows, step):
+        size = (min(step, rows - r), fan_in)
+        if values == "normal":
+            w = rng.standard_normal(size, dtype=np.float32) * np.float32(1.0 / np.sqrt(fan_in))
+        else:
+            w = rng.standard_t(5, size=size).astype(np.float32) / np.float32(np.sqrt(fan_in))
+        w *= scales[r:r + step]
+        w[:, hot] *= 4.0
+        yield w
+
+
+def _write_safetensors(path: Path, group: list[tuple[str, tuple[int, ...]]], np_dtype: type,
+                       rng: np.random.Generator, values: str) -> None:
+    """Write one safetensors file tensor by tensor (header first: the offsets follow from the shapes), atomically."""
+    st_dtype = {np.float16: "F16", np.float32: "F32"}[np_dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shp in group:
+        nb = int(np.prod(shp)) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shp), "data_offsets": [off, off + nb]}
+        off += nb
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, shp in group:
+            for block in _weight_blocks(name, shp, rng, values):
+                f.write(block.astype(np_dtype).reshape(-1).view(np.uint8))
+
+
 def make_sample_checkpoint(
     out_dir: str | Path,
     shape: SampleShape = SampleShape(),
@@ -91,9 +150,8 @@ def make_sample_checkpoint(
     dtype: str = "float16",
     max_shard_bytes: int = 2 << 30,
 ) -> Path:
-    """Write a deterministic llama-shaped HF folder (config.json + safetensors, sharded above max_shard_bytes)."""
-    from safetensors.numpy import save_file
-
+    """Write a deterministic llama-shaped HF folder (config.json + safetensors, sharded above max_shard_bytes),
+    streaming: one tensor (row blocks for the largest) in memory at a time, whatever the shape."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
@@ -113,14 +171,10 @@ def make_sample_checkpoint(
     total = 0
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _weights(name, shp, rng).astype(np_dtype) for name, shp in group}
-        tmp = out / f".{fname}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / fname)
-        for name, arr in tensors.items():
+        _write_safetensors(out / fname, group, np_dtype, rng, shape.values)
+        for name, shp in group:
             weight_map[name] = fname
-            total += arr.nbytes
-        del tensors
+            total += int(np.prod(shp)) * itemsize
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))

@@ -15,7 +15,7 @@ from registry.config import RegistrySettings
 PASSED, FAILED, UNVALIDATED = "passed", "failed", "unvalidated"
 
 
-REPORT_ROLES = ("validation_json", "validation_html", "junit", "diff", "profile", "audit", "imatrix")
+REPORT_ROLES = ("validation_json", "validation_html", "validation_md", "junit", "diff", "profile", "audit", "imatrix")
 
 
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
@@ -95,8 +95,15 @@ def get_version(client: Any, name: str, version: str | int) -> Any:
         raise RegistryError(f"no version {version} of registered model {name!r}") from e
 
 
+#: MLflow's own spelling of a registry reference (`models:/NAME@ALIAS`, `models:/NAME/VERSION`); accepted with or
+#: without the prefix wherever quantgate takes a model reference.
+MODELS_PREFIX = "models:/"
+
+
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """'NAME@ALIAS' -> (name, None, alias); 'NAME/VERSION' or 'NAME:VERSION' -> (name, version, None)."""
+    """'NAME@ALIAS' -> (name, None, alias); 'NAME/VERSION' or 'NAME:VERSION' -> (name, version, None); each also
+    with MLflow's `models:/` prefix."""
+    ref = ref.removeprefix(MODELS_PREFIX)
     if "@" in ref:
         name, alias = ref.rsplit("@", 1)
         return name, None, alias

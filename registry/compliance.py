@@ -100,6 +100,11 @@ def _alias_history(events: list[AuditEvent], version: str) -> list[dict[str, Any
     return out
 
 
+def _bpw(metrics: dict[str, Any]) -> str:
+    v = metrics.get("bits_per_weight")
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "?"
+
+
 def build_report(model: str, version: str | int, *, settings: RegistrySettings | None = None) -> dict[str, Any]:
     """Collect everything the report shows from MLflow and the audit trail (a JSON-ready dict)."""
 
@@ -126,12 +131,13 @@ def build_report(model: str, version: str | int, *, settings: RegistrySettings |
     aliases = list(mv.aliases or [])
     lineage = [
         {"step": "source checkpoint", "sha256": params.get("source_sha256") or mv.tags.get("source_sha256"),
-         "detail": params.get("source_model", "")},
+         "detail": params.get("source_model", "") + (f" from {params['source.ref']}" if params.get("source.ref")
+                                                     else "")},
         {"step": "calibration set", "sha256": params.get("calibration_sha256"), "detail": "validation dataset"},
         {"step": "imatrix", "sha256": params.get("imatrix_sha256"), "detail": ""},
         {"step": "profile", "sha256": params.get("profile_sha256"), "detail": ""},
         {"step": "quantized file", "sha256": sha, "detail": f"{mv.tags.get('gguf_file')} ({params.get('precision')}, "
-                                                          f"{mv.tags.get('bits_per_weight')} bpw)"},
+                                                          f"{_bpw(metrics)} bpw)"},
         {"step": "validation", "sha256": None,
          "detail": NOT_VALIDATED if verdict is None else f"{status} (gate set {verdict.get('gate_set')})"},
         {"step": "registration", "sha256": None,

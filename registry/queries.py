@@ -2,14 +2,18 @@
 events."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from core.atomic import atomic_write_text
-from core.hashing import file_sha256
+from core.atomic import atomic_publish_many, atomic_write_text
+from core.hashing import combined_sha256, file_sha256
+from core.progress import ProgressFn
 from core.text import one_line
+from quant.gguf_split import parse_part_name, split_path
 from registry.audit import AuditLog, iter_jsonl
 from registry.client import (
     RegistryError,
@@ -43,12 +47,57 @@ def _target_inside(root: Path, name: str) -> Path:
     return target
 
 
-def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistrySettings | None = None) -> Path:
-    """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it.
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@contextlib.contextmanager
+def _watch_bytes(folder: Path, total: int, what: str, progress: ProgressFn | None) -> Iterator[None]:
+    """Report the bytes that have arrived under `folder` every 0.5 s (MLflow copies and downloads without a
+    callback); a final report when done."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            progress(_tree_bytes(folder), total, what)
+
+    t = threading.Thread(target=poll, name="quantgate-download-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+    progress(_tree_bytes(folder), total, what)
+
+
+def _expected_size(client: Any, mv: Any) -> int:
+    try:
+        return int(client.get_run(mv.run_id).data.metrics.get("file_size_bytes") or 0)
+    except Exception:  # noqa: BLE001 - only the progress total; an unknown size shows as a spinner
+        return 0
+
+
+def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistrySettings | None = None,
+             progress: ProgressFn | None = None) -> Path:
+    """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it; for a split
+    GGUF every part (the set's SHA-256 is core.hashing's rule over each part's), returning the first part's path.
 
     The file lands only directly inside out_dir: the `gguf_file` tag must be a plain file name (registry.client.
     safe_gguf_file), the final path is checked after resolving symlinks, the bytes go to a temp folder inside
     out_dir, are hashed and fsynced there, and are renamed into place only when the SHA-256 matches the registry's.
+    MLflow copies in chunks (memory stays flat for a GGUF of many GB: docs/BENCHMARKS.md); `progress(done, total,
+    file)` gets the bytes received twice a second.
     """
     import mlflow
 
@@ -58,27 +107,41 @@ def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistryS
         mv = resolve(client, ref)
         name = safe_gguf_file(mv)
         uri = gguf_artifact_uri(client, mv)
+        total = _expected_size(client, mv) if progress is not None else 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
-    target = _target_inside(root, name)
+    named = parse_part_name(name)  # a split GGUF: gguf_file names its first part; every part is fetched
+    names = [split_path(named[0], i, named[2]).name for i in range(named[2])] if named else [name]
+    targets = [_target_inside(root, n) for n in names]
     with tempfile.TemporaryDirectory(prefix=".quantgate-dl-", dir=root) as tmp:
-        with unreachable_as_error(s):
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        if got.is_symlink() or not got.is_file() or Path(tmp).resolve() not in got.resolve().parents:
-            raise RegistryError(f"{ref}: the registry's artifact {one_line(name, 200)} is not a plain file; refused")
-        sha = file_sha256(got)
+        got: list[Path] = []
+        for n in names:
+            with unreachable_as_error(s), _watch_bytes(Path(tmp), total, n, progress):
+                g = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rsplit('/', 1)[0]}/{n}",
+                                                             dst_path=tmp))
+            if g.is_symlink() or not g.is_file() or Path(tmp).resolve() not in g.resolve().parents:
+                raise RegistryError(f"{ref}: the registry's artifact {one_line(n, 200)} is not a plain file; refused")
+            got.append(g)
+        digests = {g.name: file_sha256(g) for g in got}
+        sha = combined_sha256(digests) if named else digests[got[0].name]
         if sha != mv.tags.get("sha256"):
-            raise RegistryError(f"downloaded {one_line(got.name, 200)} has SHA-256 {sha}, the registry says "
-                                f"{one_line(mv.tags.get('sha256'), 80)}")
-        _fsync(got)
-        target = _target_inside(root, name)  # again, just before the rename
-        os.replace(got, target)
+            what = f"the {len(got)} downloaded parts have" if named else f"downloaded {one_line(got[0].name, 200)} has"
+            raise RegistryError(f"{what} SHA-256 {sha}, the registry says {one_line(mv.tags.get('sha256'), 80)}")
+        for g in got:
+            _fsync(g)
+        targets = [_target_inside(root, n) for n in names]  # again, just before the rename
+        with atomic_publish_many(targets) as temps:  # the first part appears last
+            for g, t in zip(got, temps):
+                os.replace(g, t)
     _fsync(root, directory=True)
+    target = targets[0]
     with AuditLog(s.audit_db_url) as log:
         log.append("download", model=mv.name, version=mv.version, artifact_sha256=sha, job_key=mv.tags.get("job_key"),
                    inputs=[{"role": "model_version", "uri": ref}],
-                   outputs=[{"role": "gguf", "path": str(target), "sha256": sha}],
+                   outputs=[{"role": "gguf", "path": str(target), "sha256": sha}] + (
+                       [{"role": f"gguf_part_{i + 1}", "path": str(t), "sha256": digests[t.name]}
+                        for i, t in enumerate(targets)] if named else []),
                    verdict=mv.tags.get("verdict"), detail=f"downloaded {ref} to {target}")
     return target
 

@@ -12,6 +12,7 @@ import re
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +25,6 @@ from core.records import QuantizedArtifact, Verdict
 from registry.audit import AuditLog, claims_table, iter_jsonl
 from registry.client import (
     _ALIAS_RE,
-    FAILED,
     PASSED,
     UNVALIDATED,
     PromotionRefused,
@@ -37,6 +37,7 @@ from registry.client import (
 )
 from registry.config import RegistrySettings
 from registry.facts import GGUFFacts, _metrics, _params, gguf_facts
+from registry.views import report_artifact_paths, version_description, version_tags
 from registry.trust import (
     Backing,
     check_verdict,
@@ -146,7 +147,7 @@ def _ensure_model(client: Any, name: str, f: GGUFFacts) -> None:
         pass
     try:
         client.create_registered_model(
-            name, tags={"source_model": f.source_name, "source_sha256": f.source_sha256 or ""},
+            name, tags={"source_model": f.source_name, "source_sha256": f.source_sha256 or "", "source": f.source_ref},
             description=f"GGUF quantizations of {f.source_name} (source SHA-256 {f.source_sha256}) made by quantgate.")
     except MlflowException:  # RESOURCE_ALREADY_EXISTS from a concurrent worker
         client.get_registered_model(name)
@@ -173,11 +174,14 @@ def register_gguf(
     source_name: str | None = None,
     extra_params: Mapping[str, Any] | None = None,
     wait_timeout: float = 900.0,
+    compliance: bool = False,
 ) -> RegisteredVersion:
     """Log the job as an MLflow run and register the GGUF as a version of its source's model (idempotent).
 
     Same model name + artifact SHA-256 + job key returns the existing version (created=False), also when several
     workers race. A failed verdict still registers the version, tagged verdict=failed and rejected=true.
+    compliance=True also writes the version's compliance report (HTML) into its run (compliance/) and links it
+    from the version description.
     """
     s = settings or RegistrySettings.from_env()
     f = gguf_facts(gguf, artifact)
@@ -209,7 +213,8 @@ def register_gguf(
                                      _version_verdict(s, name, str(claim.version)), False,
                                      f"models:/{name}/{claim.version}")
         try:
-            rv = _create_version(s, log, f, name, status, verdict, rep, dict(extra_params or {}), backing)
+            rv = _create_version(s, log, f, name, status, verdict, rep, dict(extra_params or {}), backing,
+                                 compliance)
         except BaseException:
             _settle_claim(log, key, None, None)
             raise
@@ -223,7 +228,7 @@ def _version_verdict(s: RegistrySettings, name: str, version: str) -> str:
 
 def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str, status: str,
                     verdict: Verdict | None, rep: Mapping[str, Path], extra: dict[str, Any],
-                    backing: Backing | None = None) -> RegisteredVersion:
+                    backing: Backing | None = None, compliance: bool = False) -> RegisteredVersion:
     client = mlflow_client(s)
     existing = _find_existing(client, name, f.sha256, f.job_key)
     if existing is not None:  # made by a worker that died before settling its claim
@@ -231,21 +236,17 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
                                  existing.tags.get("verdict", status), False, f"models:/{name}/{existing.version}")
     import mlflow
 
-    from registry.pyfunc_gguf import GGUF_ARTIFACT_KEY, GGUFModel  # lazy: defers mlflow
+    from registry.pyfunc_gguf import GGUF_ARTIFACT_KEY, signature  # lazy: defers mlflow
 
     exp_id = _ensure_experiment(client, s)
     _ensure_model(client, name, f)
-    tags = {"sha256": f.sha256, "file_type": "" if f.file_type is None else str(f.file_type),
-            "bits_per_weight": f"{f.bits_per_weight:.4f}", "verdict": status,
-            "gate_set": verdict.gate_set if verdict else "", "job_key": f.job_key,
-            "source_sha256": f.source_sha256 or "", "precision": f.precision or "", "gguf_file": f.path.name}
-    if status == FAILED:
-        tags["rejected"] = "true"
+    tags = version_tags(f, verdict, status)
+    metrics = _metrics(f, verdict, rep)
     run_name = f"{f.precision or 'gguf'}-{f.sha256[:12]}"
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
                           tags={"quantgate.job_key": f.job_key, "quantgate.artifact_sha256": f.sha256}) as run:
         mlflow.log_params(_params(f, verdict, rep, extra))
-        mlflow.log_metrics(_metrics(f, verdict, rep))
+        mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory(prefix="quantgate-reg-") as tmp:
             if verdict is not None:
                 (Path(tmp) / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2, sort_keys=True))
@@ -255,13 +256,18 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
             mlflow.log_artifact(str(Path(tmp) / "gguf_facts.json"), "quantgate")
         for role, p in rep.items():
             mlflow.log_artifact(str(p), f"reports/{role}")
+        files = {GGUF_ARTIFACT_KEY: str(f.path)}  # a split GGUF: every part, beside the first (llama.cpp finds them)
+        files.update({f"gguf_part_{i + 1}": str(f.path.with_name(q["file"])) for i, q in enumerate(f.parts) if i})
         info = _log_pyfunc(
-            name="gguf_model", python_model=GGUFModel(), artifacts={GGUF_ARTIFACT_KEY: str(f.path)},
+            name="gguf_model", python_model=str(Path(__file__).with_name("pyfunc_gguf.py")),
+            artifacts=files, signature=signature(),
             pip_requirements=_requirements(), metadata={"artifact_sha256": f.sha256, "job_key": f.job_key},
         )
+    arts = report_artifact_paths(rep)
     mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, tags=tags,
                                      model_id=info.model_id,
-                                     description=f"{f.path.name} ({f.precision}), verdict: {status}")
+                                     description=version_description(f, verdict, status, metrics, run.info.run_id,
+                                                                     arts))
     digest = verdict_digest(verdict) if verdict is not None else None
     vkey = verdict_key()
     trust_cfg: dict[str, Any] = {"verdict_sha256": digest,
@@ -270,6 +276,8 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
         trust_cfg["signature"] = sign_registration(vkey, name, str(mv.version), f.sha256, digest, status)
     ev = log.append("register", model=name, version=mv.version, artifact_sha256=f.sha256, job_key=f.job_key,
                     inputs=[{"role": "gguf", "path": str(f.path), "sha256": f.sha256, "bytes": f.nbytes}]
+                    + [{"role": f"gguf_part_{i + 1}", "path": str(f.path.with_name(q["file"])), "sha256": q["sha256"],
+                        "bytes": q["bytes"]} for i, q in enumerate(f.parts)]
                     + [{"role": r, "path": str(p), "sha256": _sha(p)} for r, p in rep.items()],
                     outputs=[{"role": "model_version", "uri": f"models:/{name}/{mv.version}",
                               "run_id": run.info.run_id, "sha256": f.sha256}],
@@ -279,6 +287,8 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
     client.set_model_version_tag(name, mv.version, "audit_event_hash", ev.hash)
     client.set_tag(run.info.run_id, "quantgate.audit_event_hash", ev.hash)  # a second anchor, on the run
     _log_audit_excerpt(client, log, run.info.run_id, name, str(mv.version), f)
+    if compliance:
+        _attach_compliance(s, client, name, str(mv.version), run.info.run_id, f, verdict, status, metrics, arts)
     return RegisteredVersion(name, str(mv.version), run.info.run_id, f.sha256, f.job_key, status, True,
                              f"models:/{name}/{mv.version}")
 
@@ -293,9 +303,24 @@ def _log_audit_excerpt(client: Any, log: AuditLog, run_id: str, name: str, versi
         client.log_artifact(run_id, str(path), "audit")
 
 
+def _attach_compliance(s: RegistrySettings, client: Any, name: str, version: str, run_id: str, f: GGUFFacts,
+                       verdict: Verdict | None, status: str, metrics: Mapping[str, float],
+                       arts: Mapping[str, str]) -> None:
+    """Write the version's compliance report (HTML) into its run (compliance/, audited as a "report" event) and
+    link it from the version description."""
+    from registry.compliance import write_report  # lazy: matplotlib, only when a report is asked for
+
+    with tempfile.TemporaryDirectory(prefix="quantgate-compliance-") as tmp:
+        path = write_report(name, version, tmp, "html", settings=s)
+    links = {**arts, "compliance": f"compliance/{path.name}"}
+    client.update_model_version(name, version, description=version_description(f, verdict, status, metrics, run_id,
+                                                                                links))
+
+
 def _log_pyfunc(**kwargs: Any) -> Any:
-    """mlflow.pyfunc.log_model without its CloudPickle warning: GGUFModel is pickled by reference to the
-    importable class registry.pyfunc_gguf.GGUFModel (the loading environment needs quantgate installed)."""
+    """mlflow.pyfunc.log_model of the model-from-code file registry/pyfunc_gguf.py: MLflow stores the file itself
+    with the model, so `mlflow.pyfunc.load_model` works wherever mlflow (and, to generate, llama-cpp-python) is
+    installed, without quantgate. MLflow's notes about models from code are kept out of the log."""
     import logging
 
     import mlflow
@@ -304,9 +329,17 @@ def _log_pyfunc(**kwargs: Any) -> Any:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return mlflow.pyfunc.log_model(**kwargs)
+        with warnings.catch_warnings():
+            for note in _PYFUNC_NOTES:
+                warnings.filterwarnings("ignore", message=note)
+            return mlflow.pyfunc.log_model(**kwargs)
     finally:
         logger.setLevel(level)
+
+
+#: MLflow's advice printed on every log_model that does not apply here: the signature is explicit (type hints would
+#: replace it and lose its params schema) and an input example would run llama.cpp at registration.
+_PYFUNC_NOTES = (r"(?s).*Add type hints to the `predict` method", r"(?s).*An input example was not provided")
 
 
 def _sha(p: Path) -> str:
@@ -318,7 +351,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("mlflow", "llama-cpp-python", "quantgate"):
+    for dist in ("mlflow", "llama-cpp-python"):  # published packages only: the loader ships with the model
         try:
             reqs.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,10 @@ def require_oracle():
             pytest.fail(msg)
         pytest.skip(msg)
     return ggml_oracle
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Where the HTML report screenshots of this run are (CI keeps the folder as a build artifact)."""
+    chromium = sys.modules.get("tests._chromium")
+    if chromium is not None and chromium.TAKEN:
+        terminalreporter.write_line(f"report screenshots ({len(chromium.TAKEN)}): {chromium.SHOTS}")

@@ -1,6 +1,8 @@
 """The DVC pipeline (dvc.yaml + params.yaml) on a tiny model in a temporary git repository: a real `dvc repro`,
 then a gate-threshold change re-runs only validate + register, and a new mix runs only that mix's stages; the AUTO
-mix (quantize_auto) is fed by the profile stage."""
+mix (quantize_auto) is fed by the profile stage. What DVC tracks is reproducible (a forced re-run leaves dvc.lock as
+it was), `dvc metrics show` has one row per mix, and `dvc metrics diff` / `dvc plots diff` compare two commits and
+a commit with a `dvc exp run -S ...` experiment."""
 from __future__ import annotations
 
 import json
@@ -23,6 +25,13 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
+
+
+def _json(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """A dvc command's --json output (stdout only: DVC warns on stderr)."""
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}\n{r.stderr}"
+    return json.loads(r.stdout)
 
 
 def _ran(out: str) -> set[str]:
@@ -78,15 +87,26 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     assert sum(auto["tensor_bytes"].values()) <= sum(q4["tensor_bytes"].values())
     assert (repo / "out/pipeline/register/AUTO.json").is_file()
     assert _ran(_run(dvc + ["repro"], repo, env)) == set()   # nothing changed: nothing runs
-    m = json.loads(_run(dvc + ["metrics", "show", "--json"], repo, env))
-    flat = json.dumps(m)
-    for key in ("size_bytes", "bpw", "ppl_ratio", "kl_mean", "weight_rel_rmse_mean"):
-        assert key in flat
+    m = _json(dvc + ["metrics", "show", "--json"], repo, env)
+    rows = _metric_rows(m[""])                                  # one file (one row) per mix, both stages' figures
+    assert set(rows) == {"Q8_0", "Q4_K_M", "AUTO"}
+    for row in rows.values():
+        assert {"size_bytes", "bpw", "weight_rel_rmse_mean", "ppl_ratio", "kl_mean", "acc_candidate"} <= set(row)
+    assert rows["Q8_0"]["bpw"] > rows["Q4_K_M"]["bpw"] and rows["Q8_0"]["kl_mean"] < rows["Q4_K_M"]["kl_mean"]
     assert (repo / "out/pipeline/plots/tensor_error_by_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert (repo / "out/pipeline/plots/bpw_vs_kld.png").read_bytes()[:4] == b"\x89PNG"
     reg = json.loads((repo / "out/pipeline/register/Q8_0.json").read_text())
-    assert reg["model_name"] == "tiny" and reg["verdict"] in ("passed", "failed")
+    assert reg["model_name"] == "tiny" and reg["verdict"] in ("passed", "failed") and "run_id" not in reg
+    # the run records are there, beside what DVC tracks: the verdict with its timestamp, the reports
+    record = json.loads((repo / "out/pipeline/validate/Q8_0/verdict.json").read_text())
+    assert record["created_at"] and (repo / "out/pipeline/validate/Q8_0/reports").is_dir()
+    assert json.loads((repo / "out/pipeline/verdicts/Q8_0.json").read_text())["passed"] == record["passed"]
     _commit(repo, env, "first run")
+
+    # what DVC tracks is content: forced re-runs (a second registration finds its version) leave dvc.lock as is
+    out = _run(dvc + ["repro", "--force", "-s", "quantize@Q8_0", "validate@Q8_0", "register@Q8_0"], repo, env)
+    assert _ran(out) == {"quantize@Q8_0", "validate@Q8_0", "register@Q8_0"}
+    assert _run(["git", "status", "--porcelain"], repo, env) == ""
 
     # a gate threshold changes: only validate and register re-run
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -105,5 +125,37 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(dvc + ["repro"], repo, env)
     assert _ran(out) == {"quantize@Q2_K", "validate@Q2_K", "register@Q2_K", "plots"}
-    diff = _run(dvc + ["metrics", "diff", "--json"], repo, env)
-    assert "Q2_K" in diff
+    _commit(repo, env, "Q2_K")
+
+    # two commits: the new mix's metrics file appears; both plots carry both revisions' data
+    diff = _json(dvc + ["metrics", "diff", "HEAD~1", "HEAD", "--json"], repo, env)
+    q2 = diff["out/pipeline/metrics/Q2_K.json"]
+    assert q2["kl_mean"]["old"] is None and q2["kl_mean"]["new"] > rows["Q4_K_M"]["kl_mean"]
+    assert _plot_revs(_json(dvc + ["plots", "diff", "HEAD~1", "HEAD", "--json"], repo, env)) == {
+        "bpw_vs_kld": {"HEAD~1": {"Q8_0", "Q4_K_M", "AUTO"}, "HEAD": {"Q8_0", "Q4_K_M", "AUTO", "Q2_K"}},
+        "layer_error": {"HEAD~1": {"Q8_0", "Q4_K_M", "AUTO"}, "HEAD": {"Q8_0", "Q4_K_M", "AUTO", "Q2_K"}}}
+
+    # an experiment with another AUTO budget: only the AUTO branch (and the plots) re-run; diff against it
+    out = _run(dvc + ["exp", "run", "-n", "auto-q2k", "-S", "auto.target=Q2_K"], repo, env)
+    assert _ran(out) == {"quantize_auto", "validate_auto", "register_auto", "plots"}
+    diff = _json(dvc + ["metrics", "diff", "HEAD", "auto-q2k", "--json"], repo, env)
+    assert set(diff) == {"out/pipeline/metrics/AUTO.json"}
+    assert diff["out/pipeline/metrics/AUTO.json"]["bpw"]["new"] < diff["out/pipeline/metrics/AUTO.json"]["bpw"]["old"]
+    revs = _plot_revs(_json(dvc + ["plots", "diff", "HEAD", "auto-q2k", "--json"], repo, env))
+    assert set(revs["bpw_vs_kld"]) == {"HEAD", "auto-q2k"}
+
+
+def _metric_rows(show: dict) -> dict[str, dict]:
+    """`dvc metrics show --json` of one revision -> {mix: its metrics}."""
+    return {Path(f).stem: d["data"] for f, d in show["data"].items()}
+
+
+def _plot_revs(doc: dict) -> dict[str, dict[str, set[str]]]:
+    """`dvc plots diff --json` -> {plot id: {revision: the mixes in its data}}."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for plot_id, renders in doc["data"].items():
+        for r in renders:
+            assert r["type"] == "vega", r
+            for point in r["content"]["data"]["values"]:
+                out.setdefault(plot_id, {}).setdefault(point["rev"], set()).add(point["mix"])
+    return out

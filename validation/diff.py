@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_write_text
-from core.png import png_data_uri, pyplot
+from core.png import legend_outside, png_data_uri, pyplot
 from core.templating import render
 from core.text import md_cell, md_code, md_escape, one_line
 from runtime.datasets import DEFAULT_EVAL
@@ -280,7 +280,7 @@ def _plot_rel_rmse(r: DiffReport) -> str | None:
     ax.set_xlabel("tensor (file order)")
     ax.set_ylabel("relative RMSE vs baseline")
     ax.set_title("Per-tensor error, A vs B")
-    ax.legend(fontsize=8)
+    legend_outside(ax, fontsize=8)
     uri = png_data_uri(fig, dpi=90)
     return uri
 
@@ -299,13 +299,14 @@ def render_html(r: DiffReport) -> str:
     tables.append({"title": "Tensors", "head": ["tensor", "type A", "type B", "bytes A", "bytes B", "rel RMSE A",
                                                 "rel RMSE B"],
                    "rows": [[t["name"], str(t["type_a"]), str(t["type_b"]), fmt(t["bytes_a"]), fmt(t["bytes_b"]),
-                             fmt(t["rel_rmse_a"], ".5f"), fmt(t["rel_rmse_b"], ".5f")] for t in r.tensors]})
+                             fmt(t["rel_rmse_a"], ".5f"), fmt(t["rel_rmse_b"], ".5f")] for t in r.tensors],
+                   "text_cols": (0,)})
     tables.append({"title": "Metadata", "head": ["metadata", "key", "value"],
                    "rows": [[kind, k, json.dumps(v, default=str)[:200]] for kind in ("added", "removed", "changed")
-                            for k, v in r.metadata[kind].items()]})
+                            for k, v in r.metadata[kind].items()], "text_cols": (1, 2)})
     # every key the template reads, on every table (the environment's StrictUndefined fails on a missing one)
     # control characters shown escaped, each value on one line (HTML escaping is the template's autoescape)
-    tables = [{"title": "", "image": None, "head": None, **t, "rows": [[one_line(c, 100_000) for c in row]
+    tables = [{"title": "", "image": None, "head": None, "text_cols": (0,), **t, "rows": [[one_line(c, 100_000) for c in row]
                                                                        for row in t.get("rows", [])]}
               for t in tables]
     return render(_TEMPLATES, "diff.html.j2", summary=one_line(r.summary, 100_000), tables=tables)

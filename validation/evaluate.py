@@ -12,7 +12,7 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,9 +21,11 @@ from core.hashing import checkpoint_sha256, file_sha256
 from core.progress import ProgressFn
 from core.version import __version__
 from quant.gguf_reader import read_gguf
+from quant.gguf_split import refuse_split
 from quant.loaders import open_checkpoint
 from runtime.backends import BACKENDS, LogitsBackend, is_gguf, open_backend
 from runtime.datasets import load_dataset
+from runtime.layer_stream import stream_logits, supports
 from runtime.tokenize import tokenize_samples
 from validation.eval_report import EvalReport, ModelRef, Timings
 from validation.logits_cache import (
@@ -74,6 +76,23 @@ def _samples_and_tokens(baseline: Path, dataset: Any, max_tokens: int) -> tuple[
     return ds, ds_path, samples, tokenize_samples(baseline, [s.text for s in samples], max_tokens)
 
 
+def _n_vocab(model: Path) -> int:
+    """Vocabulary size of a model (GGUF: token list or embedding rows; HF: config vocab_size)."""
+    with open_checkpoint(model, allow_requantize=True) as ckpt:
+        if ckpt.kind == "gguf":
+            kv = {k.key: k.value for k in ckpt.gguf_kv}
+            arch = kv.get("general.architecture")
+            if kv.get(f"{arch}.vocab_size") is not None:
+                return int(kv[f"{arch}.vocab_size"])
+            if kv.get("tokenizer.ggml.tokens") is not None:
+                return len(kv["tokenizer.ggml.tokens"])
+            return int(ckpt.tensor("token_embd.weight").shape[0])
+        n = (ckpt.config or {}).get("vocab_size")
+        if n is None:
+            raise CheckpointError(f"{model}: config.json has no vocab_size")
+        return int(n)
+
+
 def _check_args(backend: str, batch_size: int, *paths: Path) -> None:
     if backend not in BACKENDS:
         raise QuantGateError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -82,33 +101,65 @@ def _check_args(backend: str, batch_size: int, *paths: Path) -> None:
     for p in paths:
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or folder")
+        refuse_split(p, "evaluate")
+
+
+def each_logits(backend: str, model: Path, token_ids: list[list[int]], on_logits: Callable[[int, np.ndarray], None],
+                *, batch_size: int, max_tokens: int, notes: list[str], progress: ProgressFn | None = None,
+                what: str = "") -> int:
+    """Call on_logits(i, float32 logits (n_i, n_vocab)) for every sequence, in order, and return n_vocab. The torch
+    backend runs layer by layer (runtime.layer_stream: one block's weights in memory) when the architecture has a
+    streaming adapter, else it loads the whole model in float32 and says so in `notes`; llama.cpp runs the file."""
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total, what)
+
+    if backend == "torch" and supports(model):
+        def counted(i: int, lg: np.ndarray) -> None:
+            on_logits(i, lg)
+            if (i + 1) % batch_size == 0 or i + 1 == len(token_ids):
+                report(i + 1, len(token_ids))   # per batch of sequences, as the batched backends report
+
+        return stream_logits(model, token_ids, counted)
+    if backend == "torch":
+        notes.append(f"{model.name}: no layer-streaming adapter for its architecture; the whole model was loaded "
+                     "in float32 (runtime.layer_stream)")
+    runner: LogitsBackend | None = open_backend(backend, model, n_ctx=max_tokens)
+    try:
+        assert runner is not None
+        n_vocab = runner.n_vocab
+        for start in range(0, len(token_ids), batch_size):
+            idx = range(start, min(start + batch_size, len(token_ids)))
+            for i, lg in zip(idx, runner.logits([token_ids[i] for i in idx])):
+                on_logits(i, lg)
+            report(idx.stop, len(token_ids))
+    finally:
+        if runner is not None:
+            runner.close()
+        runner = None
+        gc.collect()
+    return n_vocab
 
 
 def _baseline_pass(baseline: Path, token_ids: list[list[int]], key: CacheKey, cache: LogitsCache, batch_size: int,
-                   progress: ProgressFn | None) -> tuple[CachedLogProbs, bool, float]:
+                   progress: ProgressFn | None, notes: list[str]) -> tuple[CachedLogProbs, bool, float]:
     """(baseline records, cache hit, seconds). On a miss only the baseline model is in memory, and it is freed
     before returning; its records stream to the cache (or to memory when the cache folder is not writable)."""
     cached = cache.lookup(key)
     if cached is not None:
         return cached, True, 0.0
     t0 = time.perf_counter()
-    base: LogitsBackend | None = open_backend(key.backend, baseline, n_ctx=key.max_tokens)
-    try:
-        assert base is not None
-        n_vocab = base.n_vocab
-        with cache.writer(key, n_vocab) as writer:
-            for start in range(0, len(token_ids), batch_size):
-                idx = range(start, min(start + batch_size, len(token_ids)))
-                for i, lg in zip(idx, base.logits([token_ids[i] for i in idx])):
-                    targets = np.asarray(token_ids[i][1:], dtype=np.int64)
-                    writer.append(compress(log_softmax(lg[:-1]), targets))
-                if progress is not None:
-                    progress(idx.stop, len(token_ids), "baseline")
-    finally:
-        if base is not None:
-            base.close()
-        base = None
-        gc.collect()    # the baseline's weights go before the candidate loads
+    n_vocab = _n_vocab(baseline)
+    with cache.writer(key, n_vocab) as writer:
+        def write(i: int, lg: np.ndarray) -> None:
+            if lg.shape[-1] != n_vocab:
+                raise QuantGateError(f"{baseline}: logits have {lg.shape[-1]} entries, the vocabulary {n_vocab}")
+            targets = np.asarray(token_ids[i][1:], dtype=np.int64)
+            writer.append(compress(log_softmax(lg[:-1]), targets))
+
+        each_logits(key.backend, baseline, token_ids, write, batch_size=batch_size, max_tokens=key.max_tokens,
+                    notes=notes, progress=progress, what="baseline")
+    gc.collect()    # the baseline's weights go before the candidate loads
     seconds = time.perf_counter() - t0
     hit = cache.lookup(key)
     return (hit if hit is not None else writer.in_memory()), False, seconds
@@ -131,7 +182,7 @@ def cache_baseline(
     ds, _ds_path, _samples, token_ids = _samples_and_tokens(baseline, dataset, max_tokens)
     key = CacheKey(model_sha256(baseline), ds.sha256, int(max_tokens), __version__, tokens_sha256(token_ids),
                    "torch")
-    _records, hit, _s = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress)
+    _records, hit, _s = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress, [])
     return key, hit
 
 
@@ -197,37 +248,30 @@ def evaluate(
     overall = MetricsAccumulator()
     per_cat: dict[str, MetricsAccumulator] = {}
     n_fed = sum(len(ids) for ids in token_ids)
+    notes: list[str] = []
     if exact:
         t_base, t_cand = _exact_pass(baseline, candidate, backend, token_ids, samples, max_tokens, batch_size,
                                      overall, per_cat, progress)
         hit = False
     else:
-        records, hit, t_base = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress)
-        t_cand = 0.0
-        cand: LogitsBackend = open_backend(backend, candidate, n_ctx=max_tokens)
-        try:
-            if cand.n_vocab != records.n_vocab:
-                raise QuantGateError(f"vocabulary sizes differ: baseline {records.n_vocab}, candidate {cand.n_vocab}")
-            for start in range(0, len(samples), batch_size):
-                idx = range(start, min(start + batch_size, len(samples)))
-                t1 = time.perf_counter()
-                logits = cand.logits([token_ids[i] for i in idx])
-                t_cand += time.perf_counter() - t1
-                for i, lg in zip(idx, logits):
-                    targets = np.asarray(token_ids[i][1:], dtype=np.int64)
-                    rec = records.sample(i)
-                    if rec.shape != (len(targets),):
-                        raise QuantGateError(f"cached baseline rows of sample {i} do not match its tokens")
-                    values = score_against(rec, log_softmax(lg[:-1]), targets)
-                    overall.add_tokens(*values[:4], targets, values[4])
-                    per_cat.setdefault(samples[i].category, MetricsAccumulator()).add_tokens(
-                        *values[:4], targets, values[4])
-                if progress is not None:
-                    progress(idx.stop, len(samples), "evaluate")
-        finally:
-            cand.close()
-            del cand
-            gc.collect()
+        records, hit, t_base = _baseline_pass(baseline, token_ids, key, LogitsCache(cache_dir), batch_size, progress,
+                                              notes)
+
+        def score(i: int, lg: np.ndarray) -> None:
+            if lg.shape[-1] != records.n_vocab:
+                raise QuantGateError(f"vocabulary sizes differ: baseline {records.n_vocab}, candidate {lg.shape[-1]}")
+            targets = np.asarray(token_ids[i][1:], dtype=np.int64)
+            rec = records.sample(i)
+            if rec.shape != (len(targets),):
+                raise QuantGateError(f"cached baseline rows of sample {i} do not match its tokens")
+            values = score_against(rec, log_softmax(lg[:-1]), targets)
+            overall.add_tokens(*values[:4], targets, values[4])
+            per_cat.setdefault(samples[i].category, MetricsAccumulator()).add_tokens(*values[:4], targets, values[4])
+
+        t1 = time.perf_counter()
+        each_logits(backend, candidate, token_ids, score, batch_size=batch_size, max_tokens=max_tokens, notes=notes,
+                    progress=progress, what="evaluate")
+        t_cand = time.perf_counter() - t1
 
     t3 = time.perf_counter()
     tensors = per_tensor_errors(baseline, candidate)
@@ -242,8 +286,8 @@ def evaluate(
         total_seconds=time.perf_counter() - t_start,
         baseline_cache_hit=hit,
     )
-    notes = [] if exact else ["KL from the cached uint16 baseline log-probs (llama-perplexity's format; "
-                              "docs/EVALUATION.md)"]
+    if not exact:
+        notes.insert(0, "KL from the cached uint16 baseline log-probs (llama-perplexity's format; docs/EVALUATION.md)")
     if (dropped := len(ds.samples) - len(samples)):
         notes.append(f"{dropped} empty or duplicate samples skipped")
     if (short := sum(1 for ids in token_ids if len(ids) < 2)):

@@ -18,6 +18,7 @@ from core.atomic import atomic_write_text
 from core.errors import QuantGateError
 from core.progress import ProgressFn
 from core.records import GateResult, Verdict
+from quant.gguf_split import refuse_split
 from quant.loaders import open_checkpoint
 from quant.model_plan import plan_model
 from runtime.datasets import DEFAULT_CALIBRATION, DEFAULT_EVAL, load_dataset
@@ -99,6 +100,8 @@ def run_validation(
     baseline, candidate = Path(baseline), Path(candidate)
     if not baseline.exists():
         raise QuantGateError(f"baseline not found: {baseline}")
+    for p in (baseline, candidate):
+        refuse_split(p, "validation")
     ds_path = Path(dataset) if dataset is not None else DEFAULT_EVAL
     cal_path = Path(calibration) if calibration is not None else (
         DEFAULT_CALIBRATION if dataset is None and DEFAULT_CALIBRATION.exists() else None)
@@ -159,11 +162,11 @@ def gate_and_report(
     *,
     report_dir: "str | os.PathLike[str] | None" = None,
     junit: "str | os.PathLike[str] | None" = None,
-    data_docs: bool = True,
+    data_docs: bool = False,
     **kwargs: Any,
 ) -> Verdict:
     """Validate `candidate` against `baseline` with `gates` and write the reports (validation.json/.md/.html,
-    verdict.json, junit.xml, gx/ Data Docs) atomically into report_dir/<artifact sha256>/ (default
+    verdict.json, junit.xml; with data_docs, GX's own Data Docs in gx/) atomically into report_dir/<artifact sha256>/ (default
     <candidate>.reports/); returns the Verdict (report paths filled in). Unusable inputs: error.json only, then
     UnusableInput. kwargs: see run_validation."""
 

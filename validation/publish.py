@@ -18,7 +18,7 @@ from typing import Any
 
 from core.atomic import atomic_write_text
 from core.hashing import file_sha256
-from core.png import png_data_uri, pyplot
+from core.png import legend_outside, png_data_uri, pyplot
 from core.templating import render
 from core.text import MdSafe, md_cell, md_code, md_escape, one_line
 from core.version import __version__
@@ -192,35 +192,78 @@ def _md_table(head: list[Any], rows: list[list[Any]]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in esc[1:]])
 
 
-def _gate_rows(verdict: Any) -> list[list[Any]]:
+def _gate_rows(verdict: Any, gates: Any = None) -> list[list[Any]]:
     return [["skipped" if g.skipped else ("pass" if g.passed else MdSafe("**FAIL**")), g.kind, g.name, fmt(g.value),
              f"{g.comparator or ''} {fmt(g.threshold)}" if g.threshold is not None else "", g.detail[:200]]
-            for g in verdict.gates]
+            for g in (verdict.gates if gates is None else gates)]
+
+
+#: validation.md stays a PR comment (GitHub's limit: 65,536 characters): at most this many rows per table and
+#: category columns; the rest is in validation.html. Cells are cut to MD_CELL characters.
+MD_MAX_ROWS = 15
+MD_MAX_CATEGORIES = 6
+MD_CELL = 160
+
+
+def _md_cap(rows: list[Any], limit: int = MD_MAX_ROWS) -> tuple[list[Any], str]:
+    """The first `limit` rows and a note naming how many more the HTML report holds ("" when none)."""
+    more = len(rows) - limit
+    return (rows[:limit], f"... and {more} more in validation.html") if more > 0 else (rows, "")
+
+
+def gate_counts(verdict: Any) -> str:
+    """`44 gates: 43 passed, 1 failed, 0 skipped` (structural, expectation and metric gates together)."""
+    gs = verdict.gates
+    n_skip = sum(1 for g in gs if g.skipped)
+    n_pass = sum(1 for g in gs if g.passed and not g.skipped)
+    return f"{len(gs)} gates: {n_pass} passed, {len(gs) - n_pass - n_skip} failed, {n_skip} skipped"
 
 
 def render_markdown(v: Any) -> str:
-    """validation.md: verdict line, gate table, metrics table, worst tensors (fits a PR comment). Every value that
-    comes from a file (names, paths, gate details, categories) is escaped: literal text, never HTML or Markdown."""
+    """validation.md, the PR comment: verdict, the failed gates, the quality gates, the quality table (overall and
+    the first categories) and the worst tensors, each table capped (MD_MAX_ROWS, MD_MAX_CATEGORIES, MD_CELL) so
+    the comment stays far below GitHub's 65,536 characters whatever the inputs; every gate and tensor is in
+    validation.html. Every value that comes from a file (names, paths, gate details, categories) is escaped:
+    literal text, never HTML, Markdown or a link."""
     vd = v.verdict
     icon = "✅" if vd.passed else "❌"
     lines = [f"## {icon} quantgate validation: {'PASSED' if vd.passed else 'FAILED'}", "",
+             f"**{md_escape(summary_line(vd), 600)}**", "",
              f"{md_code(Path(v.facts.path).name)} (sha256 {md_code(vd.artifact_sha256[:16])}, "
              f"{fmt(v.facts.nbytes, ',d')} bytes) vs baseline {md_code(Path(v.baseline).name)} "
-             f"({md_code(v.baseline_sha256[:16])}); gate set {md_code(vd.gate_set)}.", "",
-             f"**{md_escape(summary_line(vd), 2000)}**", "", "### Gates", "",
-             _md_table(["result", "kind", "gate", "value", "threshold", "detail"], _gate_rows(vd)), ""]
+             f"({md_code(v.baseline_sha256[:16])}); gate set {md_code(vd.gate_set)}; {gate_counts(vd)}.", ""]
+
+    def table(head: list[Any], rows: list[list[Any]]) -> list[str]:
+        shown, more = _md_cap(rows)
+        cut = [[c if isinstance(c, MdSafe) else md_cell(c, MD_CELL) for c in r] for r in shown]
+        return [_md_table(head, cut)] + ([f"_{more}_"] if more else []) + [""]
+
+    head = ["result", "kind", "gate", "value", "threshold", "detail"]
+    failed = [g for g in vd.gates if not g.passed and not g.skipped]
+    if failed:
+        lines += ["### Failed gates", ""] + table(head, _gate_rows(vd, failed))
+    quality = [g for g in vd.gates if g.kind == "metric"]
+    if quality:
+        lines += ["### Quality gates", ""] + table(head, _gate_rows(vd, quality))
     rep = v.eval_report
     if rep is not None:
-        head, rows = _metric_rows(rep)
+        mhead, rows = _metric_rows(rep)
+        ncat = len(mhead) - 2
+        keep = 2 + min(ncat, MD_MAX_CATEGORIES)
         lines += [f"### Quality vs baseline ({fmt(rep.n_samples)} samples, {fmt(rep.n_tokens)} tokens, backend "
-                  f"{md_escape(rep.backend)})", "", _md_table(head, rows), ""]
+                  f"{md_escape(rep.backend, 40)})", ""]
+        lines += table(mhead[:keep], [r[:keep] for r in rows])
+        if ncat > MD_MAX_CATEGORIES:
+            lines[-1:] = [f"_{ncat - MD_MAX_CATEGORIES} more categories in validation.html_", ""]
         worst = sorted(rep.per_tensor, key=lambda e: -(e.rel_rmse or 0.0))[:5]
-        lines += ["### Worst tensors (relative RMSE)", "",
-                  _md_table(["tensor", "type", "rel RMSE", "cosine"],
-                            [[e.name, e.qtype, fmt(e.rel_rmse, ".5f"), fmt(e.cosine, ".6f")] for e in worst]), ""]
+        lines += ["### Worst tensors (relative RMSE)", ""]
+        lines += table(["tensor", "type", "rel RMSE", "cosine"],
+                       [[e.name, e.qtype, fmt(e.rel_rmse, ".5f"), fmt(e.cosine, ".6f")] for e in worst])
     else:
         lines += ["Evaluation skipped: a structural gate failed.", ""]
-    return "\n".join(lines) + "\n"
+    lines += ["Full report: `validation.html` beside this file (every gate, the per-tensor table, the plots); "
+              "`validation.json` and `junit.xml` hold the same results for tools.", ""]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ plots + HTML
@@ -250,6 +293,11 @@ def _plain(x: Any) -> Any:
 
 def plot_tensor_error(per_tensor: list[Any]) -> str:
     """Relative RMSE of every tensor by layer (one marker series per tensor kind), log scale, as a PNG data URI."""
+    return png_data_uri(tensor_error_figure(per_tensor), dpi=90)
+
+
+def tensor_error_figure(per_tensor: list[Any]) -> Any:
+    """The figure of plot_tensor_error (legend outside the plot area)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     kinds: dict[str, list[tuple[int, float]]] = {}
@@ -263,10 +311,9 @@ def plot_tensor_error(per_tensor: list[Any]) -> str:
     ax.set_xlabel("layer (-1: outside the blocks)")
     ax.set_ylabel("relative RMSE")
     ax.set_title("Per-tensor weight error by layer")
-    ax.legend(fontsize=7, ncol=3)
+    legend_outside(ax)
     ax.grid(alpha=0.3)
-    uri = png_data_uri(fig, dpi=90)
-    return uri
+    return fig
 
 
 def plot_categories(rep: Any) -> str:
@@ -274,7 +321,7 @@ def plot_categories(rep: Any) -> str:
     plt = pyplot()
     sets = [("overall", rep.overall)] + list(rep.per_category.items())
     metrics = ("kl_mean", "top1_agreement", "ppl_ratio", "accuracy_drop")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.2), layout="constrained")   # no label over a neighbour
     for ax, m in zip(axes, metrics):
         vals = [getattr(x, m) for _, x in sets]
         ax.bar([plot_label(n) for n, _ in sets], [v if v is not None and math.isfinite(v) else 0 for v in vals],
@@ -289,6 +336,11 @@ def plot_categories(rep: Any) -> str:
 def plot_kl_distribution(rep: Any) -> str:
     """The KL divergence distribution per category from its summary statistics (median, mean, p99, max; log scale):
     the EvalReport keeps these, not the per-token values."""
+    return png_data_uri(kl_distribution_figure(rep), dpi=90)
+
+
+def kl_distribution_figure(rep: Any) -> Any:
+    """The figure of plot_kl_distribution (legend outside the plot area)."""
     plt = pyplot()
     sets = [("overall", rep.overall)] + list(rep.per_category.items())
     stats = ("kl_median", "kl_mean", "kl_p99", "kl_max")
@@ -301,9 +353,22 @@ def plot_kl_distribution(rep: Any) -> str:
     ax.set_yscale("log")
     ax.set_ylabel("KL(baseline || candidate), nats")
     ax.set_title("KL divergence distribution per token")
-    ax.legend(fontsize=8)
-    uri = png_data_uri(fig, dpi=90)
-    return uri
+    legend_outside(ax, fontsize=8)
+    return fig
+
+
+def expectation_suites(gates: list[Any]) -> dict[str, tuple[str, int, int, int, int]]:
+    """Our summary of the Great Expectations results (in place of GX's Data Docs, which need a CDN for their
+    styling): per suite, its table and how many expectations ran, passed, failed and were skipped."""
+    out: dict[str, list[Any]] = {}
+    for g in gates:
+        if g.kind != "expectation":
+            continue
+        suite = g.name.split(":", 2)[1] if g.name.count(":") >= 1 else g.name
+        row = out.setdefault(suite, [g.category or "", 0, 0, 0, 0])
+        row[1] += 1
+        row[2 if g.passed and not g.skipped else (4 if g.skipped else 3)] += 1
+    return {k: (r[0], r[1], r[2], r[3], r[4]) for k, r in out.items()}
 
 
 _TEMPLATES = Path(__file__).parent / "templates"
@@ -315,12 +380,24 @@ def render_html(v: Any) -> str:
 
     vd = v.verdict
     rep = v.eval_report
+
+    def rows(gates: list[Any]) -> tuple[list[list[Any]], list[str]]:
+        return ([[r[0].strip("*").upper()] + r[1:] for r in _gate_rows(vd, gates)],
+                ["skip" if g.skipped else ("pass" if g.passed else "fail") for g in gates])
+
+    failed = [g for g in vd.gates if not g.passed and not g.skipped]
     ctx: dict[str, Any] = {
         "vd": vd, "summary": summary_line(vd), "artifact_path": v.facts.path, "baseline": v.baseline,
-        "baseline_sha256": v.baseline_sha256, "rep": rep,
-        "gate_rows": [[r[0].strip("*").upper()] + r[1:] for r in _gate_rows(vd)],
-        "gate_classes": ["skip" if g.skipped else ("pass" if g.passed else "fail") for g in vd.gates],
+        "baseline_sha256": v.baseline_sha256, "rep": rep, "counts": gate_counts(vd),
+        "gate_head": ["result", "kind", "gate", "value", "threshold", "detail"],
+        "suite_rows": [], "suite_classes": [],
     }
+    ctx["gate_rows"], ctx["gate_classes"] = rows(list(vd.gates))
+    ctx["failed_rows"], ctx["failed_classes"] = rows(failed)
+    ctx["quality_rows"], ctx["quality_classes"] = rows([g for g in vd.gates if g.kind == "metric"])
+    for name, (table, n, ok, bad, skip) in expectation_suites(vd.gates).items():
+        ctx["suite_rows"].append([name, table, n, ok, bad, skip])
+        ctx["suite_classes"].append("fail" if bad else ("skip" if skip == n else "pass"))
     if rep is not None:
         ctx["metric_head"], ctx["metric_rows"] = _metric_rows(rep)
         ctx["plots"] = [("per-tensor error by layer", plot_tensor_error(rep.per_tensor)),
@@ -367,5 +444,6 @@ def write_reports(folder: Path, v: Any, *, final: Path, junit_copy: "str | os.Pa
 
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "default_report_root", "artifact_key", "Staging", "write_error", "payload",
-           "eval_report_of", "fmt", "gate_line", "summary_line", "render_markdown", "render_html", "plot_label",
-           "plot_tensor_error", "plot_categories", "plot_kl_distribution", "write_reports"]
+           "eval_report_of", "fmt", "gate_line", "summary_line", "gate_counts", "expectation_suites", "render_markdown", "render_html", "plot_label",
+           "plot_tensor_error", "tensor_error_figure", "plot_categories", "plot_kl_distribution",
+           "kl_distribution_figure", "write_reports"]

@@ -31,7 +31,7 @@ from quant.fingerprint import weights_fingerprint
 from quant.formats import QTYPES
 from quant.gguf_reader import read_gguf
 from quant.loaders import open_checkpoint
-from quant.mixes import _FALLBACK, PRECISIONS
+from quant.mixes import PRECISIONS, main_types
 from quant.model_plan import plan_model
 from quant.verify import LLAMA_FTYPES, UNQUANTIZED_TYPES, verify_gguf
 from validation.evaluate import model_sha256
@@ -139,8 +139,7 @@ def _expected_types(file_type: int) -> set[str] | None:
 
     for mix in PRECISIONS.values():
         if mix.llama_ftype == file_type:
-            d = mix.default_type
-            return {d, _FALLBACK[d]} if d in _FALLBACK else {d}
+            return main_types(mix)
     return None
 
 

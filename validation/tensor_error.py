@@ -72,6 +72,14 @@ def tensor_error(ref: np.ndarray, cand: np.ndarray, *, name: str = "", qtype: st
     )
 
 
+def _ggml_dims(shape) -> tuple[int, ...]:
+    """A numpy-order shape without its leading 1s (ggml_n_dims drops those trailing ggml dimensions)."""
+    dims = tuple(int(d) for d in shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims = dims[1:]
+    return dims
+
+
 def per_tensor_errors(baseline: "str | os.PathLike[str]", candidate: "str | os.PathLike[str]",
                       on_tensor: Callable[[int, int, str], None] | None = None) -> list[TensorError]:
     """Error of every candidate GGUF tensor against the baseline (HF folder or float GGUF) brought into GGUF names
@@ -84,9 +92,10 @@ def per_tensor_errors(baseline: "str | os.PathLike[str]", candidate: "str | os.P
             if t.name not in planned:
                 raise CheckpointError(f"candidate tensor {t.name!r} has no counterpart in the baseline {baseline}")
             pt = planned[t.name]
-            if tuple(pt.shape) != tuple(t.shape):
+            if _ggml_dims(pt.shape) != _ggml_dims(t.shape):  # (1, n) is written 1-D by llama-quantize
                 raise CheckpointError(f"tensor {t.name!r}: baseline shape {tuple(pt.shape)}, candidate {t.shape}")
-            out.append(tensor_error(pt.read(), read_tensor_f32(g, t), name=t.name, qtype=t.qtype, nbytes=t.nbytes))
+            out.append(tensor_error(pt.read().reshape(t.shape), read_tensor_f32(g, t), name=t.name, qtype=t.qtype,
+                                    nbytes=t.nbytes))
             if on_tensor is not None:
                 on_tensor(i + 1, len(g.tensors), t.name)
     return out
@@ -100,6 +109,11 @@ LINEAGE_REL_RMSE: dict[str, float] = {
     "F32": 0.01, "F16": 0.01, "BF16": 0.01,
     "Q8_0": 0.02, "Q6_K": 0.05, "Q5_K": 0.08, "Q5_1": 0.08, "Q5_0": 0.10,
     "Q4_K": 0.15, "Q4_1": 0.16, "Q4_0": 0.20, "Q3_K": 0.35, "Q2_K": 0.60,
+    "IQ4_NL": 0.16, "IQ4_XS": 0.16, "MXFP4": 0.25,
+    # ternary types on non-ternary weights sit near 0.82; another model's weights near 1.47: 1.0 separates them
+    "TQ1_0": 1.0, "TQ2_0": 1.0,
+    # i-quants: about twice their relative RMSE on Gaussian weights with an imatrix (docs/DECISIONS.md)
+    "IQ3_S": 0.40, "IQ3_XXS": 0.45, "IQ2_S": 0.65, "IQ2_XS": 0.80, "IQ2_XXS": 0.90, "IQ1_M": 0.95, "IQ1_S": 0.95,
 }
 
 

@@ -19,11 +19,19 @@ def load_kernels() -> dict[str, tuple[QuantizeFn, DequantizeFn]]:
     """Import every kernel family and merge their tables (imported lazily: numba compiles on first use)."""
     from quant.kernels import (  # lazy: numba compiles at first use
         floats,
+        iq1,
+        iq2,
+        iq3,
+        iquants_nl,
         kquants,
         legacy,
+        mxfp4,
+        ternary,
     )
 
     table: dict[str, tuple[QuantizeFn, DequantizeFn]] = {}
-    for mod in (floats, legacy, kquants):
+    for mod in (floats, legacy, kquants, iquants_nl, ternary, mxfp4):
+        table.update(mod.KERNELS)
+    for mod in (iq3, iq2, iq1):  # the imatrix-driven i-quants
         table.update(mod.KERNELS)
     return table

@@ -1,6 +1,9 @@
 """What every checkpoint loader returns: lazily-read tensors plus the source's metadata and identity."""
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import os
 import stat
 from dataclasses import dataclass, field
@@ -9,6 +12,7 @@ from typing import BinaryIO, Callable, Literal
 
 import numpy as np
 
+from quant.api import chunk_map
 from quant.gguf_kv import KV
 
 from core.errors import CheckpointError
@@ -46,6 +50,54 @@ def open_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> Bi
     except BaseException:
         os.close(fd)
         raise
+
+
+_CONVERT_CHUNK = 1 << 22  # elements per conversion step (16 MiB of float32)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored F32/F16/BF16 values (a flat array typed <f4, <f2 or <u2: BF16 as its bits) -> a new float32 array,
+    converted in chunks on the kernels' threads (numpy releases the GIL in casts: F16 sources convert ~2x faster
+    on 2 cores than one astype). Exact: F16 and BF16 widen to float32 without rounding."""
+    flat = raw.reshape(-1)
+    out = np.empty(flat.size, np.float32)
+    bits = out.view(np.uint32)
+
+    def convert(s: int) -> None:
+        e = s + _CONVERT_CHUNK
+        if dtype == "BF16":  # the top half of a float32
+            np.left_shift(flat[s:e], 16, out=bits[s:e], dtype=np.uint32)
+        else:
+            out[s:e] = flat[s:e]
+
+    chunk_map(convert, range(0, flat.size, _CONVERT_CHUNK))
+    return out
+
+
+def release_mapped(addr: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages inside [addr, addr + nbytes) of a read-only file mapping whose data
+    has been copied out: they leave the resident set (a later access re-reads them from the page cache). Only for
+    unmodified file-backed mappings (on anonymous memory it would zero the pages); no-op where madvise is missing."""
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return
+    page = mmap.PAGESIZE
+    start = -(-addr // page) * page          # inward: never a page outside the range
+    stop = (addr + nbytes) // page * page
+    if stop > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> "ctypes.CDLL | None":
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import numpy as np
 from core.errors import CheckpointError, GGUFFormatError
 from quant.api import dequantize
 from quant.formats import QTYPES
-from quant.gguf_reader import ALIGNMENT_KEY, GGUFFile, TensorInfo, read_gguf
-from quant.loaders.base import Checkpoint, SourceTensor
+from quant.gguf_reader import ALIGNMENT_KEY, GGUFFile, TensorInfo
+from quant.gguf_split import SPLIT_KEYS, open_gguf_parts
+from quant.loaders.base import Checkpoint, SourceTensor, to_float32
 
 logger = logging.getLogger(__name__)
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -22,29 +23,30 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 def _float_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         raw = g.tensor_data(t)
-        if t.qtype == "F32":
-            return raw.view("<f4").astype(np.float32)          # copy: the mapping may be closed later
-        if t.qtype == "F16":
-            return raw.view("<f2").astype(np.float32)
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)  # BF16: top half of an f32
+        out = to_float32(raw.view({"F32": "<f4", "F16": "<f2"}.get(t.qtype, "<u2")), t.qtype)  # a copy: the
+        del raw                                                                              # mapping may close
+        g.release(t)  # copied out: its mapped pages need not stay resident
+        return out
 
     return read
 
 
 def _dequant_reader(g: GGUFFile, t: TensorInfo) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
-
-        return dequantize(g.tensor_data(t), t.qtype, t.shape or (1,))
+        out = dequantize(g.tensor_data(t), t.qtype, t.shape or (1,))
+        g.release(t)
+        return out
 
     return read
 
 
 def _is_bookkeeping(key: str) -> bool:
-    return key.startswith("GGUF.") or key == ALIGNMENT_KEY
+    return key.startswith("GGUF.") or key == ALIGNMENT_KEY or key in SPLIT_KEYS  # (llama-quantize drops split.*)
 
 
 def open_gguf_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bool = False) -> Checkpoint:
-    """Open a single-file GGUF v2/v3 as a Checkpoint; quantized tensors need allow_requantize=True.
+    """Open a GGUF v2/v3 (one file, or any part of a llama.cpp split GGUF: all parts are read) as a Checkpoint;
+    quantized tensors need allow_requantize=True.
 
     Requantizing an already-quantized model compounds the errors of both quantizations, which is
     why llama.cpp refuses it without --allow-requantize; quantgate follows the same rule.
@@ -53,19 +55,13 @@ def open_gguf_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bo
     if not p.is_file():
         raise CheckpointError(f"{p}: no such GGUF file")
     try:
-        g = read_gguf(p)
+        parts = open_gguf_parts(p)  # one file, or every part of a split GGUF (checked as llama.cpp's loader does)
     except GGUFFormatError as e:
         raise CheckpointError(str(e)) from e
     try:
-        n_split = g.value("split.count", 1)
-        if int(n_split) > 1:
-            raise CheckpointError(
-                f"{p} is shard {int(g.value('split.no', 0)) + 1} of a {int(n_split)}-file split GGUF; "
-                "merge it first (llama-gguf-split --merge)"
-            )
         tensors: list[SourceTensor] = []
         requantized: list[str] = []
-        for t in g.tensors:
+        for g, t in ((g, t) for g in parts for t in g.tensors):
             if t.qtype in FLOAT_TYPES:
                 reader = _float_reader(g, t)
             elif t.qtype in QTYPES:
@@ -83,7 +79,8 @@ def open_gguf_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bo
                 )
             tensors.append(SourceTensor(t.name, t.shape, t.qtype, reader))
     except BaseException:
-        g.close()
+        for g in parts:
+            g.close()
         raise
     if requantized:
         msg = (
@@ -95,11 +92,11 @@ def open_gguf_checkpoint(path: "str | os.PathLike[str]", *, allow_requantize: bo
     return Checkpoint(
         path=p,
         kind="gguf",
-        files=[p],
+        files=[g.path for g in parts],
         tensors=tensors,
-        gguf_kv=[kv for kv in g.kv if not _is_bookkeeping(kv.key)],
-        gguf_version=g.version,
-        closers=[g.close],
+        gguf_kv=[kv for kv in parts[0].kv if not _is_bookkeeping(kv.key)],
+        gguf_version=parts[0].version,
+        closers=[g.close for g in parts],
     )
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from core.errors import CheckpointError
-from quant.loaders.base import Checkpoint, SourceTensor, open_regular
+from quant.loaders.base import Checkpoint, SourceTensor, open_regular, to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,9 +32,7 @@ def _reader(path: Path, offset: int, count: int, dtype: str):
             raw = np.fromfile(f, dtype=_DTYPES[dtype][0], count=count)
         if raw.size != count:
             raise CheckpointError(f"{path}: truncated tensor data (expected {count} values, read {raw.size})")
-        if dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw
+        return raw if dtype == "F32" else to_float32(raw, dtype)
     return read
 
 
@@ -134,12 +132,14 @@ def shards_from_index(index: Path) -> tuple[list[Path], set[str]]:
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index}: corrupt index (needs a non-empty 'weight_map' object)") from None
-    root = folder.resolve()
+    root = Path(os.path.abspath(folder))
     shards: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or os.path.isabs(shard) or "\\" in shard:
             raise CheckpointError(f"{index}: tensor {tensor!r} points to an invalid shard name {shard!r}")
-        p = (folder / shard).resolve()
+        # the shard's *name* must stay inside the folder (no `..`); the entry itself may be a symlink, as every
+        # file of a Hugging Face cache snapshot is (snapshots/<commit>/x -> ../../blobs/<hash>)
+        p = Path(os.path.normpath(root / shard))
         if root not in p.parents:
             raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint folder; refused")
         if not p.is_file():

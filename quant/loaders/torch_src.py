@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from core.errors import CheckpointError, UnsafeCheckpointError
-from quant.loaders.base import Checkpoint, SourceTensor
+from quant.loaders.base import Checkpoint, SourceTensor, release_mapped
 from quant.loaders.safetensors_src import collect_sharded, load_config
 
 INDEX_NAME = "pytorch_model.bin.index.json"
@@ -18,8 +18,9 @@ SINGLE_NAME = "pytorch_model.bin"
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _load_state_dict(path: Path) -> dict:
-    """torch.load with weights_only=True (never runs pickled code), memory-mapped for zip-format files."""
+def _load_state_dict(path: Path) -> tuple[dict, bool]:
+    """torch.load with weights_only=True (never runs pickled code), memory-mapped for zip-format files; returns the
+    state dict and whether its tensors live in that (read-only, private) file mapping."""
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped and is read whole
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
@@ -34,16 +35,22 @@ def _load_state_dict(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (corrupt or truncated?): {e}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    return obj
+    return obj, mmap
 
 
-def _reader(t: torch.Tensor):
+def _reader(t: torch.Tensor, mapped: bool):
     def read() -> np.ndarray:
-        return t.detach().to(torch.float32).contiguous().numpy().copy()
+        x = t.detach()
+        out = x.numpy().copy() if x.dtype == torch.float32 else x.to(torch.float32).contiguous().numpy()
+        if mapped:  # copied out of the memory-mapped file: drop its pages from this process's resident set
+            storage = x.untyped_storage()
+            release_mapped(storage.data_ptr(), storage.nbytes())
+        return out
     return read
 
 
-def _tensors_of(path: Path, sd: dict) -> list[SourceTensor]:
+def _tensors_of(path: Path, loaded: tuple[dict, bool]) -> list[SourceTensor]:
+    sd, mapped = loaded
     out = []
     for name, t in sd.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
@@ -54,7 +61,7 @@ def _tensors_of(path: Path, sd: dict) -> list[SourceTensor]:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
                 "only float32, float16 and bfloat16 sources are supported")
-        out.append(SourceTensor(name, tuple(int(d) for d in t.shape), dtype, _reader(t)))
+        out.append(SourceTensor(name, tuple(int(d) for d in t.shape), dtype, _reader(t, mapped)))
     return out
 
 

@@ -99,6 +99,9 @@ def profile_cmd(
     measure: bool = typer.Option(True, "--measure/--no-measure", help="Measure each tensor's output effect"),
     measure_seqs: int = typer.Option(8, "--measure-seqs", help="Calibration sequences for the measurement"),
     measure_len: int = typer.Option(128, "--measure-len", help="Tokens per measurement sequence"),
+    measure_mode: str = typer.Option("stream", "--measure-mode",
+                                     help="stream: block by block + calibrated gains; exact: one whole-model pass "
+                                          "per tensor and type (the slow reference)"),
     chunk_size: int = typer.Option(512, "--chunk-size", help="imatrix tokens per chunk"),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="imatrix: at most this many chunks"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table"),
@@ -124,7 +127,7 @@ def profile_cmd(
                              chunk_size=chunk_size, n_chunks=chunks,
                              candidate_types=[t.strip().upper() for t in types.split(",") if t.strip()],
                              measure=measure, measure_seqs=measure_seqs, measure_len=measure_len, cache=cache,
-                             progress=progress)
+                             progress=progress, measure_mode=measure_mode)
         if imatrix_out is not None and prof.imatrix.get("source") == "collected":
             save_imatrix_gguf(cached_imatrix(model, cal, prof.model["sha256"], chunk_size=chunk_size,
                                              n_chunks=chunks, cache=cache, tool_version=__version__), imatrix_out)

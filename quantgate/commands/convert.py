@@ -13,7 +13,13 @@ from quantgate.cli_app import app, console, err_console, handle_errors, lit
 @app.command()
 @handle_errors
 def convert(
-    model: Path = typer.Option(..., "--model", "-m", help="HF checkpoint: folder, .safetensors or .bin/.pt"),
+    model: str = typer.Option(..., "--model", "-m", help="HF checkpoint: folder, .safetensors or .bin/.pt, a Hub id "
+                                                         "in the local HF cache (org/name), models:/NAME/VERSION or "
+                                                         "models:/NAME@ALIAS, or a path in --model-repo"),
+    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) "
+                                                                       "that holds --model"),
+    model_rev: Optional[str] = typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub "
+                                                                     "revision of an org/name --model"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     outtype: str = typer.Option("f16", "--outtype", help="f32, f16 or bf16 (1-D tensors and norms stay F32)"),
     generic: bool = typer.Option(False, "--generic", help="Unknown architecture: keep the original tensor names"),
@@ -33,8 +39,10 @@ def convert(
     )
 
     from quantgate.convert import convert_model
+    from quantgate.inputs import resolve_model
     from quantgate.pipeline import artifact_json
 
+    src = resolve_model(model, repo=model_repo, rev=model_rev)
     show = not quiet and not as_json
     with Progress(
         TextColumn("[bold]convert[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -45,8 +53,8 @@ def convert(
         def on_tensor(i: int, n: int, name: str) -> None:
             progress.update(task, total=n, completed=i, description=one_line(name, 120))
 
-        art = convert_model(model, out, outtype, generic, tokenizer_pre=tokenizer_pre, threads=threads or None,
-                            on_tensor=on_tensor)
+        art = convert_model(src.path, out, outtype, generic, tokenizer_pre=tokenizer_pre, threads=threads or None,
+                            on_tensor=on_tensor, source_lineage=src.lineage_json())
     if as_json:
         print(artifact_json(art))
     elif show:

@@ -10,7 +10,7 @@ import typer
 
 from core.errors import QuantGateError
 from core.text import one_line
-from quantgate.cli_app import app, console, err_console, handle_errors, lit
+from quantgate.cli_app import app, cell, console, err_console, handle_errors, lit
 
 
 def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -26,8 +26,15 @@ def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command()
 @handle_errors
 def quantize(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder, .safetensors, .bin/.pt, or .gguf"),
-    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K (Q4_0 Q4_1 Q5_0 Q5_1)"),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Checkpoint: HF folder, .safetensors, .bin/.pt, .gguf, a Hub id in the local HF "
+                                   "cache (org/name), models:/NAME/VERSION or models:/NAME@ALIAS, or a path in "
+                                   "--model-repo"),
+    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) "
+                                                                       "that holds --model"),
+    model_rev: Optional[str] = typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub "
+                                                                     "revision of an org/name --model"),
+    precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S, IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS IQ3_XXS IQ2_M IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S TQ2_0 TQ1_0 MXFP4_MOE (Q4_0 Q4_1 Q5_0 Q5_1); case-insensitive"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     pure: bool = typer.Option(False, "--pure", help="Quantize every tensor to the default type (no k-quant mixture)"),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix GGUF or legacy .dat)"),
@@ -39,6 +46,8 @@ def quantize(
     generic: bool = typer.Option(False, "--generic", help="Unknown architecture: keep names, quantize 2-D weights"),
     as_json: bool = typer.Option(False, "--json", help="Print the artifact record as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor types, total size and bpw the run "
+                                                          "would write (with --json: as JSON); write nothing"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="auto: sensitivity profile JSON (quantgate profile)"),
     policy: Optional[str] = typer.Option(None, "--policy", help="auto: threshold or budget (default: the profile's choices)"),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="auto: budget in bits per weight"),
@@ -47,11 +56,25 @@ def quantize(
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="auto: YAML regex -> type, applied on top"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="auto: calibration cache folder"),
     profile_out: Optional[Path] = typer.Option(None, "--profile-out", help="auto: write the profile with the choices"),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Write a split GGUF (llama-gguf-split layout: OUT-00001-of-0000N.gguf, ...) with at most this much tensor data per part, e.g. 2G, 500M"),
+    split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", help="Write a split GGUF with at most N tensors per part"),
 ) -> None:
     """Quantize a checkpoint to a GGUF v3 file with a llama.cpp mix (same types and bytes as llama-quantize), or
     with `--precision auto` per-tensor types chosen by the precision analyzer (docs/ANALYZER.md)."""
-    from core.records import QuantizeRequest
+    import dataclasses
 
+    from core.records import QuantizeRequest
+    from quant.gguf_split import parse_split_size
+    from quantgate.inputs import resolve_model
+
+    if split_max_size is not None and split_max_tensors is not None:
+        raise QuantGateError("give either --split-max-size or --split-max-tensors, not both")
+    if split_max_tensors is not None and split_max_tensors <= 0:
+        raise QuantGateError(f"--split-max-tensors {split_max_tensors}: must be a positive number of tensors")
+    split = {"split_max_bytes": parse_split_size(split_max_size) if split_max_size is not None else None,
+             "split_max_tensors": split_max_tensors}
+    src = resolve_model(model, repo=model_repo, rev=model_rev)
+    lineage = src.lineage_json()
     if precision.strip().upper() == "AUTO":
         from analyzer.auto import auto_request
 
@@ -61,17 +84,20 @@ def quantize(
                                  "--allow-requantize and --generic are not supported with it")
         from analyzer.policy import load_overrides
 
-        with auto_request(model, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
+        if dry_run and profile_out is not None:
+            raise QuantGateError("--dry-run writes nothing: drop --profile-out")
+        with auto_request(src.path, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
                           target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
                           imatrix=imatrix, cache_dir=cache_dir, profile_out=profile_out,
                           threads=threads or None) as (req, _plan):
-            _run_quantize(req, as_json, quiet)
+            _run_quantize(dataclasses.replace(req, source_lineage=lineage, **split), as_json, quiet, dry_run)
         return
     if any(v is not None for v in (profile, policy, target_bpw, target_size, overrides, profile_out)):
         raise QuantGateError("--profile/--policy/--target-bpw/--target-size/--overrides/--profile-out need "
                              "--precision auto")
     req = QuantizeRequest(
-        source=model,
+        source=src.path,
+        source_lineage=lineage,
         out=out,
         precision=precision,
         pure=pure,
@@ -82,12 +108,41 @@ def quantize(
         threads=threads or None,
         allow_requantize=allow_requantize,
         generic=generic,
+        **split,
     )
-    _run_quantize(req, as_json, quiet)
+    _run_quantize(req, as_json, quiet, dry_run)
 
 
-def _run_quantize(req, as_json: bool, quiet: bool) -> None:
-    """Run one pipeline request with a progress bar; print the record (--json) or a one-line summary."""
+def _print_plan(req, as_json: bool) -> None:
+    """`quantize --dry-run`: the plan (quantgate.pipeline.plan_quantize) as a table and a total line, or JSON."""
+    from rich.table import Table
+
+    from quantgate.pipeline import plan_quantize
+
+    plan = plan_quantize(req)
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
+        return
+    t = Table("tensor", "type", "shape", "bytes", "bpw")
+    for r in plan.tensors:
+        n = 1
+        for d in r["shape"]:
+            n *= int(d)
+        t.add_row(cell(r["name"]), cell(r["type"]), cell("x".join(str(d) for d in r["shape"])), str(r["bytes"]),
+                  f"{8.0 * r['bytes'] / max(n, 1):.3f}")
+    console.print(t)
+    console.print(f"{lit(plan.precision)} ({lit(plan.file_type_name)}): {len(plan.tensors)} tensors, "
+                  f"{plan.tensor_bytes} bytes of tensor data ({plan.tensor_bytes / 2**20:.2f} MiB), "
+                  f"{plan.n_params} weights, {plan.bits_per_weight:.4f} bpw; dry run, nothing written",
+                  highlight=False)
+
+
+def _run_quantize(req, as_json: bool, quiet: bool, dry_run: bool = False) -> None:
+    """Run one pipeline request with a progress bar; print the record (--json) or a one-line summary; --dry-run:
+    print the plan instead."""
+    if dry_run:
+        _print_plan(req, as_json)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -113,8 +168,9 @@ def _run_quantize(req, as_json: bool, quiet: bool) -> None:
         print(artifact_json(art))
         return
     if show:
+        parts = f" (+ {len(art.parts) - 1} more part(s) of a split GGUF)" if len(art.parts) > 1 else ""
         console.print(
-            f"wrote [bold]{lit(art.path)}[/] {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
+            f"wrote [bold]{lit(art.path)}[/]{parts} {art.nbytes / 2**20:.2f} MiB, {art.bits_per_weight:.3f} bpw, "
             f"{art.seconds:.1f}s, sha256 {art.sha256}"
         )
 
@@ -183,11 +239,20 @@ def sample(
     ff: int = typer.Option(768, help="FFN size"),
     vocab: int = typer.Option(1024, help="Vocabulary size"),
     seed: int = typer.Option(0, help="Random seed"),
+    shape: Optional[str] = typer.Option(
+        None, help="A named shape instead of --layers/--embd/--ff/--vocab: 1b (TinyLlama's, 2.2 GB) or 8b "
+                   "(Llama-3-8B's, 16 GB); written tensor by tensor, never the whole model in memory"),
 ) -> None:
     """Write a deterministic llama-shaped sample checkpoint (HF safetensors, F16) to try the pipeline on."""
-    from quantgate.sample import SampleShape, make_sample_checkpoint
+    from quantgate.sample import SHAPES, SampleShape, make_sample_checkpoint
 
-    path = make_sample_checkpoint(out, SampleShape(n_layer=layers, n_embd=embd, n_ff=ff, n_vocab=vocab), seed=seed)
+    if shape is None:
+        dims = SampleShape(n_layer=layers, n_embd=embd, n_ff=ff, n_vocab=vocab)
+    elif shape.lower() in SHAPES:
+        dims = SHAPES[shape.lower()]
+    else:
+        raise QuantGateError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    path = make_sample_checkpoint(out, dims, seed=seed)
     console.print(f"wrote sample checkpoint to {lit(path)}", highlight=False)
 
 

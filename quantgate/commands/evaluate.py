@@ -61,8 +61,11 @@ def render_report(report) -> None:
 @app.command()
 @handle_errors
 def evaluate(
-    baseline: Path = typer.Option(..., "--baseline", "-b", help="Baseline: HF model folder or F32/F16/BF16 GGUF"),
-    candidate: Path = typer.Option(..., "--candidate", "-c", help="Quantized GGUF to score"),
+    baseline: str = typer.Option(..., "--baseline", "-b", help="Baseline: HF model folder or F32/F16/BF16 GGUF (or a "
+                                                               "Hub id in the HF cache, models:/NAME/VERSION, "
+                                                               "models:/NAME@ALIAS)"),
+    candidate: str = typer.Option(..., "--candidate", "-c", help="Quantized GGUF to score (or models:/NAME@ALIAS, "
+                                                                 "models:/NAME/VERSION)"),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Eval JSONL (default: data/eval.jsonl)"),
     backend: str = typer.Option("torch", "--backend", help="Candidate runner: torch | llama.cpp"),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens per sample, BOS included"),
@@ -81,8 +84,10 @@ def evaluate(
     )
 
     from core.atomic import atomic_write_text
+    from quantgate.inputs import resolve_model
     from validation.evaluate import evaluate as run_evaluate
 
+    base, cand = resolve_model(baseline).path, resolve_model(candidate).path
     if dataset is None:
         from runtime.datasets import DEFAULT_EVAL
 
@@ -90,7 +95,7 @@ def evaluate(
     with Progress(TextColumn("[bold]evaluate[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, disable=quiet, transient=True) as progress:
         task = progress.add_task("", total=None)
-        report = run_evaluate(baseline, candidate, dataset, backend=backend, max_tokens=max_tokens,
+        report = run_evaluate(base, cand, dataset, backend=backend, max_tokens=max_tokens,
                               batch_size=batch_size,
                               progress=lambda done, total, _what: progress.update(task, completed=done, total=total))
     if json_out is not None:

@@ -16,7 +16,8 @@ app.add_typer(export_app, name="export")
 @export_app.command("ollama")
 @_registry_errors
 def export_ollama(
-    ref: str = typer.Argument(..., help="MODEL@ALIAS or MODEL/VERSION from the registry, or a GGUF file"),
+    ref: str = typer.Argument(..., help="[models:/]MODEL@ALIAS or [models:/]MODEL/VERSION from the "
+                                                    "registry, or a GGUF file"),
     out: Path = typer.Option(..., "--out", help="Folder to write the GGUF and the Modelfile into"),
     template: Optional[Path] = typer.Option(None, "--template", help="Ollama Go template to use instead of the one "
                                                                      "derived from the GGUF's chat template"),
@@ -39,7 +40,7 @@ def export_ollama(
 @export_app.command("hf")
 @_registry_errors
 def export_hf(
-    model: str = typer.Argument(..., help="Registered model name"),
+    model: str = typer.Argument(..., help="Registered model name (or models:/NAME)"),
     out: Path = typer.Option(..., "--out", help="Folder to write the GGUFs and README.md into"),
     alias: list[str] = typer.Option([], "--alias", help="Export the version this alias names (repeatable; default: "
                                                         "every version that passed validation)"),
@@ -56,8 +57,8 @@ def export_hf(
     from core.text import one_line
     from quantgate.export import export_hf as do_export
 
-    res = do_export(model, out, aliases=alias, settings=_settings(), include_failed=include_failed,
-                    quantized_by=quantized_by, license=license, base_model=base_model)
+    res = do_export(model.removeprefix("models:/"), out, aliases=alias, settings=_settings(),
+                    include_failed=include_failed, quantized_by=quantized_by, license=license, base_model=base_model)
     for f in res.files:
         console.print(f"  {one_line(f.file)}  {one_line(f.mix)}  {f.verdict}  v{f.version}", highlight=False,
                       markup=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from core.text import one_line
 from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit
 
 F = TypeVar("F", bound=Callable)
@@ -64,18 +65,25 @@ def register(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model (default: source + sha)"),
     source_name: Optional[str] = typer.Option(None, "--source-name", help="Source model name for the default"),
     report: list[str] = typer.Option([], "--report", help="ROLE=PATH report to attach (validation_json, "
-                                                          "validation_html, junit, diff, profile, audit, imatrix)"),
+                                                          "validation_html, validation_md, junit, diff, profile, "
+                                                          "audit, imatrix); the verdict's own reports by default"),
+    compliance: bool = typer.Option(True, "--compliance/--no-compliance",
+                                    help="Also store the version's compliance report (HTML) in its run"),
     as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON"),
 ) -> None:
-    """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one."""
+    """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one.
+    The run gets the verdict's reports (validation.json/.md/.html, junit.xml) and the compliance report."""
     from core.records import QuantizedArtifact, Verdict, load_record
     from registry.client import VerdictRefused
+    from registry.facts import verdict_reports
     from registry.registration import register_gguf
 
+    v = load_record(Verdict, verdict) if verdict else None
     try:
-        rv = register_gguf(gguf, settings=_settings(), verdict=load_record(Verdict, verdict) if verdict else None,
+        rv = register_gguf(gguf, settings=_settings(), verdict=v,
                            artifact=load_record(QuantizedArtifact, artifact) if artifact else None,
-                           reports=_parse_reports(report), model_name=model_name, source_name=source_name)
+                           reports={**verdict_reports(v), **_parse_reports(report)}, model_name=model_name,
+                           source_name=source_name, compliance=compliance)
     except VerdictRefused as e:
         fail(str(e), 1)
         return
@@ -143,11 +151,11 @@ def models_show(
     if as_json:
         print(json.dumps(rows, indent=2, sort_keys=True, default=str))
         return
-    t = Table("version", "verdict", "aliases", "precision", "bpw", "sha256", "job key")
+    t = Table("version", "verdict", "aliases", "precision", "file type", "sha256", "job key")
     for r in rows:
         tg = r["tags"]
         t.add_row(cell(r["version"]), cell(tg.get("verdict", "") + (" (rejected)" if tg.get("rejected") == "true" else "")),
-                  cell(", ".join(r["aliases"])), cell(tg.get("precision", "")), cell(tg.get("bits_per_weight", "")),
+                  cell(", ".join(r["aliases"])), cell(tg.get("precision", "")), cell(tg.get("file_type", "")),
                   cell(tg.get("sha256", "")[:16]), cell(tg.get("job_key", "")[:16]))
     console.print(t)
     if version is not None:
@@ -158,13 +166,25 @@ def models_show(
 @models_app.command("download")
 @_registry_errors
 def models_download(
-    ref: str = typer.Argument(..., help="MODEL@ALIAS (or MODEL/VERSION)"),
+    ref: str = typer.Argument(..., help="[models:/]MODEL@ALIAS (or MODEL/VERSION)"),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the GGUF into"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
-    """Download a version's GGUF, check its SHA-256 against the registry, and audit the download."""
+    """Download a version's GGUF (with a progress bar in bytes), check its SHA-256 against the registry, and audit
+    the download."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     from registry.queries import download
 
-    path = download(ref, out, settings=_settings())
+    with Progress(TextColumn("[bold]download[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TextColumn("{task.description}", markup=False), console=err_console, disable=quiet,
+                  transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_bytes(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total or None, description=one_line(what, 120))
+
+        path = download(ref, out, settings=_settings(), progress=on_bytes)
     console.print(f"downloaded {lit(ref)} to {lit(path)}", highlight=False)
 
 

@@ -24,16 +24,28 @@ def read_params(path: Path) -> dict[str, Any]:
     return read_params_file(path)
 
 
-def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workdir: Optional[Path],
+def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdir: Optional[Path],
                validate: Optional[bool], register: Optional[bool], model_name: Optional[str],
-               profile: Optional[bool] = None, auto_target: Optional[str] = None):
-    """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step."""
+               profile: Optional[bool] = None, auto_target: Optional[str] = None,
+               model_repo: Optional[str] = None, model_rev: Optional[str] = None):
+    """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step.
+    `--model X` replaces params' model whole: outputs and the default registered name follow X, and params'
+    model.name (which names params' model) is not used for it."""
     from quantgate.config import load_settings
+    from quantgate.inputs import resolve_model
     from quantgate.jobs import DEFAULT_AUTO_TARGET, PROFILE_OPTIONS, JobSpec
 
     p = read_params(params_file)
     m = p.get("model") or {}
-    model_path = model or (Path(m["path"]) if m.get("path") else None)
+    source_name = lineage = None
+    if model is not None:
+        src = resolve_model(model, repo=model_repo, rev=model_rev)
+        model_path, source_name, lineage = src.path, src.name, src.lineage_json()
+    else:
+        if model_repo or model_rev:
+            fail("--model-repo/--model-rev need --model")
+        model_path = Path(m["path"]) if m.get("path") else None
+        model_name = model_name or m.get("name")
     if model_path is None:
         fail("no model: pass --model or set model.path in params.yaml")
     chosen = tuple(mixes) or tuple(p.get("mixes") or ())
@@ -44,7 +56,7 @@ def build_spec(params_file: Path, model: Optional[Path], mixes: list[str], workd
     ev = p.get("eval") or {}
     return JobSpec(model=str(model_path), mixes=chosen, workdir=str(settings.workdir), gates=gates,
                    dataset=ev.get("dataset"), register=bool(register) if register is not None else False,
-                   model_name=model_name or m.get("name"), profile=bool(profile),
+                   model_name=model_name, profile=bool(profile), source_name=source_name, source_lineage=lineage,
                    options={k: v for k, v in ev.items() if k != "dataset"},
                    profile_options={k: v for k, v in (p.get("profile") or {}).items() if k in PROFILE_OPTIONS},
                    auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET))
@@ -71,7 +83,11 @@ def _results_table(result: dict[str, Any]) -> None:
 
 _SPEC_HELP = dict(
     params=typer.Option(Path("params.yaml"), "--params", help="params.yaml to read model/mixes/gates from"),
-    model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder or GGUF); default: params model.path"),
+    model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder, GGUF, Hub id in the HF cache, "
+                                                   "models:/NAME/VERSION, or a path in --model-repo); outputs and the "
+                                                   "registered model are named after it; default: params model.path"),
+    model_repo=typer.Option(None, "--model-repo", help="DVC-tracked git repository that holds --model"),
+    model_rev=typer.Option(None, "--model-rev", help="Git revision of --model-repo (or Hub revision of org/name)"),
     mix=typer.Option([], "--mix", help="Mix to produce (repeatable); default: params mixes"),
     workdir=typer.Option(None, "--workdir", help="Where job folders go (default: settings workdir, out/jobs)"),
     validate=typer.Option(None, "--validate/--no-validate", help="Run the gates (default: when params has gates)"),
@@ -88,7 +104,8 @@ _SPEC_HELP = dict(
 @app.command()
 @handle_errors
 def run(
-    params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
+    params: Path = _SPEC_HELP["params"], model: Optional[str] = _SPEC_HELP["model"],
+    model_repo: Optional[str] = _SPEC_HELP["model_repo"], model_rev: Optional[str] = _SPEC_HELP["model_rev"],
     mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
     model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
@@ -98,7 +115,8 @@ def run(
     """Run the pipeline for one model over its mixes in this process (no broker); reruns reuse finished work."""
     from quantgate.jobs import run_job
 
-    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target)
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
+                      model_repo, model_rev)
     result = run_job(spec)
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -109,7 +127,8 @@ def run(
 @app.command()
 @handle_errors
 def submit(
-    params: Path = _SPEC_HELP["params"], model: Optional[Path] = _SPEC_HELP["model"],
+    params: Path = _SPEC_HELP["params"], model: Optional[str] = _SPEC_HELP["model"],
+    model_repo: Optional[str] = _SPEC_HELP["model_repo"], model_rev: Optional[str] = _SPEC_HELP["model_rev"],
     mix: list[str] = _SPEC_HELP["mix"], workdir: Optional[Path] = _SPEC_HELP["workdir"],
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
     model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
@@ -118,7 +137,8 @@ def submit(
 ) -> None:
     """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it)."""
     _use_broker(broker)
-    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target)
+    spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
+                      model_repo, model_rev)
     d = spec.to_dict()
     calib = d["profile_options"].get("calib")
     paths = {"model": str(Path(spec.model).resolve()), "workdir": str(Path(spec.workdir).resolve()),
@@ -245,6 +265,27 @@ def stage_prepare(
     console.print(f"{lit(model)}: {ident['kind']}, sha256 {ident['sha256'][:16]}", highlight=False)
 
 
+@stage_app.command("profile-content")
+@handle_errors
+def stage_profile_content(
+    profile: Path = typer.Option(..., "--profile", help="Profile JSON that `quantgate profile` wrote"),
+    out: Path = typer.Option(..., "--out", "-o", help="The profile's content, for DVC to track"),
+) -> None:
+    """Write a profile without its run facts (timings, cache hits) and with floats rounded, so a fresh
+    `dvc repro` writes the same file (the AUTO mix is planned from it)."""
+    from core.errors import QuantGateError
+    from quantgate.dvc_report import profile_content, write_json
+
+    try:
+        d = json.loads(profile.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QuantGateError(f"cannot read profile {profile}: {e}") from e
+    if not isinstance(d, dict):
+        raise QuantGateError(f"{profile}: not a profile (expected a JSON object)")
+    write_json(out, profile_content(d))
+    console.print(f"wrote {lit(out)}", highlight=False)
+
+
 @stage_app.command("quantize")
 @handle_errors
 def stage_quantize(
@@ -258,10 +299,12 @@ def stage_quantize(
                                     help="AUTO budget: a mix name (its size), bits per weight or a file size"),
 ) -> None:
     """Quantize with one mix into out_dir (GGUF written atomically, then its artifact record) and its metrics;
-    --mix AUTO quantizes with `--precision auto` from --profile under a budget policy (--auto-target)."""
+    --mix AUTO quantizes with `--precision auto` from --profile under a budget policy (--auto-target).
+    artifact.json is the content record (no durations: DVC hashes it); the time taken is printed."""
     from core.atomic import atomic_write_text
-    from quantgate.dvc_report import quantize_metrics, tensor_error_rows
-    from quantgate.jobs import is_auto, quantize_auto_step, quantize_step
+    from core.records import QuantizedArtifact
+    from quantgate.dvc_report import quantize_metrics, tensor_error_rows, write_json
+    from quantgate.jobs import ARTIFACT_JSON, is_auto, quantize_auto_step, quantize_step
 
     if is_auto(mix):
         if profile is None:
@@ -271,13 +314,16 @@ def stage_quantize(
         if profile is not None:
             fail("--profile is only used with --mix AUTO")
         art = quantize_step(model, mix, out_dir=out_dir, name="model")
+    content = {**{k: v for k, v in art.items() if k not in ("reused", "seconds", "timings")},
+               **QuantizedArtifact.from_dict(art).content_dict()}
+    atomic_write_text(out_dir / ARTIFACT_JSON, json.dumps(content, indent=2, sort_keys=True) + "\n")
     errs = tensor_error_rows(model, art["path"]) if (metrics or tensor_errors) else None
     for path, obj in ((tensor_errors, errs), (metrics, quantize_metrics(art, errs))):
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    console.print(f"{lit(mix)}: {lit(art['path'])} {art['nbytes'] / 2**20:.2f} MiB {art['bits_per_weight']:.3f} bpw",
-                  highlight=False)
+            write_json(path, obj)
+    took = f" in {art['seconds']:.1f}s" if isinstance(art.get("seconds"), (int, float)) else " (reused)"
+    console.print(f"{lit(mix)}: {lit(art['path'])} {art['nbytes'] / 2**20:.2f} MiB {art['bits_per_weight']:.3f} bpw"
+                  f"{took}", highlight=False)
 
 
 @stage_app.command("validate")
@@ -286,22 +332,28 @@ def stage_validate(
     artifact: Path = typer.Option(..., "--artifact", help="artifact.json of the quantize stage"),
     baseline: Path = typer.Option(..., "--baseline", help="The source model"),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml (gates, eval)"),
-    out: Path = typer.Option(..., "--out", "-o", help="Verdict JSON"),
+    out: Path = typer.Option(..., "--out", "-o", help="Verdict JSON (the run record; reports go beside it)"),
+    summary: Optional[Path] = typer.Option(None, "--summary",
+                                           help="Also write the verdict's content (no timestamps, no paths) here"),
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="Also write PPL ratio/KLD/accuracy-drop JSON"),
+    quantize_metrics: Optional[Path] = typer.Option(None, "--quantize-metrics",
+                                                    help="The quantize stage's metrics JSON, merged into --metrics "
+                                                         "(one metrics file per mix)"),
 ) -> None:
     """Run the validation gate (thresholds from params.yaml `gates`) and write the verdict (and its metrics)."""
-    from core.atomic import atomic_write_text
-    from quantgate.dvc_report import validate_metrics
+    from quantgate.dvc_report import mix_metrics, validate_metrics, verdict_summary, write_json
     from quantgate.jobs import validate_step
 
     p = read_params(params)
     ev = dict(p.get("eval") or {})
     rec = json.loads(artifact.read_text(encoding="utf-8"))
+    qm = json.loads(quantize_metrics.read_text(encoding="utf-8")) if quantize_metrics is not None else None
     v = validate_step(rec, baseline=baseline, gates=p.get("gates") or {}, dataset=ev.pop("dataset", None),
                       options=ev, out=out)
+    if summary is not None:
+        write_json(summary, verdict_summary(v))
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(metrics, json.dumps(validate_metrics(v), indent=2, sort_keys=True) + "\n")
+        write_json(metrics, mix_metrics(qm, validate_metrics(v)))
     console.print(f"{lit(rec['recipe']['precision'])}: {'passed' if v.get('passed') else 'FAILED'}", highlight=False)
 
 
@@ -313,16 +365,17 @@ def stage_register(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Registered model name"),
     out: Path = typer.Option(..., "--out", "-o", help="JSON record of the registered version"),
 ) -> None:
-    """Register the artifact (+ verdict) in the model registry (idempotent) and record the version."""
-    from core.atomic import atomic_write_text
+    """Register the artifact (+ verdict) in the model registry (idempotent) and record the version (its content:
+    model, version, artifact, verdict, alias; the MLflow run id is printed)."""
+    from quantgate.dvc_report import registration_record, write_json
     from quantgate.jobs import register_step
 
     rec = json.loads(artifact.read_text(encoding="utf-8"))
     v = json.loads(verdict.read_text(encoding="utf-8")) if verdict else None
     rv = register_step(rec, v, model_name=model_name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(rv, indent=2, sort_keys=True) + "\n")
-    console.print(f"{lit(rv['model_name'])} v{lit(rv['version'])} ({lit(rv['verdict'])})", highlight=False)
+    write_json(out, registration_record(rv, bool(v and v.get("passed")), rec["recipe"]["precision"].lower()))
+    console.print(f"{lit(rv['model_name'])} v{lit(rv['version'])} ({lit(rv['verdict'])}), MLflow run "
+                  f"{lit(rv.get('run_id', ''))}", highlight=False)
 
 
 @stage_app.command("plots")
@@ -330,10 +383,10 @@ def stage_register(
 def stage_plots(
     metrics: list[Path] = typer.Option(..., "--metrics", help="A mix's metrics folder or JSON file (repeatable)"),
     tensor_errors: list[Path] = typer.Option([], "--tensor-errors", help="A mix's per-tensor errors JSON"),
-    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the PNG plots"),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the plots' data (JSON) and PNGs"),
 ) -> None:
-    """Render the pipeline's plots offline as PNGs: bits/weight vs KL divergence (or weight error), per-tensor
-    error by layer."""
+    """The pipeline's plots: their data for `dvc plots show/diff` (bpw_vs_kld.json, layer_error.json) and the same
+    plots as offline PNGs: bits/weight vs KL divergence (or weight error), per-tensor error by layer."""
     from quantgate.dvc_report import render_plots
 
     for p in render_plots(metrics, tensor_errors, out_dir):

@@ -19,8 +19,11 @@ def _progress(quiet: bool):
 @app.command()
 @handle_errors
 def validate(
-    baseline: Path = typer.Option(..., "--baseline", "-b", help="Baseline: HF model folder or F32/F16/BF16 GGUF"),
-    quantized: Path = typer.Option(..., "--quantized", help="Quantized GGUF to gate"),
+    baseline: str = typer.Option(..., "--baseline", "-b", help="Baseline: HF model folder or F32/F16/BF16 GGUF (or a "
+                                                               "Hub id in the HF cache, models:/NAME/VERSION, "
+                                                               "models:/NAME@ALIAS)"),
+    quantized: str = typer.Option(..., "--quantized", help="Quantized GGUF to gate (or models:/NAME@ALIAS, "
+                                                           "models:/NAME/VERSION)"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Gate: METRIC <= THRESHOLD (overall)"),
     metric: str = typer.Option("accuracy_drop", "--metric", help="Metric of --threshold (docs/METRICS.md)"),
     gates_file: Optional[Path] = typer.Option(None, "--gates", help="Gate set YAML (gates.yaml or params.yaml)"),
@@ -38,10 +41,14 @@ def validate(
     expect_sha256: Optional[str] = typer.Option(None, "--expect-sha256", help="The expected SHA-256 of the GGUF"),
     suites: List[Path] = typer.Option([], "--suites", help="Extra folder of GX suite JSON files (repeatable)"),
     no_expectations: bool = typer.Option(False, "--no-expectations", help="Skip the Great Expectations suites"),
+    data_docs: bool = typer.Option(False, "--data-docs",
+                                   help="Also write Great Expectations' own Data Docs to gx/ (their styling loads "
+                                        "from a CDN; validation.html summarises the same results offline)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the verdict line"),
 ) -> None:
     """Gate a quantized GGUF: structural gates, expectation suites, then quality metrics vs the baseline.
     Exit 0 passed, 1 a gate failed, 2 unusable inputs. The last line printed is the verdict."""
+    from quantgate.inputs import resolve_model
     from quantgate.pipeline import validate_artifact as run
     from validation.gate import UnusableInput, exit_code
     from validation.publish import gate_line, summary_line
@@ -58,11 +65,12 @@ def validate(
     else:
         fail("give --threshold T (with --metric M) or --gates FILE")
         return
+    base, cand = resolve_model(baseline).path, resolve_model(quantized).path
     try:
-        verdict = run(baseline, quantized, gate_set, report_dir=report_dir, junit=junit, dataset=dataset,
+        verdict = run(base, cand, gate_set, report_dir=report_dir, junit=junit, dataset=dataset,
                       calibration=calibration, backend=backend, max_tokens=max_tokens, batch_size=batch_size,
                       manifest=manifest, expect_sha256=expect_sha256, suites_dirs=suites,
-                      expectations=not no_expectations, progress=_progress(quiet))
+                      expectations=not no_expectations, data_docs=data_docs, progress=_progress(quiet))
     except UnusableInput as e:
         fail(f"{e} (record: {e.error_path})")
         return

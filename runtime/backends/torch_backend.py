@@ -3,7 +3,9 @@ mapped back to HF names by quant.gguf_to_hf)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -24,6 +26,44 @@ def hf_tokenize(folder: "str | os.PathLike[str]", texts: list[str]) -> tuple[int
     return tok.bos_token_id, ids
 
 
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def runtime_layout(tensors: Iterable[tuple[str, np.ndarray]], expected: set[str],
+                   n_experts: int) -> Iterator[tuple[str, np.ndarray]]:
+    """HF checkpoint tensors -> the names and layout the instantiated transformers model holds: as they come when
+    the model has them; MoE checkpoints' per-expert weights (Mixtral w1/w2/w3, Qwen gate/up/down_proj) gathered
+    per block into transformers 5's fused experts (mlp.experts.gate_up_proj (n_expert, 2*ff, n_embd) = gate then
+    up, mlp.experts.down_proj (n_expert, n_embd, ff)), and Mixtral's block_sparse_moe.gate renamed mlp.gate."""
+    pending: dict[int, dict[tuple[str, int], np.ndarray]] = {}
+    for name, arr in tensors:
+        if name in expected:
+            yield name, arr
+            continue
+        m = _EXPERT.match(name)
+        if m is None:
+            alt = name.replace(".block_sparse_moe.", ".mlp.")
+            yield (alt if alt in expected else name), arr
+            continue
+        layer, x = int(m.group(1)), int(m.group(2))
+        prefix = f"model.layers.{layer}.mlp.experts."
+        if prefix + "gate_up_proj" not in expected or not 0 <= x < n_experts:
+            yield name, arr  # reported as unexpected by the caller
+            continue
+        buf = pending.setdefault(layer, {})
+        buf[(_ROLE[m.group(3)], x)] = arr
+        if len(buf) == 3 * n_experts:
+            yield prefix + "gate_up_proj", np.stack(
+                [np.concatenate([buf[("gate", i)], buf[("up", i)]], axis=0) for i in range(n_experts)])
+            yield prefix + "down_proj", np.stack([buf[("down", i)] for i in range(n_experts)])
+            del pending[layer]
+    if pending:
+        raise CheckpointError(f"incomplete experts for layer(s) {sorted(pending)}: every block needs all "
+                              f"{n_experts} experts' gate, up and down weights")
+
+
 def _model_from_gguf(path: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,7 +80,11 @@ def _model_from_gguf(path: Path):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         expected = set(model.state_dict())
         seen: set[str] = set()
-        for name, arr in iter_hf_tensors(g, cfg):  # one tensor at a time: no second full copy of the weights
+        n_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+        # one tensor at a time (one block's experts for MoE): no second full copy of the weights
+        for name, arr in runtime_layout(iter_hf_tensors(g, cfg), expected, n_experts):
+            if name not in expected:
+                raise CheckpointError(f"{path}: tensor {name!r} has no place in the transformers model")
             model.load_state_dict({name: torch.from_numpy(arr)}, strict=False, assign=True)
             seen.add(name)
     if config.tie_word_embeddings:
@@ -54,6 +98,10 @@ def _model_from_gguf(path: Path):
         for child_name, child in list(parent.named_children()):
             if any(b.is_meta for b in child.buffers(recurse=False)) and hasattr(child, "config"):
                 setattr(parent, child_name, type(child)(child.config))
+    for mod in model.modules():  # Gemma's scaled embedding: a non-persistent scalar buffer kept as a float too
+        emb = getattr(mod, "embed_scale", None)
+        if isinstance(emb, torch.Tensor) and emb.is_meta and hasattr(mod, "scalar_embed_scale"):
+            mod.embed_scale = torch.tensor(float(mod.scalar_embed_scale))
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{path}: cannot materialize {', '.join(leftover[:5])} for transformers")

@@ -38,10 +38,15 @@ def test_profile_covers_quantizable_tensors_and_validates_the_estimate(tiny_prof
     q = [t for t in tiny_profile.tensors if t.quantizable]
     assert {t.name for t in tiny_profile.tensors if not t.quantizable} >= {"output_norm.weight"}
     assert len(q) == 16 and all(list(t.candidates) == list(TYPES) for t in q)
-    assert all(t.candidates["Q4_K"].measured_kld > 0 and t.candidates["Q4_K"].measured_mse > 0 for t in q)
+    assert tiny_profile.measure["mode"] == "stream"
+    head = next(t for t in q if t.name == "output.weight")  # the head is measured exactly, the rest per block
+    assert head.candidates["Q4_K"].measured_kld > 0 and head.candidates["Q4_K"].measured_mse > 0
+    assert all(t.candidates["Q4_K"].block_err > 0 and t.gain > 0 for t in q if t is not head)
+    assert all(s.predicted == pytest.approx(t.gain * s.block_err) for t in q if t is not head
+               for s in t.candidates.values())
     v = tiny_profile.validation
-    assert v["pairs"] == 16 * 2 and -1 <= v["est_vs_mse_all"] <= 1  # Q4_K and Q8_0 of every tensor
-    assert v["est_vs_mse_all"] > 0.5  # coarser types do more damage: the estimate ranks that right
+    assert v["block_pairs"] == 15 * 2 and -1 <= v["est_vs_block_err_all"] <= 1  # Q4_K and Q8_0 of every tensor
+    assert v["est_vs_block_err_all"] > 0.5  # coarser types do more damage: the estimate ranks that right
     tiny_profile.save(tmp_path / "p.json")
     back = Profile.load(tmp_path / "p.json")
     assert back.to_json() == tiny_profile.to_json()

@@ -6,12 +6,14 @@ import pytest
 
 import quant
 from core.errors import (
+    ImatrixRequiredError,
     NonFiniteError,
     QuantGateError,
     ShapeError,
     UnsupportedTypeError,
 )
 from quant.formats import QTYPE_NAMES, get_qtype
+from quant.imatrix_policy import KERNEL_REQUIRES_IMATRIX
 
 NAME = "blk.3.attn_q.weight"
 
@@ -68,7 +70,7 @@ def test_integer_input_rejected():
         quant.quantize(np.zeros((2, 32), dtype=np.int32), "Q8_0")
 
 
-@pytest.mark.parametrize("name", ["Q7_0", "IQ2_XXS", "", "f64"])
+@pytest.mark.parametrize("name", ["Q7_0", "Q1_0", "", "f64"])
 def test_unknown_or_unsupported_type(x, name):
     with pytest.raises(UnsupportedTypeError, match="supported: F32"):
         quant.quantize(x, name)
@@ -108,6 +110,10 @@ def test_every_type_runs_with_and_without_imatrix(x):
         xx = np.resize(x, (4, cols)).astype(np.float32)
         ww = np.resize(w, cols).astype(np.float32)
         for imatrix in (None, ww):
+            if imatrix is None and qtype in KERNEL_REQUIRES_IMATRIX:
+                with pytest.raises(ImatrixRequiredError):
+                    quant.quantize(xx, qtype)
+                continue
             out = quant.quantize(xx, qtype, imatrix=imatrix)
             assert out.shape == (4, qt.row_bytes(cols)) and out.dtype == np.uint8, qtype
             y = quant.dequantize(out, qtype, xx.shape)

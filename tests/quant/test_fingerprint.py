@@ -63,6 +63,23 @@ def test_bf16_rounding_is_round_to_nearest_even_and_nan_stays_nan():
     assert combine({"a": ((1, 2), "y")}) != combine({"a": ((2, 1), "y")})
 
 
+def test_digest_through_the_bf16_kernel_equals_the_definition():
+    """tensor_digest rounds with the BF16 kernel: the same bits as bf16_bits (the definition), on chunk and row
+    boundaries, NaN payloads, infinities and subnormals included."""
+    import hashlib
+
+    rng = np.random.default_rng(1)
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-45, 3.0e38, 1.0 + 2 ** -8], np.float32)
+    special = np.concatenate([special, np.array([0x7F800001, 0xFFC00123], np.uint32).view(np.float32)])
+    for n in (1, 4095, 4096 * 3 + 17, (1 << 22) + 5):
+        x = rng.standard_normal(n).astype(np.float32)
+        x[: min(n, special.size)] = special[: min(n, special.size)]
+        want = hashlib.sha256()
+        for s in range(0, n, 1 << 22):
+            want.update(bf16_bits(x[s:s + (1 << 22)]).tobytes())
+        assert tensor_digest(x.reshape(1, -1) if n % 2 else x) == want.hexdigest()
+
+
 def test_fingerprint_is_cached_by_path_size_and_mtime(models, tmp_path):
     gguf_path = convert_model(models["llama"], tmp_path / "m.gguf", "f16") and tmp_path / "m.gguf"
     fp = weights_fingerprint(gguf_path)

@@ -160,7 +160,8 @@ def test_on_tensor_progress(tmp_path):
 
 
 def test_streams_one_tensor_at_a_time(tmp_path):
-    """Each produced buffer is released before the next tensor is produced (memory does not grow)."""
+    """At most one earlier buffer is alive when a tensor is produced (the one the writer thread may still be hashing
+    and writing): memory does not grow with the number of tensors."""
     refs: list[weakref.ref] = []
     alive_at_call: list[int] = []
 
@@ -173,9 +174,9 @@ def test_streams_one_tensor_at_a_time(tmp_path):
             return arr
         return produce
 
-    specs = [TensorSpec(f"t{i}", (1024,), "F32", make(i)) for i in range(5)]
+    specs = [TensorSpec(f"t{i}", (1024,), "F32", make(i)) for i in range(8)]
     write_gguf(tmp_path / "s.gguf", kv=ALL_KV[:1], tensors=specs)
-    assert alive_at_call == [0] * 5
+    assert alive_at_call[0] == 0 and max(alive_at_call) <= 1 and len(alive_at_call) == 8
 
 
 def _bad(name, shape=(32,), qtype="F32"):

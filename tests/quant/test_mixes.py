@@ -11,7 +11,7 @@ from gguf.constants import GGMLQuantizationType
 
 from core.errors import CheckpointError, UnsupportedTypeError
 from quant.loaders.base import Checkpoint, SourceTensor
-from quant.mixes import PRECISIONS, get_mix, llama_quantize_order, tensor_types
+from quant.mixes import LOWBIT_FTYPES, PRECISIONS, get_mix, llama_quantize_order, tensor_types
 from quant.model_plan import ModelPlan, PlannedTensor, plan_model
 
 
@@ -117,7 +117,7 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("cfg_key,pure", [(k, False) for k in CONFIGS] + [("l4_ff640", True), ("l4_e320_ff600", True)])
 def test_every_mix_matches_llama_quantize(require_oracle, sources, tmp_path, cfg_key, pure):
     plan = _plan(CONFIGS[cfg_key])
-    for mix in PRECISIONS:
+    for mix in (m for m in PRECISIONS if m not in LOWBIT_FTYPES):  # the others: test_mixes_lowbit.py
         expected = _llama_types(sources[cfg_key], tmp_path / f"{mix}.gguf", mix, pure=pure)
         ours = tensor_types(plan, mix, pure=pure)
         diff = {n: (ours.get(n), t) for n, t in expected.items() if ours.get(n) != t}
@@ -133,6 +133,35 @@ OPTION_CASES = [
     ("Q2_K", dict(pure=True, overrides=[("output", "Q5_1")])),
     ("F16", dict(overrides=[("attn", "Q8_0")], output_tensor_type="Q6_K")),  # overrides only apply to quantized mixes
 ]
+
+
+# the IQ4/TQ/MXFP4 tensor types as overrides: ffn_down rows of 640 (l4_ff640) take IQ4_XS -> IQ4_NL and
+# TQ* -> Q4_0; rows of 600 or 320 (l4_e320_ff600) fit no quantized type (F16), 32-block types included
+NEW_TYPE_CASES = [
+    ("Q4_K_M", dict(overrides=[("ffn_down", "IQ4_XS"), ("ffn_up", "TQ1_0"), ("ffn_gate", "TQ2_0"),
+                               ("attn_q", "MXFP4"), ("attn_k", "IQ4_NL")])),
+    ("Q6_K", dict(overrides=[("ffn", "TQ1_0"), ("attn_[qo]", "IQ4_XS"), ("attn_v", "MXFP4")])),
+    ("Q8_0", dict(overrides=[("ffn_down", "IQ4_NL"), ("ffn", "TQ2_0")])),
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("cfg_key", ["l4_ff640", "l4_e320_ff600"])
+@pytest.mark.parametrize("mix,opts", NEW_TYPE_CASES)
+def test_new_type_overrides_and_fallbacks_match_llama_quantize(require_oracle, sources, tmp_path, cfg_key, mix,
+                                                                 opts):
+    expected = _llama_types(sources[cfg_key], tmp_path / "out.gguf", mix, **opts)
+    ours = tensor_types(_plan(CONFIGS[cfg_key]), mix, tensor_type_overrides=opts["overrides"])
+    assert ours == expected
+
+
+@pytest.mark.oracle
+def test_new_type_output_options_match_llama_quantize_l4(require_oracle, sources, tmp_path):
+    """--output-tensor-type / --token-embedding-type with the new types (rows of 256: every type fits)."""
+    opts = dict(output_tensor_type="IQ4_XS", token_embedding_type="TQ2_0")
+    expected = _llama_types(sources["l4_ff640"], tmp_path / "out.gguf", "Q4_K_M", **opts)
+    assert tensor_types(_plan(CONFIGS["l4_ff640"]), "Q4_K_M", **opts) == expected
+    assert expected["output.weight"] == "IQ4_XS" and expected["token_embd.weight"] == "TQ2_0"
 
 
 @pytest.mark.oracle

@@ -1,6 +1,7 @@
 """Tiny, deterministic HF checkpoints with real tokenizers for the convert / llama.cpp runtime tests:
-random Llama / Mistral / Qwen2 models (transformers, saved as float16 safetensors) plus a SentencePiece model
-(Llama/Mistral style, byte fallback) or a byte-level BPE tokenizer.json (Qwen2 style) trained on a small corpus."""
+random Llama / Mistral / Phi-3 / Gemma 2 / Qwen2 / Qwen3 and MoE (Mixtral, Qwen2-MoE, Qwen3-MoE) models
+(transformers, saved as float16 safetensors) plus a SentencePiece model (Llama/Mistral/Phi-3/Gemma style, byte
+fallback) or a byte-level BPE tokenizer.json (Qwen style) trained on a small corpus."""
 from __future__ import annotations
 
 import io
@@ -31,7 +32,7 @@ def corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines + list(EVAL_TEXTS)
 
 
-def write_sentencepiece(model_dir: Path, vocab_size: int = 512) -> None:
+def write_sentencepiece(model_dir: Path, vocab_size: int = 512, *, dummy_prefix: bool = True) -> None:
     """Train a Llama-style SentencePiece BPE model (byte fallback, identity normalization) into the folder, with
     tokenizer_config.json as Llama checkpoints ship it."""
     import sentencepiece as spm
@@ -40,7 +41,7 @@ def write_sentencepiece(model_dir: Path, vocab_size: int = 512) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=dummy_prefix,
         split_digits=True, num_threads=1, minloglevel=2)
     (model_dir / "tokenizer.model").write_bytes(buf.getvalue())
     (model_dir / "tokenizer_config.json").write_text(json.dumps({
@@ -73,8 +74,10 @@ def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
 
 
 def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
-    """Write a random tiny HF model (`arch`: llama | mistral | qwen2; hidden 256, GQA 4/2 heads, vocab 512) in
-    float16 with its tokenizer; returns the folder."""
+    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | gemma2 | gemma3 | qwen2 | qwen3 | mixtral | qwen2moe |
+    qwen3moe;
+    hidden 256, GQA 4/2 heads, vocab 512, experts of 256 rows) in float16 with its tokenizer (SentencePiece for
+    llama/mistral/phi3/gemma2/mixtral, byte-level BPE for the Qwen family); returns the folder."""
     import torch
     import transformers as tf
 
@@ -93,12 +96,48 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         cfg = tf.Qwen2Config(intermediate_size=768, tie_word_embeddings=True, bos_token_id=None,
                              **common)
         cls = tf.Qwen2ForCausalLM
+    elif arch == "mixtral":  # 8 experts: llama.cpp's n_expert == 8 mix rules apply
+        cfg = tf.MixtralConfig(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, bos_token_id=1,
+                               eos_token_id=2, sliding_window=None, **common)
+        cls = tf.MixtralForCausalLM
+    elif arch == "qwen2moe":  # 4 routed experts + a shared expert with its sigmoid gate
+        cfg = tf.Qwen2MoeConfig(intermediate_size=768, moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                                num_experts=4, num_experts_per_tok=2, bos_token_id=None, **common)
+        cls = tf.Qwen2MoeForCausalLM
+    elif arch == "phi3":  # fused qkv_proj / gate_up_proj, as Phi-3-mini-4k (no LongRoPE)
+        cfg = tf.Phi3Config(intermediate_size=512, original_max_position_embeddings=512, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=None, **common)
+        cls = tf.Phi3ForCausalLM
+    elif arch == "gemma2":  # tied embeddings, 4 norms per block (stored as 1 + w), soft-capping, sliding window
+        cfg = tf.Gemma2Config(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
+        cls = tf.Gemma2ForCausalLM
+    elif arch == "gemma3":  # the text model: q/k norms, local/global rope thetas, sliding window
+        cfg = tf.Gemma3TextConfig(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
+        cls = tf.Gemma3ForCausalLM
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(intermediate_size=768, head_dim=64, tie_word_embeddings=True, bos_token_id=None,
+                             **common)
+        cls = tf.Qwen3ForCausalLM
+    elif arch == "qwen3moe":
+        # norm_topk_prob as Qwen3-MoE checkpoints ship it: llama.cpp's qwen3moe graph always renormalizes top-k
+        cfg = tf.Qwen3MoeConfig(intermediate_size=768, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2,
+                                norm_topk_prob=True, head_dim=64, bos_token_id=None, **common)
+        cls = tf.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)
-    if arch == "qwen2":
+    if arch.startswith("qwen"):
         cfg.eos_token_id = write_bpe(model_dir)
-    else:
-        write_sentencepiece(model_dir)
+    elif arch == "phi3":  # Phi-3 style: a smaller SentencePiece model plus special chat tokens above it
+        write_sentencepiece(model_dir, vocab_size=500)
+        tc = json.loads((model_dir / "tokenizer_config.json").read_text())
+        tc["added_tokens_decoder"] = {str(500 + i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                     "normalized": False, "single_word": False}
+                                      for i, t in enumerate(("<|endoftext|>", "<|assistant|>", "<|end|>"))}
+        (model_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    else:  # Gemma's SentencePiece adds no dummy prefix (its GGUF says add_space_prefix = false)
+        write_sentencepiece(model_dir, dummy_prefix=not arch.startswith("gemma"))
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # random biases so the Qwen2 q/k/v bias path is exercised

@@ -3,6 +3,7 @@ through the server): register a passing and a failing GGUF, promote/refuse, down
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,3 +90,67 @@ def test_register_promote_download_through_mlflow_server(mlflow_server, tiny_art
         assert [e.action for e in log.events(model="served")] == ["register", "register", "promote", "refuse",
                                                                    "download"]
         assert log.verify().ok
+
+
+def test_version_views_through_mlflow_server(mlflow_server, tmp_path, monkeypatch):
+    """What people see in MLflow for a version made by the job steps (CLI `run`, DVC `stage register`, Celery):
+    trimmed tags with file_type by name, a Markdown description whose figures match the run and whose report
+    links the server serves, the validation reports + compliance report in the run, quality metrics only."""
+    import json
+    import urllib.parse
+
+    from mlflow import MlflowClient
+
+    from quantgate.jobs import quantize_step, register_step, validate_step
+    from registry.facts import QUALITY_METRICS
+    from registry.views import FILTER_TAGS, MACHINE_TAGS
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("QUANTGATE_MLFLOW_URI", mlflow_server)
+    monkeypatch.setenv("QUANTGATE_STORE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("QUANTGATE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("QUANTGATE_AUDIT_DB_URL", raising=False)
+    rows = (repo / "data" / "eval.jsonl").read_text().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[::12]) + "\n")  # 9 samples over the three categories
+    art = quantize_step(repo / "models" / "reference", "Q4_K_M", workdir=tmp_path / "jobs")
+    v = validate_step(art, baseline=repo / "models" / "reference", gates=["kl_mean <= 0.5", "ppl_ratio <= 1.5"],
+                      dataset=str(tmp_path / "eval.jsonl"), options={"max_tokens": 48})
+    assert v["passed"], v
+    rv = register_step(art, v, model_name="viewed")
+    c = MlflowClient(mlflow_server, mlflow_server)
+    mv = c.get_model_version("viewed", rv["version"])
+    assert set(mv.tags) <= set(FILTER_TAGS) | set(MACHINE_TAGS)
+    assert mv.tags["file_type"] == "MOSTLY_Q4_K_M" and mv.tags["precision"] == "Q4_K_M"
+    assert mv.tags["verdict"] == "passed" and mv.tags["source"] == "reference"
+    run = c.get_run(mv.run_id)
+    m = run.data.metrics
+    files = {a.path for a in c.list_artifacts(mv.run_id, "reports/validation_html")} | \
+        {a.path for d in ("reports/validation_md", "reports/validation_json", "reports/junit", "compliance")
+         for a in c.list_artifacts(mv.run_id, d)}
+    assert files == {"reports/validation_html/validation.html", "reports/validation_md/validation.md",
+                     "reports/validation_json/validation.json", "reports/junit/junit.xml",
+                     f"compliance/viewed-v{rv['version']}-compliance.html"}
+    # metrics: quality figures overall and per category, sizes, gates on metrics, timings; no expectation counters
+    allowed = set(QUALITY_METRICS) | {"file_size_bytes", "bits_per_weight", "n_params", "gates_failed"}
+    for k in m:
+        base = k.split(".", 2)[-1] if k.startswith("val.") else k
+        assert base in allowed or k.startswith(("gate.kl_mean", "gate.ppl_ratio", "timing.")), k
+    assert {"val.code.kl_mean", "val.chat.kl_mean", "val.math.kl_mean"} <= set(m) and len(m) < 60
+    # the description: mix, file type, size, bpw, KLD ± SE, PPL ratio, verdict, gate set, links the server serves
+    d = mv.description
+    n_ok = sum(1 for g in v["gates"] if g["passed"] and not g.get("skipped"))
+    for text in ("**Q4\\_K\\_M**", "` MOSTLY_Q4_K_M `", f"{m['bits_per_weight']:.3f} bpw", "verdict **passed**",
+                 f"{n_ok}/{len(v['gates'])} gates passed", f"{m['kl_mean']:.5f} ± {m['kl_mean_se']:.5f}",
+                 f"{m['ppl_ratio']:.5f}"):
+        assert text in d, (text, d)
+    links = dict(re.findall(r"\[([^\]]+)\]\((get-artifact\?[^)]+)\)", d))
+    assert len(links) == 5, d
+    for label, href in links.items():
+        with urllib.request.urlopen(f"{mlflow_server}/{href}", timeout=30) as r:
+            body = r.read()
+        path = urllib.parse.parse_qs(urllib.parse.urlparse(href).query)["path"][0]
+        assert r.status == 200 and body, label
+        if path.endswith(".json"):
+            assert json.loads(body)["overall"]["kl_mean"] == pytest.approx(m["kl_mean"])
+        if path.endswith(".html"):
+            assert b"<html" in body.lower()[:500]

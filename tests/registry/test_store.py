@@ -36,8 +36,11 @@ def test_versions_carry_tags_params_metrics_and_reports(store):
     v2 = c.get_model_version(store.model, store.failing.version)
     assert v1.tags["sha256"] == store.art_pass.sha256 and v1.tags["job_key"] == store.art_pass.job_key
     assert v1.tags["verdict"] == "passed" and v1.tags["gate_set"] == "default-v1" and "rejected" not in v1.tags
-    assert v1.tags["file_type"] == str(store.art_pass.file_type)
-    assert float(v1.tags["bits_per_weight"]) == pytest.approx(store.art_pass.bits_per_weight, abs=1e-4)
+    assert v1.tags["file_type"] == "MOSTLY_Q4_K_M" and store.art_pass.file_type == 15
+    assert v1.tags["source"] == "tiny-llama" and v1.tags["precision"] == "Q4_K_M"
+    from registry.views import FILTER_TAGS, MACHINE_TAGS
+
+    assert set(v1.tags) <= set(FILTER_TAGS) | set(MACHINE_TAGS)  # trimmed: bpw, source SHA-256 live in the run
     assert v2.tags["verdict"] == "failed" and v2.tags["rejected"] == "true"
     run = c.get_run(v1.run_id)
     p, m = run.data.params, run.data.metrics
@@ -152,6 +155,14 @@ def test_cli_lists_shows_and_downloads_by_alias(store, cli, tmp_path):
     assert r.exit_code == 0, r.output
     got = tmp_path / "dl" / Path(store.art_pass.path).name
     assert got.read_bytes() == Path(store.art_pass.path).read_bytes()
+    # the models:/ spelling, and the byte progress the CLI's bar shows
+    from registry.queries import download
+
+    seen = []
+    path = download(f"models:/{store.model}/{store.passing.version}", tmp_path / "dl2", settings=store.settings,
+                    progress=lambda done, total, what: seen.append((done, total, what)))
+    assert path.read_bytes() == got.read_bytes()
+    assert seen[-1] == (store.art_pass.nbytes, store.art_pass.nbytes, got.name)
     assert not [p for p in (tmp_path / "dl").iterdir() if p.name.startswith(".")]  # no temp leftovers
     with AuditLog(store.settings.audit_db_url) as log:
         dl = [e for e in log.events(model=store.model) if e.action == "download"]

@@ -188,7 +188,7 @@ def test_file_name_too_long(env, tmp_path):
 def test_relative_report_dir_with_expectations(env):
     """The README's `--report-dir reports/`: a relative folder used to crash inside Great Expectations."""
     r = cli("validate", "-b", "model", "--quantized", "q8.gguf", "--threshold", "10", "--metric", "kl_mean", "-d",
-            "eval.jsonl", "--max-tokens", "16", "--report-dir", "reports/", cwd=env["dir"])
+            "eval.jsonl", "--max-tokens", "16", "--report-dir", "reports/", "--data-docs", cwd=env["dir"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     folder = next((env["dir"] / "reports").iterdir())

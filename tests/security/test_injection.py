@@ -161,7 +161,7 @@ def validated(env) -> dict:
     """`quantgate validate` of a valid GGUF with a hostile file name on a dataset with hostile categories, with a
     RELATIVE --report-dir (as the README shows)."""
     r = cli("validate", "-b", str(env["model"]), "--quantized", str(env["evil"]), "--threshold", "10", "--metric",
-            "kl_mean", "-d", str(env["ds"]), "--max-tokens", "16", "--report-dir", "reports", cwd=env["dir"])
+            "kl_mean", "-d", str(env["ds"]), "--max-tokens", "16", "--report-dir", "reports", "--data-docs", cwd=env["dir"])
     folder = next((env["dir"] / "reports").iterdir())
     return {"run": r, "folder": folder}
 

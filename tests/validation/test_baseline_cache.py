@@ -146,7 +146,18 @@ def test_one_model_in_memory_at_a_time(tiny_model, tiny_ggufs, dataset, tmp_path
         b.close = close
         return b
 
+    real_stream = ev.stream_logits
+
+    def counting_stream(model, *a, **kw):  # the layer-streamed torch passes hold one model too
+        live.append(str(model))
+        peak[0] = max(peak[0], len(live))
+        try:
+            return real_stream(model, *a, **kw)
+        finally:
+            live.remove(str(model))
+
     monkeypatch.setattr(ev, "open_backend", counting_open)
+    monkeypatch.setattr(ev, "stream_logits", counting_stream)
     rep = ev.evaluate(tiny_model, tiny_ggufs["Q8_0"], dataset, max_tokens=32, cache_dir=tmp_path / "c")
     assert not rep.timings.baseline_cache_hit and peak[0] == 1 and live == []
     ev.evaluate(tiny_model, tiny_ggufs["Q8_0"], dataset, max_tokens=32, exact=True)

@@ -9,6 +9,7 @@ import pytest
 
 from core.records import QuantizeRequest
 from quant.fingerprint import weights_fingerprint
+from quantgate.convert import convert_model
 from quantgate.pipeline import quantize_model
 from tests.quant.test_fingerprint import llama_cpp_convert
 from tests.quantgate.test_pipeline_llamacpp import _llama_quantize
@@ -41,6 +42,22 @@ def test_quantgate_quantized_llama_cpp_conversion_derives_from_hf_folder(env, tm
     assert g.passed and "source_fingerprint" in g.detail and "matches" in g.detail
     g_other = _gate(out, env["other"])  # the recorded fingerprint differs and the weights do too
     assert not g_other.passed and "differs" in g_other.detail and "tensor " in g_other.detail
+
+
+def test_quantgate_convert_output_records_the_fingerprint(env, tmp_path):
+    """`quantgate convert` records quantgate.source_fingerprint like quantize does, so its F16 GGUF derives by content
+    from another container of the same weights (llama.cpp's conversion: other bytes, same fingerprint), and so does
+    a quantization of it; another model's conversion does not."""
+    conv = Path(convert_model(env["hf"], tmp_path / "ours-f16.gguf", "f16").path)
+    meta = read_metadata(conv)
+    assert meta["quantgate.source_fingerprint"] == weights_fingerprint(env["hf"]) == weights_fingerprint(conv)
+    g = _gate(conv, env["lc_f16"])
+    assert g.passed and "source_fingerprint" in g.detail and "matches" in g.detail, g.detail
+    g_other = _gate(conv, env["other_f16"])
+    assert not g_other.passed and "differs" in g_other.detail
+    q = tmp_path / "ours-q8.gguf"
+    quantize_model(QuantizeRequest(source=conv, out=q, precision="Q8_0"), record=False)
+    assert read_metadata(q)["quantgate.source_fingerprint"] == meta["quantgate.source_fingerprint"]
 
 
 @pytest.mark.parametrize("mix,ftype", [("Q4_K_M", 15), ("Q2_K", 10), ("Q8_0", 7)])

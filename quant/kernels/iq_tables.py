@@ -1,0 +1,179 @@
+"""The i-quant search tables ggml_quantize_init builds (iq2xs_init_impl, iq3xs_init_impl), computed the same way.
+
+For each grid: `grid` (points, coordinates) int8 with the quantizer's odd levels 2l+1; `kmap` maps a packed level
+vector to its grid index, or for an off-grid vector to -(offset+1) into `neighbours`, where
+neighbours[offset] = n is followed by the n grid indices of the `nwant` nearest distance classes, sorted by
+(squared distance, index) as ggml's qsort with iq2/iq3_compare_func orders them (the order is total, so any sort
+gives the same list). Built once per process on first use (about a second for the 2048-point IQ1 grid).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from core.errors import QuantizationError
+from quant.kernels import iq_grids
+
+
+@dataclass(frozen=True)
+class IQTables:
+    """One grid's search tables, laid out as in ggml's iq2_entry_t / iq3_entry_t."""
+
+    grid: np.ndarray  # int8 (points, ndim), values 2l+1
+    kmap: np.ndarray  # int32 (4^8 or 8^4 region used)
+    neighbours: np.ndarray  # uint16
+
+
+@njit(cache=True)
+def _build(kgrid, bits, ndim, kmap_size, nwant):
+    npts = kgrid.shape[0]
+    mask = (1 << bits) - 1
+    grid = np.empty((npts, ndim), np.int8)
+    for k in range(npts):
+        for i in range(ndim):
+            grid[k, i] = 2 * ((np.int64(kgrid[k]) >> (bits * i)) & mask) + 1
+    kmap = np.full(kmap_size, -1, np.int32)
+    for k in range(npts):
+        index = 0
+        for i in range(ndim):
+            index |= ((np.int64(grid[k, i]) - 1) // 2) << (bits * i)
+        kmap[index] = k
+    # first pass: count; second: fill (the C code's two passes, serial here)
+    d2 = np.empty(npts, np.int64)
+    pos = np.empty(ndim, np.int64)
+    classes = np.empty(nwant, np.int64)
+    total = 0
+    for i in range(kmap_size):
+        if kmap[i] >= 0:
+            continue
+        total += 1 + _distance_classes(i, grid, bits, mask, nwant, d2, pos, classes)[0]
+    neighbours = np.empty(total, np.uint16)
+    counter = 0
+    for i in range(kmap_size):
+        if kmap[i] >= 0:
+            continue
+        n, nclass = _distance_classes(i, grid, bits, mask, nwant, d2, pos, classes)
+        kmap[i] = -(counter + 1)
+        neighbours[counter] = n
+        c = counter + 1
+        for m in range(nclass):  # ascending distance, ascending index within a distance: ggml's sorted order
+            for j in range(npts):
+                if d2[j] == classes[m]:
+                    neighbours[c] = j
+                    c += 1
+        counter += 1 + n
+    return grid, kmap, neighbours
+
+
+@njit(cache=True)
+def _distance_classes(i, grid, bits, mask, nwant, d2, pos, classes):
+    """Squared distances d2[j] from level vector i to every grid point and the `nwant` smallest distinct values
+    (classes, ascending); returns (points in those classes, number of classes): what ggml keeps after its qsort."""
+    npts, ndim = grid.shape
+    for k in range(ndim):
+        pos[k] = 2 * ((i >> (bits * k)) & mask) + 1
+    nclass = 0
+    for j in range(npts):
+        v = 0
+        for k in range(ndim):
+            d = np.int64(grid[j, k]) - pos[k]
+            v += d * d
+        d2[j] = v
+        m = 0  # insert v into the ascending list of the nwant smallest distinct distances
+        while m < nclass and classes[m] < v:
+            m += 1
+        if m >= nwant or (m < nclass and classes[m] == v):
+            continue
+        top = nclass if nclass < nwant else nwant - 1
+        for t in range(top, m, -1):
+            classes[t] = classes[t - 1]
+        classes[m] = v
+        if nclass < nwant:
+            nclass += 1
+    n = 0
+    for j in range(npts):
+        for m in range(nclass):
+            if d2[j] == classes[m]:
+                n += 1
+                break
+    return n, nclass
+
+
+# type -> (seed, bits per coordinate, coordinates, kmap size, nwant), as in iq2xs_init_impl / iq3xs_init_impl
+_SPECS = {
+    "IQ2_XXS": ("KGRID_IQ2XXS", 2, 8, 43692, 2),
+    "IQ2_XS": ("KGRID_IQ2XS", 2, 8, 43692, 2),
+    "IQ2_S": ("KGRID_IQ2S", 2, 8, 43692, 1),
+    "IQ1_S": ("KGRID_IQ1S", 2, 8, 43692, 3),
+    "IQ1_M": ("KGRID_IQ1S", 2, 8, 43692, 3),
+    "IQ3_XXS": ("KGRID_IQ3XXS", 3, 4, 4096, 2),
+    "IQ3_S": ("KGRID_IQ3S", 3, 4, 4096, 3),
+}
+
+
+@functools.cache
+def tables(qtype: str) -> IQTables:
+    """The grid, map and neighbour tables ggml_quantize_init(qtype) builds (IQ1_S and IQ1_M share one)."""
+    seed, bits, ndim, kmap_size, nwant = _SPECS[qtype]
+    if qtype == "IQ1_M":
+        return tables("IQ1_S")
+    grid, kmap, neighbours = _build(getattr(iq_grids, seed), bits, ndim, kmap_size, nwant)
+    return IQTables(grid, kmap, neighbours)
+
+
+# --------------------------------------------------------------------------------------------- shared search
+
+
+FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+@njit(cache=True, error_model="numpy")
+def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L, off):
+    """iq2/iq3_find_best_neighbour on the group xval[off:off+ndim] (weights weight[off:...]): the listed neighbour
+    minimising sum weight*(scale*q - x)^2; writes its levels into L[off:...] and returns its grid index, or -1 where
+    ggml's GGML_ASSERT would abort (no distance below FLT_MAX). Offsets, not slices: no array views in the loop."""
+    n = np.int64(neighbours[start])
+    ndim = grid.shape[1]
+    best_d2 = FLT_MAX
+    grid_index = -1
+    for j in range(1, n + 1):
+        g = np.int64(neighbours[start + j])
+        d2 = np.float32(0.0)
+        for i in range(ndim):
+            q = np.float32(grid[g, i])
+            diff = scale * q - xval[off + i]
+            d2 += weight[off + i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            grid_index = g
+    if grid_index < 0:
+        return -1
+    for i in range(ndim):
+        L[off + i] = (np.int64(grid[grid_index, i]) - 1) // 2
+    return grid_index
+
+
+# kmask_iq2xs / ksigns_iq2xs of ggml-common.h: bit masks, and 7 sign bits completed with their parity bit
+KMASK = np.array([1, 2, 4, 8, 16, 32, 64, 128], np.int64)
+KSIGNS = np.array([i | ((bin(i).count("1") & 1) << 7) for i in range(128)], np.int64)
+
+
+def run_quantize(qtype: str, driver, block_bytes: int, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """Run an i-quant row driver `driver(x, qw, out, ok, grid, kmap, neighbours)` over float32 (rows, cols);
+    raise QuantizationError where it reports a row on which ggml would abort."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    out = np.empty((rows, cols // 256 * block_bytes), dtype=np.uint8)
+    qw = np.zeros(0, np.float32) if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    ok = np.ones(rows, np.bool_)
+    t = tables(qtype)
+    driver(x, qw, out, ok, t.grid, t.kmap, t.neighbours)
+    if not ok.all():
+        raise QuantizationError(
+            f"ggml's {qtype} quantizer aborts on row {int(np.flatnonzero(~ok)[0])} of this input (its weights "
+            "overflow to inf/NaN, so no grid point is at a finite distance); choose another type for this tensor"
+        )
+    return out

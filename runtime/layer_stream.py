@@ -1,0 +1,313 @@
+"""Layer-streamed forward passes: a decoder-only model run one block at a time, read straight from its file.
+
+Only one decoder block's float32 weights are in memory at a time: they are read from the checkpoint tensor by
+tensor (HF safetensors / PyTorch through quant.loaders, GGUF dequantized through quant.gguf_to_hf, Q/K permutation
+undone), the block runs over every sequence's hidden states, and is freed before the next block is read. The final
+norm and lm_head then turn each sequence's hidden states into logits, one sequence at a time. Peak memory is one
+block + the embedding or the head + the activations of the sequences (n_tokens x hidden x 4 bytes), instead of the
+whole model in float32 (docs/EVALUATION.md, "Memory").
+
+The blocks are transformers' own modules (built on the meta device from the model's config, materialized per block
+with `load_state_dict(assign=True)`), called as the model's own forward calls them (same causal masks, same rotary
+embeddings), so the logits equal transformers' full forward (tested on the bundled Llama and a tiny Qwen2).
+An architecture is one row of `ARCHS` (where the embedding, blocks, final norm and head live); `supports()` says
+whether a checkpoint can stream, and callers fall back to the full-model path (runtime.backends.torch_backend)
+when it cannot.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from core.errors import CheckpointError
+from quant.gguf_reader import read_gguf
+from quant.loaders import open_checkpoint
+from runtime.backends import is_gguf
+
+
+@dataclass(frozen=True)
+class BlockArch:
+    """Where a decoder-only transformers model keeps its parts (HF names and module attributes)."""
+
+    layer_prefix: str = "model.layers.{i}."
+    embed: str = "model.embed_tokens.weight"
+    norm: str = "model.norm.weight"
+    head: str = "lm_head.weight"
+    #: attribute path of the decoder (holds .layers, .norm, .rotary_emb) in the *ForCausalLM module
+    decoder: str = "model"
+
+
+#: HF model_type -> its layout. Llama, Qwen2 (GGUF or HF) and Mistral (HF folders) are tested here; an
+#: architecture with the same layout (embed -> blocks -> norm -> lm_head, per-layer attention types in
+#: config.layer_types) needs one row, one that scales embeddings or soft-caps logits needs new BlockArch fields.
+ARCHS: dict[str, BlockArch] = {
+    "llama": BlockArch(),
+    "qwen2": BlockArch(),
+    "mistral": BlockArch(),
+}
+
+
+class _Weights:
+    """Float32 HF-named tensors of a checkpoint, read one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._gguf = None
+        if is_gguf(path):
+            from quant.gguf_to_hf import hf_config_from_gguf, hf_tensor_map  # lazy: gguf package name maps
+
+            self._gguf = read_gguf(path)
+            try:
+                self.config_dict: dict[str, Any] = hf_config_from_gguf(self._gguf)
+                tmap = hf_tensor_map(self._gguf, self.config_dict)
+            except BaseException:
+                self._gguf.close()
+                raise
+            by_name = {t.name: t for t in self._gguf.tensors}
+            self._infos = {hf: (by_name[g], tmap.unpermute_heads.get(g)) for g, hf in tmap.hf_name.items()}
+            self.names = set(self._infos)
+        else:
+            self._ckpt = open_checkpoint(path)
+            if self._ckpt.config is None:
+                self._ckpt.close()
+                raise CheckpointError(f"{path}: an HF folder with config.json is needed to run the model")
+            self.config_dict = dict(self._ckpt.config)
+            self._tensors = {t.name: t for t in self._ckpt.tensors}
+            self.names = set(self._tensors)
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor (HF name, HF layout) as float32."""
+        if name not in self.names:
+            raise CheckpointError(f"{self.path}: the checkpoint has no tensor {name!r}")
+        if self._gguf is not None:
+            from quant.gguf_to_hf import read_tensor_f32, unpermute_qk  # lazy: as above
+
+            info, heads = self._infos[name]
+            arr = read_tensor_f32(self._gguf, info)
+            return unpermute_qk(arr, heads, heads) if heads else arr
+        return np.ascontiguousarray(self._tensors[name].read(), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._gguf is not None:
+            self._gguf.close()
+        else:
+            self._ckpt.close()
+
+
+def model_type_of(path: "str | os.PathLike[str]") -> str | None:
+    """The HF model_type a checkpoint runs as (GGUF: through quant.gguf_to_hf), None when it cannot be told."""
+    p = Path(path)
+    try:
+        if is_gguf(p):
+            with read_gguf(p) as g:
+                arch = g.value("general.architecture")
+            return str(arch) if arch else None  # llama.cpp's names for these archs are transformers' model_type
+        with open_checkpoint(p) as ckpt:
+            return (ckpt.config or {}).get("model_type")
+    except (CheckpointError, OSError, ValueError):
+        return None
+
+
+def supports(path: "str | os.PathLike[str]") -> bool:
+    """Whether `path` can run layer by layer (its architecture has a row in ARCHS)."""
+    return model_type_of(path) in ARCHS
+
+
+def _module(root: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+class LayerStream:
+    """A checkpoint opened for layer-streamed forward passes (see the module docstring). Use as a context manager."""
+
+    def __init__(self, path: "str | os.PathLike[str]") -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.torch = torch
+        self.path = Path(path)
+        self.weights = _Weights(self.path)
+        try:
+            cfg = dict(self.weights.config_dict)
+            model_type = cfg.get("model_type")
+            if model_type not in ARCHS:
+                raise CheckpointError(f"{self.path}: architecture {model_type!r} has no layer-streaming adapter "
+                                      f"(known: {', '.join(sorted(ARCHS))})")
+            self.arch = ARCHS[model_type]
+            self.config = AutoConfig.for_model(**cfg) if is_gguf(self.path) else AutoConfig.from_pretrained(
+                str(self.path if self.path.is_dir() else self.path.parent))
+            with torch.device("meta"):
+                self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+            self.skeleton.eval()
+            self.decoder = _module(self.skeleton, self.arch.decoder)
+            self.n_layer = int(self.config.num_hidden_layers)
+            self.n_embd = int(self.config.hidden_size)
+            self.n_vocab = int(self.config.vocab_size)
+            self.tied = bool(getattr(self.config, "tie_word_embeddings", False)) or self.arch.head not in \
+                self.weights.names
+            rot = self.decoder.rotary_emb
+            self.rotary = type(rot)(config=rot.config)  # buffers (inv_freq) computed on the CPU from the config
+            self.layer_types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.n_layer)
+        except BaseException:
+            self.weights.close()
+            raise
+
+    def __enter__(self) -> "LayerStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.weights.close()
+
+    # -- parts ------------------------------------------------------------------------------------------------
+
+    def tensor(self, name: str):
+        """One weight as a float32 torch tensor (HF name)."""
+        return self.torch.from_numpy(self.weights.read(name))
+
+    @contextmanager
+    def block(self, i: int) -> Iterator[Any]:
+        """Block i with its weights read from the file, freed (back on the meta device) when the context exits."""
+        layer = self.decoder.layers[i]
+        prefix = self.arch.layer_prefix.format(i=i)
+        sd = {n: self.tensor(prefix + n) for n, _ in layer.named_parameters()}
+        layer.load_state_dict(sd, strict=True, assign=True)
+        del sd
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+
+    def embed(self, ids: Sequence[Sequence[int]]) -> list[Any]:
+        """Input hidden states (1, n, hidden) of each sequence (the embedding is read, used, and dropped)."""
+        torch = self.torch
+        w = self.tensor(self.arch.embed)
+        out = []
+        for s in ids:
+            t = torch.as_tensor(np.asarray(s, dtype=np.int64))
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= w.shape[0]):
+                raise CheckpointError(f"token id out of range for a vocabulary of {w.shape[0]}")
+            out.append(torch.nn.functional.embedding(t, w).unsqueeze(0))
+        return out
+
+    def context(self, h) -> dict[str, Any]:
+        """What every block call on hidden states `h` (batch, n, hidden) needs: masks per attention type,
+        rotary embeddings, positions, computed as the model's own forward computes them."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        torch = self.torch
+        pos = torch.arange(h.shape[1]).unsqueeze(0)
+        kw = {"config": self.config, "inputs_embeds": h, "attention_mask": None, "cache": None, "position_ids": pos}
+        masks = {"full_attention": create_causal_mask(**kw)}
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+        return {"masks": masks, "position_embeddings": self.rotary(h, pos), "position_ids": pos}
+
+    def run_block(self, layer: Any, i: int, h, ctx: dict[str, Any]):
+        """Block i (loaded) on hidden states h with the context of `context(h)`."""
+        return layer(h, attention_mask=ctx["masks"][self.layer_types[i]],
+                     position_embeddings=ctx["position_embeddings"], position_ids=ctx["position_ids"],
+                     use_cache=False)
+
+    @contextmanager
+    def head(self) -> Iterator[tuple[Any, Any]]:
+        """(final norm module, lm_head weight) loaded; freed on exit. Tied models use the embedding."""
+        norm = self.decoder.norm
+        norm.load_state_dict({"weight": self.tensor(self.arch.norm)}, strict=True, assign=True)
+        w = self.tensor(self.arch.embed if self.tied else self.arch.head)
+        try:
+            yield norm, w
+        finally:
+            norm.to("meta")
+            del w
+
+    # -- whole passes ---------------------------------------------------------------------------------------------
+
+    def hidden_states(self, ids: Sequence[Sequence[int]], *, on_block: "Callable[[int, Any], None] | None" = None,
+                      progress: "Callable[[int, int], None] | None" = None) -> list[Any]:
+        """Final-block hidden states (before the final norm) of each sequence, one block in memory at a time.
+        `on_block(i, layer)` runs with block i loaded, before it is applied (e.g. to add forward hooks)."""
+        torch = self.torch
+        with torch.inference_mode():
+            hs = self.embed(ids)
+            ctxs = [self.context(h) for h in hs]
+            for i in range(self.n_layer):
+                with self.block(i) as layer:
+                    handles = on_block(i, layer) if on_block is not None else None
+                    try:
+                        hs = [self.run_block(layer, i, h, c) for h, c in zip(hs, ctxs)]
+                    finally:
+                        for hd in handles or ():
+                            hd.remove()
+                if progress is not None:
+                    progress(i + 1, self.n_layer)
+        return hs
+
+
+def group_by_budget(lengths: Sequence[int], n_embd: int, budget_bytes: int) -> list[list[int]]:
+    """Indices of sequences in consecutive groups whose float32 hidden states (2 copies: in and out of a block)
+    fit in `budget_bytes` (a group holds at least one sequence)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        b = 2 * 4 * int(n) * n_embd
+        if groups[-1] and used + b > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += b
+    return [g for g in groups if g]
+
+
+#: Activations kept per sweep over the blocks; more sequences than this make several sweeps (weights re-read).
+DEFAULT_ACTIVATION_BUDGET = 512 << 20
+
+
+def stream_logits(path: "str | os.PathLike[str]", ids: Sequence[Sequence[int]],
+                  on_logits: Callable[[int, np.ndarray], None], *,
+                  activation_budget: int = DEFAULT_ACTIVATION_BUDGET,
+                  progress: "Callable[[int, int], None] | None" = None) -> int:
+    """Run every sequence of `ids` through the model at `path` layer by layer and call `on_logits(i, logits)` with
+    sequence i's float32 logits (n_i, n_vocab), in order. Returns n_vocab. One sequence per block call (no
+    padding), as the torch backend does, so the logits do not depend on which sequences share a sweep."""
+    torch = _torch()
+    with LayerStream(path) as ls:
+        groups = group_by_budget([len(s) for s in ids], ls.n_embd, activation_budget)
+        for g in groups:
+            hs = ls.hidden_states([ids[i] for i in g])
+            with torch.inference_mode(), ls.head() as (norm, w):
+                for i, h in zip(g, hs):
+                    on_logits(i, torch.nn.functional.linear(norm(h)[0], w).float().numpy())
+            del hs
+            if progress is not None:
+                progress(g[-1] + 1, len(ids))
+        return ls.n_vocab
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def hf_config(path: "str | os.PathLike[str]"):
+    """The transformers config a checkpoint runs with (HF folder: its config.json; GGUF: rebuilt from its KVs by
+    quant.gguf_to_hf), without reading any weights."""
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if is_gguf(p):
+        from quant.gguf_to_hf import hf_config_from_gguf  # lazy: gguf package name maps
+
+        with read_gguf(p) as g:
+            return AutoConfig.for_model(**hf_config_from_gguf(g))
+    return AutoConfig.from_pretrained(str(p if p.is_dir() else p.parent))
