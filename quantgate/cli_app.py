@@ -77,6 +77,17 @@ F = TypeVar("F", bound=Callable)
 DEBUG_ENV = "QUANTGATE_DEBUG"
 
 
+def model_repo_option() -> Any:
+    """`--model-repo`, spelled the same in every command that takes a model (quantgate.inputs.resolve_model)."""
+    return typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) that holds --model")
+
+
+def model_rev_option() -> Any:
+    """`--model-rev`: a git revision of --model-repo, or the Hub revision of an org/name --model."""
+    return typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub revision of an org/name "
+                                                  "--model")
+
+
 def lit(text: object, limit: int = MAX_LINE) -> str:
     """Untrusted text for an f-string printed with rich markup: one line, control characters escaped, `[` escaped."""
     return escape(one_line(text, limit))

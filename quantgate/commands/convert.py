@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from core.text import one_line
-from quantgate.cli_app import app, console, err_console, handle_errors, lit
+from quantgate.cli_app import app, console, err_console, handle_errors, lit, model_repo_option, model_rev_option
 
 
 @app.command()
@@ -16,10 +16,8 @@ def convert(
     model: str = typer.Option(..., "--model", "-m", help="HF checkpoint: folder, .safetensors or .bin/.pt, a Hub id "
                                                          "in the local HF cache (org/name), models:/NAME/VERSION or "
                                                          "models:/NAME@ALIAS, or a path in --model-repo"),
-    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) "
-                                                                       "that holds --model"),
-    model_rev: Optional[str] = typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub "
-                                                                     "revision of an org/name --model"),
+    model_repo: Optional[str] = model_repo_option(),
+    model_rev: Optional[str] = model_rev_option(),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     outtype: str = typer.Option("f16", "--outtype", help="f32, f16 or bf16 (1-D tensors and norms stay F32)"),
     generic: bool = typer.Option(False, "--generic", help="Unknown architecture: keep the original tensor names"),

@@ -10,7 +10,16 @@ import typer
 
 from core.errors import QuantGateError
 from core.text import one_line
-from quantgate.cli_app import app, cell, console, err_console, handle_errors, lit
+from quantgate.cli_app import (
+    app,
+    cell,
+    console,
+    err_console,
+    handle_errors,
+    lit,
+    model_repo_option,
+    model_rev_option,
+)
 
 
 def _parse_overrides(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -30,10 +39,8 @@ def quantize(
                               help="Checkpoint: HF folder, .safetensors, .bin/.pt, .gguf, a Hub id in the local HF "
                                    "cache (org/name), models:/NAME/VERSION or models:/NAME@ALIAS, or a path in "
                                    "--model-repo"),
-    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="DVC-tracked git repository (path or URL) "
-                                                                       "that holds --model"),
-    model_rev: Optional[str] = typer.Option(None, "--model-rev", help="Git revision of --model-repo, or the Hub "
-                                                                     "revision of an org/name --model"),
+    model_repo: Optional[str] = model_repo_option(),
+    model_rev: Optional[str] = model_rev_option(),
     precision: str = typer.Option(..., "--precision", "-p", help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S, IQ4_XS IQ4_NL IQ3_M IQ3_S IQ3_XS IQ3_XXS IQ2_M IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S TQ2_0 TQ1_0 MXFP4_MOE (Q4_0 Q4_1 Q5_0 Q5_1); case-insensitive"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .gguf path (written atomically)"),
     pure: bool = typer.Option(False, "--pure", help="Quantize every tensor to the default type (no k-quant mixture)"),

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit
+from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit, model_repo_option, model_rev_option
 
 stage_app = typer.Typer(no_args_is_help=True, help="One DVC stage each (dvc.yaml calls these): prepare, quantize, "
                                                    "validate, register, plots.")
@@ -86,8 +86,8 @@ _SPEC_HELP = dict(
     model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder, GGUF, Hub id in the HF cache, "
                                                    "models:/NAME/VERSION, or a path in --model-repo); outputs and the "
                                                    "registered model are named after it; default: params model.path"),
-    model_repo=typer.Option(None, "--model-repo", help="DVC-tracked git repository that holds --model"),
-    model_rev=typer.Option(None, "--model-rev", help="Git revision of --model-repo (or Hub revision of org/name)"),
+    model_repo=model_repo_option(),
+    model_rev=model_rev_option(),
     mix=typer.Option([], "--mix", help="Mix to produce (repeatable); default: params mixes"),
     workdir=typer.Option(None, "--workdir", help="Where job folders go (default: settings workdir, out/jobs)"),
     validate=typer.Option(None, "--validate/--no-validate", help="Run the gates (default: when params has gates)"),
