@@ -166,8 +166,10 @@ def tensors_equal(a: Path, b: Path) -> bool:
 
 
 def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
-    """The checkpoint: `quantgate sample --shape` (1b: with the reference model's 4k tokenizer and vocabulary, so
-    that validate can tokenize text; 8b: Llama-3-8B's 128k vocabulary, no tokenizer)."""
+    """The checkpoint: `quantgate sample --shape` with the reference model's 4k BPE tokenizer, so that validate can
+    tokenize text (1b: its vocabulary shrunk to those 4,096 tokens; 8b: Llama-3-8B's 128,256-row embedding and head
+    kept, the tokenizer's 4,096 tokens padded to 128,256 with [PADi] entries when converted, as llama.cpp's
+    converter pads a vocabulary smaller than `vocab_size`)."""
     if (hf / "config.json").exists():
         return
     t = time.perf_counter()
@@ -175,11 +177,12 @@ def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
         code = ("import dataclasses, sys; from quantgate.sample import SHAPE_1B, make_sample_checkpoint; "
                 "make_sample_checkpoint(sys.argv[1], dataclasses.replace(SHAPE_1B, n_vocab=4096), seed=1)")
         subprocess.run([PY, "-c", code, str(hf)], check=True, env=env, cwd=cwd)
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-            shutil.copy(ROOT / "models/reference" / name, hf / name)
     else:
         subprocess.run([PY, "-m", "quantgate.cli", "sample", "--shape", shape, "--out", str(hf)], check=True,
                        env=env, cwd=cwd)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (ROOT / "models/reference" / name).exists():
+            shutil.copy(ROOT / "models/reference" / name, hf / name)
     print(f"generated {hf} in {time.perf_counter() - t:.0f} s", flush=True)
 
 
