@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from quant.kernels.common import fp32_to_fp16_bits
+from quant.kernels.common import f32_as_i32, fp32_to_fp16_bits
 
 
 def quantize_f32(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -68,6 +68,47 @@ def dequantize_bf16(raw: np.ndarray, cols: int) -> np.ndarray:
     """GGML_BF16_TO_FP32: the bf16 bits become the top half of a float32."""
     h = np.ascontiguousarray(raw, dtype=np.uint8).view(np.uint16).reshape(-1, cols)
     return (h.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+# ------------------------------------------------------------------ widening a stored F16/BF16 source to float32
+
+_WIDEN_CHUNK = 1 << 16  # elements per parallel step
+
+
+@njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+def _widen_f16(h, out):
+    """IEEE half bits -> float32 bits, exact (as numpy's cast and GGML_FP16_TO_FP32 for every non-NaN; a NaN keeps
+    its payload as numpy keeps it). Written branch-free (selects) so LLVM vectorizes it: ~5x numpy's cast."""
+    n = h.shape[0]
+    for c in prange((n + _WIDEN_CHUNK - 1) // _WIDEN_CHUNK):
+        for i in range(c * _WIDEN_CHUNK, min(n, (c + 1) * _WIDEN_CHUNK)):
+            w = np.uint32(h[i])
+            sign = (w & np.uint32(0x8000)) << np.uint32(16)
+            em = w & np.uint32(0x7FFF)
+            bits = (em << np.uint32(13)) + np.uint32(0x38000000)          # rebias the exponent 15 -> 127
+            bits = bits + np.uint32(0x38000000) if em >= np.uint32(0x7C00) else bits   # Inf/NaN: exponent 255
+            sub = np.uint32(f32_as_i32(np.float32(np.int32(em)) * np.float32(5.960464477539063e-08)))  # m * 2^-24
+            bits = sub if em < np.uint32(0x400) else bits                   # zero and subnormals: exact
+            out[i] = bits | sign
+
+
+@njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+def _widen_bf16(h, out):
+    n = h.shape[0]
+    for c in prange((n + _WIDEN_CHUNK - 1) // _WIDEN_CHUNK):
+        for i in range(c * _WIDEN_CHUNK, min(n, (c + 1) * _WIDEN_CHUNK)):
+            out[i] = np.uint32(h[i]) << np.uint32(16)
+
+
+def widen_to_f32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored F16/BF16 bits (any uint8/uint16/float16 view, contiguous) -> float32, exactly, on the kernels'
+    threads; into `out` (flat float32 of the same element count) when given."""
+    h = np.ascontiguousarray(raw).reshape(-1).view(np.uint16)
+    res = np.empty(h.size, np.float32) if out is None else out
+    if res.dtype != np.float32 or res.size != h.size:
+        raise ValueError(f"widen_to_f32: output of {res.size} {res.dtype} for {h.size} {dtype} values")
+    (_widen_bf16 if dtype == "BF16" else _widen_f16)(h, res.reshape(-1).view(np.uint32))
+    return res
 
 
 KERNELS = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from quant.kernels.common import get_fp16, nearest_int, put_fp16, to_i8, to_u8
+from quant.kernels.common import f32_as_i32, get_fp16, nearest_int, put_fp16, to_i8, to_u8
 from quant.kernels.search import (
     GROUP_MAX_EPS,
     make_q3_quants,
@@ -541,14 +541,94 @@ def _q45k_deq_row(b, y, nmax):
 
 
 @njit(cache=True, error_model="numpy")
-def _q6k_block(x, y, qw, L, scales):
+def _ni32(fval):
+    """nearest_int in int32 arithmetic (same bits as common.nearest_int; int32 lanes vectorize better)."""
+    return (f32_as_i32(fval + f32(12582912.0)) & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+@njit(cache=True, error_model="numpy")
+def _q6k_scales(x, qw, xt, wt, mx, isc, sumlx, suml2, bscale, bisc, scales, L):
+    """make_qx_quants(16, 32, x + 16*ib, L + 16*ib, 1, qw) for the 16 sub-blocks of one super-block at once.
+
+    The same arithmetic as search.make_qx_quants, element for element and in C's order within each sub-block, but
+    with the 16 sub-blocks as the inner loop (16 independent float32 lanes: LLVM vectorizes it) instead of 16
+    scalar passes; each candidate scale's sums are formed first and compared in ggml's order (is = 0, then -9..9).
+    L is written only for the sub-blocks whose 8-bit scale later rounds to 0 (the only ones whose make_qx_quants
+    levels reach the file: quantize_row_q6_K recomputes every other level), see _q6k_block."""
+    for ib in range(16):
+        for i in range(16):
+            v = x[16 * ib + i]
+            xt[16 * i + ib] = v
+            wt[16 * i + ib] = qw[16 * ib + i] if qw.shape[0] > 0 else v * v
+    for ib in range(16):
+        mx[ib] = f32(0.0)
+        isc[ib] = f32(0.0)  # amax, reused below
+    for i in range(16):
+        for ib in range(16):
+            v = xt[16 * i + ib]
+            av = abs(v)
+            gt = av > isc[ib]
+            isc[ib] = av if gt else isc[ib]
+            mx[ib] = v if gt else mx[ib]
+    for ib in range(16):
+        bscale[ib] = f32(0.0) if isc[ib] < GROUP_MAX_EPS else f32(1.0)  # 0: all-zero sub-block (scale 0, L 0)
+    for k in range(19):
+        is_ = k - 9
+        for ib in range(16):
+            if is_ == 0:
+                isc[ib] = f32(-32.0) / mx[ib]
+            else:
+                isc[ib] = -(f32(32.0) + f32(0.1) * f32(is_)) / mx[ib]
+            sumlx[16 * k + ib] = f32(0.0)
+            suml2[16 * k + ib] = f32(0.0)
+        for i in range(16):
+            for ib in range(16):
+                v = xt[16 * i + ib]
+                l = _ni32(isc[ib] * v)
+                l = max(np.int32(-32), min(np.int32(31), l))
+                w = wt[16 * i + ib]
+                fl = f32(l)
+                sumlx[16 * k + ib] += w * v * fl
+                suml2[16 * k + ib] += w * fl * fl
+    for ib in range(16):
+        if bscale[ib] == f32(0.0):
+            scales[ib] = f32(0.0)
+            bisc[ib] = f32(0.0)
+            continue
+        slx = sumlx[16 * 9 + ib]
+        sl2 = suml2[16 * 9 + ib]
+        scale = slx / sl2 if sl2 != f32(0.0) else f32(0.0)
+        best = scale * slx
+        win = 0
+        for is_ in range(-9, 10):
+            if is_ == 0:
+                continue
+            slx = sumlx[16 * (is_ + 9) + ib]
+            sl2 = suml2[16 * (is_ + 9) + ib]
+            if sl2 > f32(0.0) and slx * slx > best * sl2:
+                scale = slx / sl2
+                best = scale * slx
+                win = is_
+        scales[ib] = scale
+        bisc[ib] = f32(-32.0) / mx[ib] if win == 0 else -(f32(32.0) + f32(0.1) * f32(win)) / mx[ib]
+
+
+@njit(cache=True, error_model="numpy")
+def _q6k_block(x, y, qw, L, scales, scratch):
     """quantize_row_q6_K_ref (qw empty) / quantize_row_q6_K_impl (qw = this block's importance) on one block."""
+    xt = scratch[0:256]
+    wt = scratch[256:512]
+    mx = scratch[512:528]
+    isc = scratch[528:544]
+    bscale = scratch[544:560]
+    bisc = scratch[560:576]
+    sumlx = scratch[576:880]
+    suml2 = scratch[880:1184]
+    _q6k_scales(x, qw, xt, wt, mx, isc, sumlx, suml2, bscale, bisc, scales, L)
     max_scale = f32(0.0)
     max_abs_scale = f32(0.0)
     for ib in range(QK_K // 16):
-        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1,
-                               qw[16 * ib:16 * ib + 16])
-        scales[ib] = scale
+        scale = scales[ib]
         abs_scale = abs(scale)
         if abs_scale > max_abs_scale:
             max_abs_scale = abs_scale
@@ -566,10 +646,18 @@ def _q6k_block(x, y, qw, L, scales):
     for j in range(QK_K // 16):
         d = dd * f32(to_i8(np.int64(y[192 + j])))
         if d == f32(0.0):
+            # make_qx_quants' own levels stay (0 for an all-zero sub-block, else its best scale's)
+            bi = bisc[j]
+            for ii in range(16):
+                if bscale[j] == f32(0.0):
+                    L[16 * j + ii] = 0
+                else:
+                    l = nearest_int(bi * x[16 * j + ii])
+                    L[16 * j + ii] = 32 + max(-32, min(31, l))
             continue
         for ii in range(16):
-            l = nearest_int(x[16 * j + ii] / d)
-            L[16 * j + ii] = max(-32, min(31, l)) + 32
+            l = _ni32(x[16 * j + ii] / d)
+            L[16 * j + ii] = max(np.int32(-32), min(np.int32(31), l)) + np.int32(32)
     for jj in range(QK_K // 128):
         j = 128 * jj
         ql = 64 * jj
@@ -588,9 +676,10 @@ def _q6k_block(x, y, qw, L, scales):
 def _q6k_row(x, y, qw):
     L = np.zeros(QK_K, np.int8)
     scales = np.zeros(QK_K // 16, np.float32)
+    scratch = np.zeros(1184, np.float32)
     for i in range(x.shape[0] // QK_K):
         qwb = qw[QK_K * i:QK_K * (i + 1)]  # empty stays empty: C's NULL
-        _q6k_block(x[QK_K * i:QK_K * (i + 1)], y[Q6_K_SIZE * i:Q6_K_SIZE * (i + 1)], qwb, L, scales)
+        _q6k_block(x[QK_K * i:QK_K * (i + 1)], y[Q6_K_SIZE * i:Q6_K_SIZE * (i + 1)], qwb, L, scales, scratch)
 
 
 @njit(cache=True, error_model="numpy")

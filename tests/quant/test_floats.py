@@ -105,3 +105,18 @@ def test_roundtrip_relative_error(x, qtype):
     err = np.abs(x.astype(np.float64) - y)
     assert (err <= np.abs(x.astype(np.float64)) * rel + tiny).all()
     assert np.array_equal(quant.quantize(x, qtype), raw)
+
+
+def test_widen_to_f32_exact_for_every_half_and_bf16_pattern():
+    from quant.kernels.floats import widen_to_f32
+
+    bits = np.arange(65536, dtype=np.uint16)
+    got = widen_to_f32(bits, "F16")
+    ref = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])  # zeros, subnormals, Inf too
+    assert np.isnan(got[nan]).all()
+    bf = widen_to_f32(bits, "BF16")
+    assert np.array_equal(bf.view(np.uint32), bits.astype(np.uint32) << 16)
+    out = np.empty(65536, np.float32)
+    assert widen_to_f32(bits.view(np.uint8), "F16", out) is out

@@ -1,0 +1,89 @@
+"""Where a quantize's time goes, stage by stage, in one process: read (mapped bytes -> float32), finite check,
+kernel, output SHA-256 and write, per tensor type, for one F16/BF16/F32 GGUF and one llama.cpp mix.
+
+    .venv/bin/python benchmarks/profile_quantize.py --model f16.gguf --precision Q8_0 --threads 2
+
+Runs the same steps `quantize_model` runs (llama-quantize's tensor order, the mix's types), but serially and timed
+separately (the pipeline overlaps hashing/writing with the next tensor in a writer thread), plus the source's
+weights fingerprint (cold: cache bypassed). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import quant  # noqa: E402
+from quant.api import _kernels, check_finite  # noqa: E402
+from quant.formats import get_qtype  # noqa: E402
+from quant.loaders import open_checkpoint  # noqa: E402
+from quant.mixes import llama_quantize_order, tensor_types  # noqa: E402
+from quant.model_plan import plan_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--precision", default="Q8_0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fingerprint", action="store_true", help="also time the weights fingerprint (no cache)")
+    args = ap.parse_args()
+    out: dict = {"model": str(args.model), "precision": args.precision, "threads": args.threads}
+    t = defaultdict(float)
+    per_type: dict = defaultdict(lambda: defaultdict(float))
+    kernels = _kernels()
+    with quant.threads(args.threads), open_checkpoint(args.model) as ckpt:
+        plan = plan_model(ckpt)
+        types = tensor_types(plan, args.precision)
+        by_name = {pt.name: pt for pt in plan.tensors}
+        fd, tmp = tempfile.mkstemp(dir=args.model.parent, suffix=".profile")
+        h = hashlib.sha256()
+        try:
+            for name in llama_quantize_order(list(by_name)):
+                pt, qt = by_name[name], get_qtype(types[name])
+                t0 = time.perf_counter()
+                x = pt.source.read()
+                if pt.transform is not None:
+                    x = pt.transform(x)
+                t1 = time.perf_counter()
+                m = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+                check_finite(m, name)
+                t2 = time.perf_counter()
+                q = kernels[qt.name][0](m, None)
+                t3 = time.perf_counter()
+                h.update(q)
+                t4 = time.perf_counter()
+                os.write(fd, q)
+                t5 = time.perf_counter()
+                for k, v in (("read", t1 - t0), ("finite", t2 - t1), ("kernel", t3 - t2), ("hash", t4 - t3),
+                             ("write", t5 - t4)):
+                    t[k] += v
+                    per_type[qt.name][k] += v
+                per_type[qt.name]["weights"] += m.size
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    if args.fingerprint:
+        from quant.fingerprint import _compute_fingerprint as fp  # type: ignore[attr-defined]
+
+        t0 = time.perf_counter()
+        fp(args.model)
+        t["fingerprint"] = time.perf_counter() - t0
+    out["seconds"] = {k: round(v, 3) for k, v in t.items()}
+    out["per_type"] = {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in per_type.items()}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
