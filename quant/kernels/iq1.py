@@ -46,32 +46,7 @@ def _sort_idx(xb, n, idx):
 
 
 @njit(cache=True, error_model="numpy")
-def _best_neighbour2(nb, start, grid, xval, weight, scale, xg, L, off):
-    """iq1_find_best_neighbour2 over the listed neighbours; -1 where none scores below FLT_MAX (then ggml's
-    fallback reads past xval, undefined behaviour, and asserts for non-finite weights: reported as an abort)."""
-    n = np.int64(nb[start])
-    best = FLT_MAX
-    gi = -1
-    for j in range(1, n + 1):
-        g = np.int64(nb[start + j])
-        d2 = f32(0.0)
-        for i in range(8):
-            q = xg[(np.int64(grid[g, i]) - 1) // 2]
-            w = weight[off + i]
-            diff = scale * q - xval[off + i]
-            d2 += w * diff * diff
-        if d2 < best:
-            best = d2
-            gi = g
-    if gi < 0:
-        return -1
-    for i in range(8):
-        L[off + i] = (np.int64(grid[gi, i]) - 1) // 2
-    return gi
-
-
-@njit(cache=True, error_model="numpy")
-def _iq1_s_row(x, y, qw, grid, kmap, nb):
+def _iq1_s_row(x, y, qw, grid, kmap, nb, gvp, gvm, lv):
     bs = 32
     scales = np.zeros(QK_K // bs, np.float32)
     weight = np.zeros(bs, np.float32)
@@ -155,6 +130,7 @@ def _iq1_s_row(x, y, qw, grid, kmap, nb):
                 best_shift = -best_shift
             all_on_grid = True
             xx = X_P if best_shift == 1 else X_M
+            gv = gvp if best_shift == 1 else gvm
             for k in range(bs // 8):
                 u = 0
                 for j in range(8):
@@ -162,9 +138,11 @@ def _iq1_s_row(x, y, qw, grid, kmap, nb):
                 gi = kmap[u]
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour2(nb, -gi - 1, grid, xb, weight, scale, xx, L, 8 * k)
+                    gi = best_neighbour8(nb, -gi - 1, gv, xb, weight, scale, 8 * k)
                     if gi < 0:
                         return False
+                    for j in range(8):
+                        L[8 * k + j] = lv[gi, j]
                 index[k] = gi
             if not all_on_grid:
                 sumqx = f32(0.0)
@@ -433,9 +411,9 @@ def _iq1_m_row(x, y, qw, grid, kmap, nb, gvp, gvm, lv):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq1_s(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq1_s(x, qw, out, ok, grid, kmap, nb, gvp, gvm, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq1_s_row(x[r], out[r], qw, grid, kmap, nb)
+        ok[r] = _iq1_s_row(x[r], out[r], qw, grid, kmap, nb, gvp, gvm, lv)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -510,6 +488,9 @@ def dequant_grid() -> np.ndarray:
     return ((tables("IQ1_S").grid.astype(np.int64) - 1) // 2 - 1).astype(np.int8)
 
 
+# iq1_find_best_neighbour2 is iq_tables.best_neighbour8 on these value grids; where no listed neighbour scores below
+# FLT_MAX (non-finite weights) ggml's full-grid fallback reads past xval (undefined behaviour) and then asserts: the
+# row drivers report that as an abort.
 @functools.cache
 def value_grids() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x_p[level], x_m[level], level) per grid point and coordinate: the float32 values ggml's
@@ -518,16 +499,16 @@ def value_grids() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(X_P[lv]), np.ascontiguousarray(X_M[lv]), lv
 
 
-_KINDS = {"IQ1_S": (IQ1_S_SIZE, _quantize_iq1_s, _dequantize_iq1_s, False),
-          "IQ1_M": (IQ1_M_SIZE, _quantize_iq1_m, _dequantize_iq1_m, True)}
+_KINDS = {"IQ1_S": (IQ1_S_SIZE, _quantize_iq1_s, _dequantize_iq1_s),
+          "IQ1_M": (IQ1_M_SIZE, _quantize_iq1_m, _dequantize_iq1_m)}
 
 
 def _make(qtype: str):
-    size, qdrv, ddrv, tabled = _KINDS[qtype]
+    size, qdrv, ddrv = _KINDS[qtype]
 
     def quantize(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         """Quantize float32 (rows, cols) to `qtype` blocks exactly as ggml_quantize_chunk does."""
-        return run_quantize(qtype, qdrv, size, x, imatrix, value_grids() if tabled else ())
+        return run_quantize(qtype, qdrv, size, x, imatrix, value_grids())
 
     def dequantize(raw: np.ndarray, cols: int) -> np.ndarray:
         """Decode `qtype` blocks (rows, row_bytes) to float32 (rows, cols), as dequantize_row_* does."""

@@ -9,13 +9,11 @@ Where ggml would abort (GGML_ASSERT) the driver reports it and QuantizationError
 # ruff: noqa: PLR1730  -- C's `if (a > b) b = a` kept literally: min()/max() differ on NaN/-0.0
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from numba import njit, prange
 
 from quant.kernels.common import get_fp16, nearest_int, put_fp16
-from quant.kernels.iq_tables import KMASK, KSIGNS, best_neighbour8, run_quantize, tables
+from quant.kernels.iq_tables import KMASK, KSIGNS, best_neighbour8, run_quantize, tables, value_grid
 from quant.kernels.search import GROUP_MAX_EPS, make_qp_quants
 
 f32 = np.float32
@@ -318,13 +316,6 @@ def _dequantize_iq2(raw, out, dgrid, kind):
 _IQ2_VALUES = np.array([0x08, 0x19, 0x2B], np.int64)  # ggml-common.h's iq2*_grid bytes per level l
 _KINDS = {"IQ2_XXS": (0, IQ2_XXS_SIZE, _quantize_iq2_xxs), "IQ2_XS": (1, IQ2_XS_SIZE, _quantize_iq2_xs),
           "IQ2_S": (2, IQ2_S_SIZE, _quantize_iq2_s)}
-
-
-@functools.cache
-def value_grid(qtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The grid as float32 (the `float q = pg[i]` ggml converts per use, tabled once) and its levels (pg[i]-1)/2."""
-    g = tables(qtype).grid
-    return g.astype(np.float32), ((g.astype(np.int64) - 1) // 2).astype(np.int8)
 
 
 def dequant_grid(qtype: str) -> np.ndarray:

@@ -131,32 +131,6 @@ FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 @njit(cache=True, error_model="numpy")
-def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L, off):
-    """iq2/iq3_find_best_neighbour on the group xval[off:off+ndim] (weights weight[off:...]): the listed neighbour
-    minimising sum weight*(scale*q - x)^2; writes its levels into L[off:...] and returns its grid index, or -1 where
-    ggml's GGML_ASSERT would abort (no distance below FLT_MAX). Offsets, not slices: no array views in the loop."""
-    n = np.int64(neighbours[start])
-    ndim = grid.shape[1]
-    best_d2 = FLT_MAX
-    grid_index = -1
-    for j in range(1, n + 1):
-        g = np.int64(neighbours[start + j])
-        d2 = np.float32(0.0)
-        for i in range(ndim):
-            q = np.float32(grid[g, i])
-            diff = scale * q - xval[off + i]
-            d2 += weight[off + i] * diff * diff
-        if d2 < best_d2:
-            best_d2 = d2
-            grid_index = g
-    if grid_index < 0:
-        return -1
-    for i in range(ndim):
-        L[off + i] = (np.int64(grid[grid_index, i]) - 1) // 2
-    return grid_index
-
-
-@njit(cache=True, error_model="numpy")
 def best_neighbour8(neighbours, start, gv, xval, weight, scale, off):
     """The 8-coordinate neighbour search of iq2_find_best_neighbour / iq1_find_best_neighbour2 with the grid values
     pre-converted: gv[g, i] is the float32 ggml computes per use (float(pg[i]), or xg[(pg[i]-1)/2] for IQ1), so every
@@ -203,6 +177,43 @@ def best_neighbour8(neighbours, start, gv, xval, weight, scale, off):
             best_d2 = d2
             grid_index = g
     return grid_index
+
+
+@njit(cache=True, error_model="numpy")
+def best_neighbour4(neighbours, start, gv, xval, weight, scale, off):
+    """iq3_find_best_neighbour's search, as best_neighbour8 for 4 coordinates (gv[g, i] = float(pg[i]))."""
+    x0 = xval[off]
+    x1 = xval[off + 1]
+    x2 = xval[off + 2]
+    x3 = xval[off + 3]
+    w0 = weight[off]
+    w1 = weight[off + 1]
+    w2 = weight[off + 2]
+    w3 = weight[off + 3]
+    n = np.int64(neighbours[start])
+    best_d2 = FLT_MAX
+    grid_index = -1
+    for j in range(start + 1, start + n + 1):
+        g = np.int64(neighbours[j])
+        d = scale * gv[g, 0] - x0
+        d2 = np.float32(0.0) + w0 * d * d
+        d = scale * gv[g, 1] - x1
+        d2 += w1 * d * d
+        d = scale * gv[g, 2] - x2
+        d2 += w2 * d * d
+        d = scale * gv[g, 3] - x3
+        d2 += w3 * d * d
+        if d2 < best_d2:
+            best_d2 = d2
+            grid_index = g
+    return grid_index
+
+
+@functools.cache
+def value_grid(qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The grid as float32 (the `float q = pg[i]` ggml converts per use, tabled once) and its levels (pg[i]-1)/2."""
+    g = tables(qtype).grid
+    return g.astype(np.float32), ((g.astype(np.int64) - 1) // 2).astype(np.int8)
 
 
 # kmask_iq2xs / ksigns_iq2xs of ggml-common.h: bit masks, and 7 sign bits completed with their parity bit
