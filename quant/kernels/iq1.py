@@ -11,11 +11,13 @@ commented out). Where ggml would abort (GGML_ASSERT) the driver reports it and Q
 # ruff: noqa: PLR1730  -- C's `if (a > b) b = a` kept literally: min()/max() differ on NaN/-0.0
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
 from quant.kernels.common import fp16_bits_to_fp32, fp32_to_fp16_bits, get_fp16, nearest_int, put_fp16
-from quant.kernels.iq_tables import FLT_MAX, run_quantize, tables
+from quant.kernels.iq_tables import FLT_MAX, best_neighbour8, run_quantize, tables
 
 f32 = np.float32
 QK_K = 256
@@ -44,32 +46,7 @@ def _sort_idx(xb, n, idx):
 
 
 @njit(cache=True, error_model="numpy")
-def _best_neighbour2(nb, start, grid, xval, weight, scale, xg, L, off):
-    """iq1_find_best_neighbour2 over the listed neighbours; -1 where none scores below FLT_MAX (then ggml's
-    fallback reads past xval, undefined behaviour, and asserts for non-finite weights: reported as an abort)."""
-    n = np.int64(nb[start])
-    best = FLT_MAX
-    gi = -1
-    for j in range(1, n + 1):
-        g = np.int64(nb[start + j])
-        d2 = f32(0.0)
-        for i in range(8):
-            q = xg[(np.int64(grid[g, i]) - 1) // 2]
-            w = weight[off + i]
-            diff = scale * q - xval[off + i]
-            d2 += w * diff * diff
-        if d2 < best:
-            best = d2
-            gi = g
-    if gi < 0:
-        return -1
-    for i in range(8):
-        L[off + i] = (np.int64(grid[gi, i]) - 1) // 2
-    return gi
-
-
-@njit(cache=True, error_model="numpy")
-def _iq1_s_row(x, y, qw, grid, kmap, nb):
+def _iq1_s_row(x, y, qw, grid, kmap, nb, gvp, gvm, lv):
     bs = 32
     scales = np.zeros(QK_K // bs, np.float32)
     weight = np.zeros(bs, np.float32)
@@ -153,6 +130,7 @@ def _iq1_s_row(x, y, qw, grid, kmap, nb):
                 best_shift = -best_shift
             all_on_grid = True
             xx = X_P if best_shift == 1 else X_M
+            gv = gvp if best_shift == 1 else gvm
             for k in range(bs // 8):
                 u = 0
                 for j in range(8):
@@ -160,9 +138,11 @@ def _iq1_s_row(x, y, qw, grid, kmap, nb):
                 gi = kmap[u]
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour2(nb, -gi - 1, grid, xb, weight, scale, xx, L, 8 * k)
+                    gi = best_neighbour8(nb, -gi - 1, gv, xb, weight, scale, 8 * k)
                     if gi < 0:
                         return False
+                    for j in range(8):
+                        L[8 * k + j] = lv[gi, j]
                 index[k] = gi
             if not all_on_grid:
                 sumqx = f32(0.0)
@@ -211,7 +191,7 @@ def _iq1_m_weights(xb, qwb, sigma2, bs, weight):
 
 
 @njit(cache=True, error_model="numpy")
-def _iq1_m_row(x, y, qw, grid, kmap, nb):
+def _iq1_m_row(x, y, qw, grid, kmap, nb, gvp, gvm, lv):
     bs = 16
     scales = np.zeros(QK_K // bs, np.float32)
     weight = np.zeros(bs, np.float32)
@@ -219,14 +199,10 @@ def _iq1_m_row(x, y, qw, grid, kmap, nb):
     L = np.zeros(bs, np.int8)
     index = np.zeros(bs // 8, np.int64)
     shifts = np.zeros(QK_K // bs, np.int64)
-    px = np.zeros((2, bs + 1), np.float32)
-    pw = np.zeros((2, bs + 1), np.float32)
-    sumqx = np.zeros(4, np.float32)
-    sumq2 = np.zeros(4, np.float32)
-    qx_p = np.zeros(2, np.float32)
-    qx_m = np.zeros(2, np.float32)
-    q2_p = np.zeros(2, np.float32)
-    q2_m = np.zeros(2, np.float32)
+    px0 = np.zeros(bs + 1, np.float32)
+    px1 = np.zeros(bs + 1, np.float32)
+    pw0 = np.zeros(bs + 1, np.float32)
+    pw1 = np.zeros(bs + 1, np.float32)
     sc = np.zeros(4, np.int64)
     p2 = X_P[2]
     m2 = X_M[2]
@@ -262,46 +238,82 @@ def _iq1_m_row(x, y, qw, grid, kmap, nb):
             besti1 = -1
             besti2 = -1
             best_k = -1
-            px[0, 0] = f32(0.0)
-            px[1, 0] = f32(0.0)
-            pw[0, 0] = f32(0.0)
-            pw[1, 0] = f32(0.0)
+            # ggml's per-half prefix sums; its split search below with loop-invariant products hoisted and the
+            # 2- and 4-element temporaries in scalars (every float op and its order as in C: same bits)
+            px0[0] = f32(0.0)
+            px1[0] = f32(0.0)
+            pw0[0] = f32(0.0)
+            pw1[0] = f32(0.0)
             for j in range(bs):
                 i = idx[j]
-                h = 0 if i < bs // 2 else 1
-                px[h, j + 1] = px[h, j] + weight[i] * xb[i]
-                px[1 - h, j + 1] = px[1 - h, j]
-                pw[h, j + 1] = pw[h, j] + weight[i]
-                pw[1 - h, j + 1] = pw[1 - h, j]
-            txs0 = px[0, bs]
-            txs1 = px[1, bs]
-            tws0 = pw[0, bs]
-            tws1 = pw[1, bs]
+                if i < bs // 2:
+                    px0[j + 1] = px0[j] + weight[i] * xb[i]
+                    px1[j + 1] = px1[j]
+                    pw0[j + 1] = pw0[j] + weight[i]
+                    pw1[j + 1] = pw1[j]
+                else:
+                    px1[j + 1] = px1[j] + weight[i] * xb[i]
+                    px0[j + 1] = px0[j]
+                    pw1[j + 1] = pw1[j] + weight[i]
+                    pw0[j + 1] = pw0[j]
+            tx0p = px0[bs] * p2
+            tx0m = px0[bs] * m2
+            tx1p = px1[bs] * p2
+            tx1m = px1[bs] * m2
+            tw0p = pw0[bs] * p2 * p2
+            tw0m = pw0[bs] * m2 * m2
+            tw1p = pw1[bs] * p2 * p2
+            tw1m = pw1[bs] * m2 * m2
             for i1 in range(bs + 1):
+                ax0 = px0[i1]
+                ax1 = px1[i1]
+                a0p = tw0p + pw0[i1] * cp1
+                a0m = tw0m + pw0[i1] * cm1
+                a1p = tw1p + pw1[i1] * cp1
+                a1m = tw1m + pw1[i1] * cm1
                 for i2 in range(i1, bs + 1):
-                    for h in range(2):
-                        txs = txs0 if h == 0 else txs1
-                        tws = tws0 if h == 0 else tws1
-                        sx = px[h, i1] + px[h, i2]
-                        qx_p[h] = txs * p2 - sx
-                        qx_m[h] = txs * m2 - sx
-                        q2_p[h] = tws * p2 * p2 + pw[h, i1] * cp1 + pw[h, i2] * cp2
-                        q2_m[h] = tws * m2 * m2 + pw[h, i1] * cm1 + pw[h, i2] * cm2
-                    sumqx[0] = qx_p[0] + qx_p[1]
-                    sumqx[1] = qx_p[0] + qx_m[1]
-                    sumqx[2] = qx_m[0] + qx_p[1]
-                    sumqx[3] = qx_m[0] + qx_m[1]
-                    sumq2[0] = q2_p[0] + q2_p[1]
-                    sumq2[1] = q2_p[0] + q2_m[1]
-                    sumq2[2] = q2_m[0] + q2_p[1]
-                    sumq2[3] = q2_m[0] + q2_m[1]
-                    for k in range(4):
-                        if sumq2[k] > f32(0.0) and sumqx[k] * sumqx[k] > best_score * sumq2[k]:
-                            scale = sumqx[k] / sumq2[k]
-                            best_score = scale * sumqx[k]
-                            besti1 = i1
-                            besti2 = i2
-                            best_k = k
+                    sx0 = ax0 + px0[i2]
+                    sx1 = ax1 + px1[i2]
+                    qxp0 = tx0p - sx0
+                    qxm0 = tx0m - sx0
+                    qxp1 = tx1p - sx1
+                    qxm1 = tx1m - sx1
+                    q2p0 = a0p + pw0[i2] * cp2
+                    q2m0 = a0m + pw0[i2] * cm2
+                    q2p1 = a1p + pw1[i2] * cp2
+                    q2m1 = a1m + pw1[i2] * cm2
+                    sqx = qxp0 + qxp1
+                    sq2 = q2p0 + q2p1
+                    if sq2 > f32(0.0) and sqx * sqx > best_score * sq2:
+                        scale = sqx / sq2
+                        best_score = scale * sqx
+                        besti1 = i1
+                        besti2 = i2
+                        best_k = 0
+                    sqx = qxp0 + qxm1
+                    sq2 = q2p0 + q2m1
+                    if sq2 > f32(0.0) and sqx * sqx > best_score * sq2:
+                        scale = sqx / sq2
+                        best_score = scale * sqx
+                        besti1 = i1
+                        besti2 = i2
+                        best_k = 1
+                    sqx = qxm0 + qxp1
+                    sq2 = q2m0 + q2p1
+                    if sq2 > f32(0.0) and sqx * sqx > best_score * sq2:
+                        scale = sqx / sq2
+                        best_score = scale * sqx
+                        besti1 = i1
+                        besti2 = i2
+                        best_k = 2
+                    sqx = qxm0 + qxm1
+                    sq2 = q2m0 + q2m1
+                    if sq2 > f32(0.0) and sqx * sqx > best_score * sq2:
+                        scale = sqx / sq2
+                        best_score = scale * sqx
+                        besti1 = i1
+                        besti2 = i2
+                        best_k = 3
             if besti1 < 0 or besti2 < 0 or best_k < 0:
                 scales[ib] = f32(0.0)
                 shifts[ib] = 0
@@ -321,18 +333,20 @@ def _iq1_m_row(x, y, qw, grid, kmap, nb):
             all_on_grid = True
             for k in range(bs // 8):
                 if k == 0:
-                    xx = X_P if best_k < 2 else X_M
+                    gv = gvp if best_k < 2 else gvm
                 else:
-                    xx = X_P if best_k % 2 == 0 else X_M
+                    gv = gvp if best_k % 2 == 0 else gvm
                 u = 0
                 for j in range(8):
                     u |= np.int64(L[8 * k + j]) << (2 * j)
                 gi = kmap[u]
                 if gi < 0:
                     all_on_grid = False
-                    gi = _best_neighbour2(nb, -gi - 1, grid, xb, weight, scale, xx, L, 8 * k)
+                    gi = best_neighbour8(nb, -gi - 1, gv, xb, weight, scale, 8 * k)
                     if gi < 0:
                         return False
+                    for j in range(8):
+                        L[8 * k + j] = lv[gi, j]
                 index[k] = gi
             if not all_on_grid:
                 sqx = f32(0.0)
@@ -397,15 +411,15 @@ def _iq1_m_row(x, y, qw, grid, kmap, nb):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq1_s(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq1_s(x, qw, out, ok, grid, kmap, nb, gvp, gvm, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq1_s_row(x[r], out[r], qw, grid, kmap, nb)
+        ok[r] = _iq1_s_row(x[r], out[r], qw, grid, kmap, nb, gvp, gvm, lv)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq1_m(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq1_m(x, qw, out, ok, grid, kmap, nb, gvp, gvm, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq1_m_row(x[r], out[r], qw, grid, kmap, nb)
+        ok[r] = _iq1_m_row(x[r], out[r], qw, grid, kmap, nb, gvp, gvm, lv)
 
 
 # ----------------------------------------------------------------------------------------------- dequantize
@@ -474,6 +488,17 @@ def dequant_grid() -> np.ndarray:
     return ((tables("IQ1_S").grid.astype(np.int64) - 1) // 2 - 1).astype(np.int8)
 
 
+# iq1_find_best_neighbour2 is iq_tables.best_neighbour8 on these value grids; where no listed neighbour scores below
+# FLT_MAX (non-finite weights) ggml's full-grid fallback reads past xval (undefined behaviour) and then asserts: the
+# row drivers report that as an abort.
+@functools.cache
+def value_grids() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x_p[level], x_m[level], level) per grid point and coordinate: the float32 values ggml's
+    iq1_find_best_neighbour2 looks up per use (xg[(pg[i]-1)/2]), tabled once, and the levels (pg[i]-1)/2."""
+    lv = ((tables("IQ1_S").grid.astype(np.int64) - 1) // 2).astype(np.int8)
+    return np.ascontiguousarray(X_P[lv]), np.ascontiguousarray(X_M[lv]), lv
+
+
 _KINDS = {"IQ1_S": (IQ1_S_SIZE, _quantize_iq1_s, _dequantize_iq1_s),
           "IQ1_M": (IQ1_M_SIZE, _quantize_iq1_m, _dequantize_iq1_m)}
 
@@ -483,7 +508,7 @@ def _make(qtype: str):
 
     def quantize(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         """Quantize float32 (rows, cols) to `qtype` blocks exactly as ggml_quantize_chunk does."""
-        return run_quantize(qtype, qdrv, size, x, imatrix)
+        return run_quantize(qtype, qdrv, size, x, imatrix, value_grids())
 
     def dequantize(raw: np.ndarray, cols: int) -> np.ndarray:
         """Decode `qtype` blocks (rows, row_bytes) to float32 (rows, cols), as dequantize_row_* does."""

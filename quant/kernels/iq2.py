@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from quant.kernels.common import get_fp16, nearest_int, put_fp16
-from quant.kernels.iq_tables import KMASK, KSIGNS, find_best_neighbour, run_quantize, tables
+from quant.kernels.iq_tables import KMASK, KSIGNS, best_neighbour8, run_quantize, tables, value_grid
 from quant.kernels.search import GROUP_MAX_EPS, make_qp_quants
 
 f32 = np.float32
@@ -87,7 +87,7 @@ def _grid_index(L, k, kmap):
 
 
 @njit(cache=True, error_model="numpy")
-def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kmap, nb, xxs):
+def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_aux, gv, lv, kmap, nb, xxs):
     """Scale search over is in [-nis, nis] (id = (5 + 0.1 is)/denom), then the off-grid repair: IQ2_XXS (`xxs`)
     re-snaps every group when scale > 0, IQ2_XS/S only the off-grid ones. Returns (scale, ok)."""
     ngroups = n // 8
@@ -103,9 +103,11 @@ def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_
             on_grid_aux[k] = True
             if gi < 0:
                 on_grid_aux[k] = False
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, this_scale, Laux, 8 * k)
+                gi = best_neighbour8(nb, -gi - 1, gv, xval, waux, this_scale, 8 * k)
                 if gi < 0:
                     return scale, False
+                for i in range(8):
+                    Laux[8 * k + i] = lv[gi, i]
         sumqx, sumq2 = _sums(n, weight, xval, Laux)
         if sumq2 > f32(0.0) and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -126,9 +128,11 @@ def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_
             u = _levels(id_, xval, L, k)
             gi = kmap[u]
             if gi < 0:
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, scale, L, 8 * k)
+                gi = best_neighbour8(nb, -gi - 1, gv, xval, waux, scale, 8 * k)
                 if gi < 0:
                     return scale, False
+                for i in range(8):
+                    L[8 * k + i] = lv[gi, i]
         sumqx, sumq2 = _sums(n, weight, xval, L)
         if sumq2 > f32(0.0):
             scale = sumqx / sumq2
@@ -136,7 +140,7 @@ def _search(n, nis, denom, scale, xval, weight, waux, L, Laux, on_grid, on_grid_
 
 
 @njit(cache=True, error_model="numpy")
-def _iq2_row(x, y, qw, grid, kmap, nb, kind):
+def _iq2_row(x, y, qw, kmap, nb, gv, lv, kind):
     """quantize_row_iq2_{xxs,xs,s}_impl on one row (kind 0, 1, 2); returns False where ggml aborts."""
     bs = 32 if kind == 0 else 16
     size = IQ2_XXS_SIZE if kind == 0 else (IQ2_XS_SIZE if kind == 1 else IQ2_S_SIZE)
@@ -191,10 +195,10 @@ def _iq2_row(x, y, qw, grid, kmap, nb, kind):
                     L[:] = 0
                     continue
                 scale, ok = _search(32, 6, eff_max, scale, xval, weight, waux, L, Laux, on_grid, on_grid_aux,
-                                    grid, kmap, nb, True)
+                                    gv, lv, kmap, nb, True)
             else:
                 scale, ok = _search(16, 9, mx, mx / f32(2 * KMAXQ - 1), xval, weight, waux, L, Laux, on_grid,
-                                    on_grid_aux, grid, kmap, nb, False)
+                                    on_grid_aux, gv, lv, kmap, nb, False)
             if not ok:
                 return False
             if scale < f32(0.0):
@@ -245,21 +249,21 @@ def _iq2_row(x, y, qw, grid, kmap, nb, kind):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq2_xxs(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq2_xxs(x, qw, out, ok, grid, kmap, nb, gv, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq2_row(x[r], out[r], qw, grid, kmap, nb, 0)
+        ok[r] = _iq2_row(x[r], out[r], qw, kmap, nb, gv, lv, 0)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq2_xs(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq2_xs(x, qw, out, ok, grid, kmap, nb, gv, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq2_row(x[r], out[r], qw, grid, kmap, nb, 1)
+        ok[r] = _iq2_row(x[r], out[r], qw, kmap, nb, gv, lv, 1)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq2_s(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq2_s(x, qw, out, ok, grid, kmap, nb, gv, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq2_row(x[r], out[r], qw, grid, kmap, nb, 2)
+        ok[r] = _iq2_row(x[r], out[r], qw, kmap, nb, gv, lv, 2)
 
 
 # ----------------------------------------------------------------------------------------------- dequantize
@@ -324,7 +328,7 @@ def _make(qtype: str):
 
     def quantize(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         """Quantize float32 (rows, cols) to `qtype` blocks exactly as ggml_quantize_chunk does."""
-        return run_quantize(qtype, drv, size, x, imatrix)
+        return run_quantize(qtype, drv, size, x, imatrix, value_grid(qtype))
 
     def dequantize(raw: np.ndarray, cols: int) -> np.ndarray:
         """Decode `qtype` blocks (rows, row_bytes) to float32 (rows, cols), as dequantize_row_* does."""

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from quant.kernels.common import get_fp16, nearest_int, put_fp16
-from quant.kernels.iq_tables import KMASK, KSIGNS, find_best_neighbour, run_quantize, tables
+from quant.kernels.iq_tables import KMASK, KSIGNS, best_neighbour4, run_quantize, tables, value_grid
 
 f32 = np.float32
 QK_K = 256
@@ -60,7 +60,7 @@ def _sums(n, weight, xval, L):
 
 
 @njit(cache=True, error_model="numpy")
-def _search(n, nis, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kmap, nb, init_on_grid, skip_on_grid):
+def _search(n, nis, xval, weight, waux, L, Laux, on_grid, on_grid_aux, gv, lv, kmap, nb, init_on_grid, skip_on_grid):
     """The shared scale search + off-grid repair of both IQ3 types on one sub-block of n weights.
 
     Returns (scale, ok); ok False where ggml aborts."""
@@ -81,9 +81,11 @@ def _search(n, nis, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kma
             on_grid_aux[k] = True
             if gi < 0:
                 on_grid_aux[k] = False
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, this_scale, Laux, 4 * k)
+                gi = best_neighbour4(nb, -gi - 1, gv, xval, waux, this_scale, 4 * k)
                 if gi < 0:
                     return scale, False
+                for i in range(4):
+                    Laux[4 * k + i] = lv[gi, i]
         sumqx, sumq2 = _sums(n, weight, xval, Laux)
         if sumq2 > f32(0.0) and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -108,11 +110,11 @@ def _search(n, nis, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kma
                 u |= l << (3 * i)
             gi = kmap[u]
             if gi < 0:
-                gi = find_best_neighbour(nb, -gi - 1, grid, xval, waux, scale, L, 4 * k)
+                gi = best_neighbour4(nb, -gi - 1, gv, xval, waux, scale, 4 * k)
                 if gi < 0:
                     return scale, False
             for i in range(4):
-                L[4 * k + i] = (np.int64(grid[gi, i]) - 1) // 2
+                L[4 * k + i] = lv[gi, i]
         sumqx, sumq2 = _sums(n, weight, xval, L)
         if sumq2 > f32(0.0):
             scale = sumqx / sumq2
@@ -128,7 +130,7 @@ def _grid_index(L, k, kmap):
 
 
 @njit(cache=True, error_model="numpy")
-def _iq3_xxs_row(x, y, qw, grid, kmap, nb):
+def _iq3_xxs_row(x, y, qw, kmap, nb, gv, lv):
     """quantize_row_iq3_xxs_impl(256, ...) on one row; returns False where ggml aborts."""
     scales = np.zeros(QK_K // 32, np.float32)
     weight = np.zeros(32, np.float32)
@@ -184,7 +186,7 @@ def _iq3_xxs_row(x, y, qw, grid, kmap, nb):
             if mx < GROUP_MAX_EPS_IQ3_XXS:
                 scales[ib] = f32(0.0)
                 continue
-            scale, ok = _search(32, 15, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kmap, nb,
+            scale, ok = _search(32, 15, xval, weight, waux, L, Laux, on_grid, on_grid_aux, gv, lv, kmap, nb,
                                 True, True)
             if not ok:
                 return False
@@ -223,7 +225,7 @@ def _iq3_xxs_row(x, y, qw, grid, kmap, nb):
 
 
 @njit(cache=True, error_model="numpy")
-def _iq3_s_row(x, y, qw, grid, kmap, nb):
+def _iq3_s_row(x, y, qw, kmap, nb, gv, lv):
     """quantize_row_iq3_s_impl(32, ...) on one row; returns False where ggml aborts."""
     bs = 32
     scales = np.zeros(QK_K // bs, np.float32)
@@ -266,7 +268,7 @@ def _iq3_s_row(x, y, qw, grid, kmap, nb):
             if not mx:
                 scales[ib] = f32(0.0)
                 continue
-            scale, ok = _search(bs, 9, xval, weight, waux, L, Laux, on_grid, on_grid_aux, grid, kmap, nb,
+            scale, ok = _search(bs, 9, xval, weight, waux, L, Laux, on_grid, on_grid_aux, gv, lv, kmap, nb,
                                 False, False)
             if not ok:
                 return False
@@ -304,15 +306,15 @@ def _iq3_s_row(x, y, qw, grid, kmap, nb):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq3_xxs(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq3_xxs(x, qw, out, ok, grid, kmap, nb, gv, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq3_xxs_row(x[r], out[r], qw, grid, kmap, nb)
+        ok[r] = _iq3_xxs_row(x[r], out[r], qw, kmap, nb, gv, lv)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _quantize_iq3_s(x, qw, out, ok, grid, kmap, nb):
+def _quantize_iq3_s(x, qw, out, ok, grid, kmap, nb, gv, lv):
     for r in prange(x.shape[0]):
-        ok[r] = _iq3_s_row(x[r], out[r], qw, grid, kmap, nb)
+        ok[r] = _iq3_s_row(x[r], out[r], qw, kmap, nb, gv, lv)
 
 
 # ----------------------------------------------------------------------------------------------- dequantize
@@ -398,7 +400,8 @@ def _make(qtype: str):
 
     def quantize(x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         """Quantize float32 (rows, cols) to `qtype` blocks exactly as ggml_quantize_chunk does."""
-        return run_quantize(qtype, _quantize_iq3_xxs if qtype == "IQ3_XXS" else _quantize_iq3_s, size, x, imatrix)
+        return run_quantize(qtype, _quantize_iq3_xxs if qtype == "IQ3_XXS" else _quantize_iq3_s, size, x, imatrix,
+                            value_grid(qtype))
 
     def dequantize(raw: np.ndarray, cols: int) -> np.ndarray:
         """Decode `qtype` blocks (rows, row_bytes) to float32 (rows, cols), as dequantize_row_* does."""

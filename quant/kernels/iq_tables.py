@@ -131,29 +131,89 @@ FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 @njit(cache=True, error_model="numpy")
-def find_best_neighbour(neighbours, start, grid, xval, weight, scale, L, off):
-    """iq2/iq3_find_best_neighbour on the group xval[off:off+ndim] (weights weight[off:...]): the listed neighbour
-    minimising sum weight*(scale*q - x)^2; writes its levels into L[off:...] and returns its grid index, or -1 where
-    ggml's GGML_ASSERT would abort (no distance below FLT_MAX). Offsets, not slices: no array views in the loop."""
+def best_neighbour8(neighbours, start, gv, xval, weight, scale, off):
+    """The 8-coordinate neighbour search of iq2_find_best_neighbour / iq1_find_best_neighbour2 with the grid values
+    pre-converted: gv[g, i] is the float32 ggml computes per use (float(pg[i]), or xg[(pg[i]-1)/2] for IQ1), so every
+    distance d2 = sum_i w_i*(scale*gv[g,i] - x_i)^2 is formed by the same float ops in the same order as in C.
+    Returns the index of the first neighbour with the smallest d2 below FLT_MAX, or -1 (ggml asserts)."""
+    x0 = xval[off]
+    x1 = xval[off + 1]
+    x2 = xval[off + 2]
+    x3 = xval[off + 3]
+    x4 = xval[off + 4]
+    x5 = xval[off + 5]
+    x6 = xval[off + 6]
+    x7 = xval[off + 7]
+    w0 = weight[off]
+    w1 = weight[off + 1]
+    w2 = weight[off + 2]
+    w3 = weight[off + 3]
+    w4 = weight[off + 4]
+    w5 = weight[off + 5]
+    w6 = weight[off + 6]
+    w7 = weight[off + 7]
     n = np.int64(neighbours[start])
-    ndim = grid.shape[1]
     best_d2 = FLT_MAX
     grid_index = -1
-    for j in range(1, n + 1):
-        g = np.int64(neighbours[start + j])
-        d2 = np.float32(0.0)
-        for i in range(ndim):
-            q = np.float32(grid[g, i])
-            diff = scale * q - xval[off + i]
-            d2 += weight[off + i] * diff * diff
+    for j in range(start + 1, start + n + 1):
+        g = np.int64(neighbours[j])
+        d = scale * gv[g, 0] - x0
+        d2 = np.float32(0.0) + w0 * d * d
+        d = scale * gv[g, 1] - x1
+        d2 += w1 * d * d
+        d = scale * gv[g, 2] - x2
+        d2 += w2 * d * d
+        d = scale * gv[g, 3] - x3
+        d2 += w3 * d * d
+        d = scale * gv[g, 4] - x4
+        d2 += w4 * d * d
+        d = scale * gv[g, 5] - x5
+        d2 += w5 * d * d
+        d = scale * gv[g, 6] - x6
+        d2 += w6 * d * d
+        d = scale * gv[g, 7] - x7
+        d2 += w7 * d * d
         if d2 < best_d2:
             best_d2 = d2
             grid_index = g
-    if grid_index < 0:
-        return -1
-    for i in range(ndim):
-        L[off + i] = (np.int64(grid[grid_index, i]) - 1) // 2
     return grid_index
+
+
+@njit(cache=True, error_model="numpy")
+def best_neighbour4(neighbours, start, gv, xval, weight, scale, off):
+    """iq3_find_best_neighbour's search, as best_neighbour8 for 4 coordinates (gv[g, i] = float(pg[i]))."""
+    x0 = xval[off]
+    x1 = xval[off + 1]
+    x2 = xval[off + 2]
+    x3 = xval[off + 3]
+    w0 = weight[off]
+    w1 = weight[off + 1]
+    w2 = weight[off + 2]
+    w3 = weight[off + 3]
+    n = np.int64(neighbours[start])
+    best_d2 = FLT_MAX
+    grid_index = -1
+    for j in range(start + 1, start + n + 1):
+        g = np.int64(neighbours[j])
+        d = scale * gv[g, 0] - x0
+        d2 = np.float32(0.0) + w0 * d * d
+        d = scale * gv[g, 1] - x1
+        d2 += w1 * d * d
+        d = scale * gv[g, 2] - x2
+        d2 += w2 * d * d
+        d = scale * gv[g, 3] - x3
+        d2 += w3 * d * d
+        if d2 < best_d2:
+            best_d2 = d2
+            grid_index = g
+    return grid_index
+
+
+@functools.cache
+def value_grid(qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The grid as float32 (the `float q = pg[i]` ggml converts per use, tabled once) and its levels (pg[i]-1)/2."""
+    g = tables(qtype).grid
+    return g.astype(np.float32), ((g.astype(np.int64) - 1) // 2).astype(np.int8)
 
 
 # kmask_iq2xs / ksigns_iq2xs of ggml-common.h: bit masks, and 7 sign bits completed with their parity bit
@@ -161,8 +221,9 @@ KMASK = np.array([1, 2, 4, 8, 16, 32, 64, 128], np.int64)
 KSIGNS = np.array([i | ((bin(i).count("1") & 1) << 7) for i in range(128)], np.int64)
 
 
-def run_quantize(qtype: str, driver, block_bytes: int, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """Run an i-quant row driver `driver(x, qw, out, ok, grid, kmap, neighbours)` over float32 (rows, cols);
+def run_quantize(qtype: str, driver, block_bytes: int, x: np.ndarray, imatrix: np.ndarray | None,
+                 extra: tuple = ()) -> np.ndarray:
+    """Run an i-quant row driver `driver(x, qw, out, ok, grid, kmap, neighbours, *extra)` over float32 (rows, cols);
     raise QuantizationError where it reports a row on which ggml would abort."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
@@ -170,7 +231,7 @@ def run_quantize(qtype: str, driver, block_bytes: int, x: np.ndarray, imatrix: n
     qw = np.zeros(0, np.float32) if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     ok = np.ones(rows, np.bool_)
     t = tables(qtype)
-    driver(x, qw, out, ok, t.grid, t.kmap, t.neighbours)
+    driver(x, qw, out, ok, t.grid, t.kmap, t.neighbours, *extra)
     if not ok.all():
         raise QuantizationError(
             f"ggml's {qtype} quantizer aborts on row {int(np.flatnonzero(~ok)[0])} of this input (its weights "
