@@ -261,7 +261,7 @@ def open_gguf_parts(path: "str | os.PathLike[str]") -> list[GGUFFile]:
     opened: list[GGUFFile] = []
 
     def read(part: Path, what: str) -> GGUFFile:
-        if not part.is_file():
+        if not part.exists():
             raise CheckpointError(f"{part}: {what} is missing")
         g = read_gguf(part)  # GGUFFormatError as it is (the loaders turn it into a CheckpointError)
         opened.append(g)
