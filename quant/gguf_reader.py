@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,6 +399,15 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[int, list[KV], list[TensorInfo], 
     return version, kvs, tensors, alignment, data_offset, header_end, problems
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file is, in words (for "not a regular file" errors)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 def read_gguf(path: "str | os.PathLike[str]", *, strict: bool = True) -> GGUFFile:
     """Parse a GGUF v2/v3 file's header, metadata and tensor infos; tensor data stays on disk (mapped).
 
@@ -405,11 +415,16 @@ def read_gguf(path: "str | os.PathLike[str]", *, strict: bool = True) -> GGUFFil
     `.problems` when the file is still parseable (used by verify). Unparseable files always raise.
     """
     p = Path(path)
-    try:
-        f = open(p, "rb")
+    try:  # O_NONBLOCK: a FIFO cannot block the open; fstat on the descriptor: nothing but a regular file is read
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise GGUFFormatError(f"{p}: cannot open: {e.strerror or e}") from e
-    with f:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise GGUFFormatError(f"{p}: not a regular file ({file_kind(mode)}); refused")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < _HEADER_BYTES:
             head = f.read(4)
@@ -435,5 +450,5 @@ def read_gguf(path: "str | os.PathLike[str]", *, strict: bool = True) -> GGUFFil
 __all__ = [
     "GGMLType", "GGML_TYPES", "ggml_type", "TensorInfo", "GGUFFile", "read_gguf", "NUMPY_DTYPE",
     "GGUF_DEFAULT_ALIGNMENT", "GGML_MAX_DIMS", "GGML_MAX_NAME", "ALIGNMENT_KEY", "decode_str", "encode_str",
-    "gguf_pad",
+    "gguf_pad", "file_kind",
 ]

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from gguf.constants import GGUFValueType
@@ -25,7 +25,7 @@ from core.atomic import atomic_publish_many
 from core.errors import CheckpointError, GGUFFormatError, QuantGateError
 from core.hashing import combined_sha256
 from quant.gguf_kv import KV
-from quant.gguf_reader import GGUF_DEFAULT_ALIGNMENT, GGUFFile, gguf_pad, read_gguf
+from quant.gguf_reader import GGUF_DEFAULT_ALIGNMENT, GGUFFile, TensorInfo, gguf_pad, read_gguf
 from quant.gguf_writer import TensorSpec, WriteResult, build_metadata, write_gguf
 
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
@@ -261,7 +261,7 @@ def open_gguf_parts(path: "str | os.PathLike[str]") -> list[GGUFFile]:
     opened: list[GGUFFile] = []
 
     def read(part: Path, what: str) -> GGUFFile:
-        if not part.is_file():
+        if not part.exists():
             raise CheckpointError(f"{part}: {what} is missing")
         g = read_gguf(part)  # GGUFFormatError as it is (the loaders turn it into a CheckpointError)
         opened.append(g)
@@ -285,6 +285,83 @@ def open_gguf_parts(path: "str | os.PathLike[str]") -> list[GGUFFile]:
         raise
 
 
-__all__ = ["SPLIT_KEYS", "MAX_PARTS", "SplitError", "SplitWriteResult", "split_path", "split_prefix",
-           "parse_part_name", "parse_split_size", "plan_parts", "split_kv", "write_split_gguf", "part_paths",
+class GGUFSet:
+    """A split GGUF read as one file: the first part's metadata, every part's tensors in order, each tensor's data
+    read from the part that holds it. Offers the read side of GGUFFile (get, value, tensor, tensor_data, release,
+    close) so the readers built for one file (quant.gguf_to_hf, runtime, validation) take a split set unchanged."""
+
+    def __init__(self, parts: Sequence[GGUFFile]) -> None:
+        self.parts = list(parts)
+        first = self.parts[0]
+        self.path, self.version, self.alignment, self.kv = first.path, first.version, first.alignment, first.kv
+        self.tensors: list[TensorInfo] = [t for g in self.parts for t in g.tensors]
+        self.file_size = sum(g.file_size for g in self.parts)
+        self.problems: list[str] = [m for g in self.parts for m in g.problems]
+        self._owner = {t.name: g for g in self.parts for t in g.tensors}
+
+    @property
+    def files(self) -> list[Path]:
+        """Every part's path, in order."""
+        return [g.path for g in self.parts]
+
+    def get(self, key: str) -> KV | None:
+        return self.parts[0].get(key)
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return self.parts[0].value(key, default)
+
+    def tensor(self, name: str) -> TensorInfo:
+        return self._owner[name].tensor(name)
+
+    def tensor_data(self, name: "str | TensorInfo") -> np.ndarray:
+        """The tensor's stored bytes, a read-only view of the part that holds it."""
+        key = name.name if isinstance(name, TensorInfo) else name
+        g = self._owner.get(key)
+        if g is None:
+            raise KeyError(key)
+        return g.tensor_data(g.tensor(key) if not isinstance(name, TensorInfo) else name)
+
+    def release(self, t: "TensorInfo | None" = None) -> None:
+        """GGUFFile.release on the part holding `t` (None: on every part)."""
+        for g in (self.parts if t is None else [self._owner[t.name]]):
+            g.release(t)
+
+    def close(self) -> None:
+        for g in self.parts:
+            g.close()
+
+    def __enter__(self) -> "GGUFSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_gguf(path: "str | os.PathLike[str]") -> "GGUFFile | GGUFSet":
+    """read_gguf for a plain GGUF; for any part of a split GGUF the checked set (open_gguf_parts) as one GGUFSet.
+    Raises GGUFFormatError for an unparseable file, CheckpointError for a broken part set."""
+    parts = open_gguf_parts(path)
+    return parts[0] if len(parts) == 1 else GGUFSet(parts)
+
+
+def gguf_files(path: "str | os.PathLike[str]") -> list[Path]:
+    """The files a GGUF consists of: [path] for a plain file, every part in order for any part of a split GGUF
+    (named as llama.cpp names them; whether they exist and agree is open_gguf_parts' check)."""
+    p = Path(path)
+    try:
+        with read_gguf(p, strict=False) as g:
+            paths = part_paths(p, g)
+    except GGUFFormatError:
+        return [p]
+    return paths if paths is not None else [p]
+
+
+def first_part(path: "str | os.PathLike[str]") -> Path:
+    """The file llama.cpp must be given for `path`: the first part of the split GGUF any part of which is `path`
+    (llama_model_loader finds the rest from its name), else `path` itself."""
+    return gguf_files(path)[0]
+
+
+__all__ = ["GGUFSet", "open_gguf", "gguf_files", "first_part", "SPLIT_KEYS", "MAX_PARTS", "SplitError",
+           "SplitWriteResult", "split_path", "split_prefix", "parse_part_name", "parse_split_size", "plan_parts", "split_kv", "write_split_gguf", "part_paths",
            "check_parts", "open_gguf_parts", "refuse_split"]

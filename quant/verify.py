@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from gguf.constants import GGUFValueType
 from core.errors import CheckpointError, GGUFFormatError, UnsupportedTypeError
 from quant.api import dequantize
 from quant.formats import QTYPES
-from quant.gguf_reader import GGML_TYPES, GGUFFile, TensorInfo, gguf_pad, read_gguf
+from quant.gguf_reader import GGML_TYPES, GGUFFile, TensorInfo, file_kind, gguf_pad, read_gguf
 from quant.gguf_split import check_parts, part_paths
 from quant.model_plan import CHECKED_ARCHS, check_architecture
 
@@ -176,9 +177,12 @@ def verify_gguf(path: "str | os.PathLike[str]", *, check_values: bool = True) ->
     part of which is given (quant.gguf_split); never raises on bad input."""
     p = Path(path)
     try:
-        size = os.stat(p).st_size
+        st = os.stat(p)
     except OSError as e:
         return VerifyReport(p, False, [f"cannot open: {e.strerror or e}"], 0, 0)
+    size = st.st_size
+    if not stat.S_ISREG(st.st_mode):  # never opened: a FIFO blocks, a device never ends (the CLI: exit 2)
+        return VerifyReport(p, False, [f"not a regular file ({file_kind(st.st_mode)})"], 0, 0)
     try:
         g = read_gguf(p, strict=False)
     except GGUFFormatError as e:

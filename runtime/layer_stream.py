@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from core.errors import CheckpointError
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf
 from quant.loaders import open_checkpoint
 from runtime.backends import is_gguf
 
@@ -61,7 +61,7 @@ class _Weights:
         if is_gguf(path):
             from quant.gguf_to_hf import hf_config_from_gguf, hf_tensor_map  # lazy: gguf package name maps
 
-            self._gguf = read_gguf(path)
+            self._gguf = open_gguf(path)
             try:
                 self.config_dict: dict[str, Any] = hf_config_from_gguf(self._gguf)
                 tmap = hf_tensor_map(self._gguf, self.config_dict)
@@ -104,7 +104,7 @@ def model_type_of(path: "str | os.PathLike[str]") -> str | None:
     p = Path(path)
     try:
         if is_gguf(p):
-            with read_gguf(p) as g:
+            with open_gguf(p) as g:
                 arch = g.value("general.architecture")
             return str(arch) if arch else None  # llama.cpp's names for these archs are transformers' model_type
         with open_checkpoint(p) as ckpt:
@@ -308,6 +308,6 @@ def hf_config(path: "str | os.PathLike[str]"):
     if is_gguf(p):
         from quant.gguf_to_hf import hf_config_from_gguf  # lazy: gguf package name maps
 
-        with read_gguf(p) as g:
+        with open_gguf(p) as g:
             return AutoConfig.for_model(**hf_config_from_gguf(g))
     return AutoConfig.from_pretrained(str(p if p.is_dir() else p.parent))

@@ -17,11 +17,10 @@ from typing import Any, Callable
 import numpy as np
 
 from core.errors import CheckpointError, QuantGateError
-from core.hashing import checkpoint_sha256, file_sha256
+from core.hashing import checkpoint_sha256
 from core.progress import ProgressFn
 from core.version import __version__
-from quant.gguf_reader import read_gguf
-from quant.gguf_split import refuse_split
+from quant.gguf_split import gguf_files, open_gguf
 from quant.loaders import open_checkpoint
 from runtime.backends import BACKENDS, LogitsBackend, is_gguf, open_backend
 from runtime.datasets import load_dataset
@@ -60,7 +59,7 @@ def _check_float_baseline(path: Path) -> None:
 
     if is_gguf(path):
 
-        with read_gguf(path) as g:
+        with open_gguf(path) as g:  # a split GGUF: every part
             bad = sorted({t.qtype for t in g.tensors} - {"F32", "F16", "BF16"})
         if bad:
             raise CheckpointError(f"{path}: a baseline GGUF must be F32/F16/BF16, but it holds {', '.join(bad)} tensors")
@@ -101,7 +100,8 @@ def _check_args(backend: str, batch_size: int, *paths: Path) -> None:
     for p in paths:
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or folder")
-        refuse_split(p, "evaluate")
+        if not p.is_file() and not p.is_dir():
+            raise CheckpointError(f"{p}: not a regular file or a folder")
 
 
 def each_logits(backend: str, model: Path, token_ids: list[list[int]], on_logits: Callable[[int, np.ndarray], None],
@@ -294,7 +294,7 @@ def evaluate(
         notes.append(f"{short} samples have fewer than 2 tokens and contribute no scored token")
     return EvalReport(
         baseline=ModelRef(str(baseline), key.baseline_sha256),
-        candidate=ModelRef(str(candidate), file_sha256(candidate)),
+        candidate=ModelRef(str(candidate), checkpoint_sha256(gguf_files(candidate))),
         dataset_path=ds_path,
         dataset_sha256=ds.sha256,
         backend=backend,

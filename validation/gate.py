@@ -18,7 +18,6 @@ from core.atomic import atomic_write_text
 from core.errors import QuantGateError
 from core.progress import ProgressFn
 from core.records import GateResult, Verdict
-from quant.gguf_split import refuse_split
 from quant.loaders import open_checkpoint
 from quant.model_plan import plan_model
 from runtime.datasets import DEFAULT_CALIBRATION, DEFAULT_EVAL, load_dataset
@@ -101,7 +100,8 @@ def run_validation(
     if not baseline.exists():
         raise QuantGateError(f"baseline not found: {baseline}")
     for p in (baseline, candidate):
-        refuse_split(p, "validation")
+        if p.exists() and not p.is_file() and not p.is_dir():
+            raise QuantGateError(f"{p}: not a regular file or a folder")
     ds_path = Path(dataset) if dataset is not None else DEFAULT_EVAL
     cal_path = Path(calibration) if calibration is not None else (
         DEFAULT_CALIBRATION if dataset is None and DEFAULT_CALIBRATION.exists() else None)

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 
 from core.errors import CheckpointError, GGUFFormatError, QuantGateError
-from core.hashing import file_sha256
+from core.hashing import checkpoint_sha256
 from core.records import GateResult
 from core.text import one_line
 from quant.api import dequantize
 from quant.fingerprint import weights_fingerprint
 from quant.formats import QTYPES
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf
 from quant.loaders import open_checkpoint
 from quant.mixes import PRECISIONS, main_types
 from quant.model_plan import plan_model
@@ -69,14 +69,15 @@ def inspect_candidate(path: "str | os.PathLike[str]") -> CandidateFacts:
     if not p.is_file():
         raise CheckpointError(f"candidate is not a file: {p}")
     try:
-        g = read_gguf(p, strict=True)
+        g = open_gguf(p)  # a split GGUF (any part): the whole set, identified by checkpoint_sha256 over its parts
     except GGUFFormatError as e:
         msg = str(e)
         raise GGUFFormatError(msg if str(p) in msg else f"{p}: {msg}") from None
+    files = getattr(g, "files", [p])
     with g:
         ft = g.value("general.file_type")
         return CandidateFacts(
-            path=str(p), sha256=file_sha256(p), nbytes=p.stat().st_size,
+            path=str(files[0]), sha256=checkpoint_sha256(files), nbytes=sum(f.stat().st_size for f in files),
             file_type=int(ft) if isinstance(ft, (int, np.integer)) else None,
             precision=_str_or_none(g.value("quantgate.precision")),
             source_sha256=_str_or_none(g.value("quantgate.source_sha256")),
@@ -105,7 +106,7 @@ def count_non_finite(path: "str | os.PathLike[str]") -> dict[str, tuple[int, int
     """{tensor: (n_nan, n_inf)} for every tensor holding NaN or Inf once dequantized, reading rows in chunks."""
 
     bad: dict[str, tuple[int, int]] = {}
-    with read_gguf(path) as g:
+    with open_gguf(path) as g:
         for t in g.tensors:
             if not t.nbytes or t.qtype not in QTYPES:
                 continue
@@ -365,7 +366,7 @@ def tokenizer_gate(candidate_meta: dict[str, Any], baseline: "str | os.PathLike[
 def read_metadata(path: "str | os.PathLike[str]") -> dict[str, Any]:
     """The GGUF's KVs as {key: value} (arrays as lists)."""
 
-    with read_gguf(path) as g:
+    with open_gguf(path) as g:
         return {kv.key: (kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value) for kv in g.kv}
 
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from core.errors import CheckpointError
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf
 from quant.gguf_to_hf import read_tensor_f32
 from quant.loaders import open_checkpoint
 from quant.model_plan import plan_model
@@ -86,7 +86,7 @@ def per_tensor_errors(baseline: "str | os.PathLike[str]", candidate: "str | os.P
     and layout by quant.model_plan (Q/K permuted as the converter does), one tensor at a time."""
 
     out: list[TensorError] = []
-    with open_checkpoint(Path(baseline)) as ckpt, read_gguf(Path(candidate)) as g:
+    with open_checkpoint(Path(baseline)) as ckpt, open_gguf(Path(candidate)) as g:
         planned = {pt.name: pt for pt in plan_model(ckpt).tensors}
         for i, t in enumerate(g.tensors):
             if t.name not in planned:
@@ -135,7 +135,7 @@ def weights_lineage(baseline: "str | os.PathLike[str]", candidate: "str | os.Pat
     worst: TensorError | None = None
     worst_ratio = -1.0
     n = 0
-    with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt, read_gguf(Path(candidate)) as g:
+    with open_checkpoint(Path(baseline), allow_requantize=True) as ckpt, open_gguf(Path(candidate)) as g:
         try:
             planned = {pt.name: pt for pt in plan_model(ckpt).tensors}
         except CheckpointError as e:

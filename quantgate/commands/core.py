@@ -226,6 +226,8 @@ def verify(
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(file))
     if file.is_dir():
         raise IsADirectoryError(errno.EISDIR, "Is a directory", str(file))
+    if not file.is_file():  # a device, FIFO or socket: bad input, not an invalid GGUF
+        raise QuantGateError(f"{file}: not a regular file (a device, FIFO or socket); verify reads GGUF files")
     rep = verify_gguf(file, check_values=not no_values)
     if as_json:
         print(json.dumps(rep.to_dict() if hasattr(rep, "to_dict") else rep.__dict__, indent=2, default=str))

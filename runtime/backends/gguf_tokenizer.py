@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from core.errors import CheckpointError, QuantGateError
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf
 
 #: tokenizer.ggml.pre values whose split regex is Qwen2's in both llama.cpp and transformers
 _QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "megrez")
@@ -25,7 +25,7 @@ _DEFAULT_BOS = {"llama": 1, "gpt2": 11}
 
 
 def _vocab_facts(path: Path) -> tuple[str | None, str | None, bool, int | None]:
-    with read_gguf(path) as g:
+    with open_gguf(path) as g:
         model = g.value("tokenizer.ggml.model")
         pre = g.value("tokenizer.ggml.pre")
         prefix = g.value("tokenizer.ggml.add_space_prefix")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import CheckpointError, QuantGateError
+from quant.gguf_split import first_part
 
 
 def llama_available() -> bool:
@@ -23,6 +24,7 @@ def _llama(path: "str | os.PathLike[str]", **kw):
         import llama_cpp
     except ImportError:
         raise QuantGateError("the llama.cpp backend needs llama-cpp-python (pip install llama-cpp-python)") from None
+    path = first_part(path)  # a split GGUF: llama.cpp opens the first part and finds the others by name
     try:
         return llama_cpp.Llama(model_path=str(path), verbose=False, **kw)
     except (ValueError, RuntimeError) as e:

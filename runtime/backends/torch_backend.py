@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from core.errors import CheckpointError
-from quant.gguf_reader import read_gguf
+from quant.gguf_split import open_gguf
 from runtime.backends import is_gguf
 
 
@@ -73,7 +73,7 @@ def _model_from_gguf(path: Path):
         iter_hf_tensors,
     )
 
-    with read_gguf(path) as g:
+    with open_gguf(path) as g:
         cfg = hf_config_from_gguf(g)
         config = AutoConfig.for_model(**cfg)
         with torch.device("meta"):
