@@ -1,11 +1,12 @@
 """Peak memory of registering and downloading a large GGUF (default 2 GiB): each step runs in a fresh process and
 reports its own peak RSS (ru_maxrss), so the figures are the step's, not the file generator's.
 
-    .venv/bin/python benchmarks/bench_registry_large.py [--gib 2] [--server] [--work DIR]
+    .venv/bin/python benchmarks/bench_registry_large.py [--gib 2] [--server] [--work DIR] [--progress bar|plain|none]
 
 --server also runs both steps through a real `mlflow server` (artifacts proxied through it: uploads and downloads
 over HTTP). The file is a valid GGUF (F32 tensors of 256 MiB, written one at a time) so registration reads it as it
-would a model. Everything is removed at the end.
+would a model. --progress (default bar): the steps report their bytes to the CLI's transfer view
+(quantgate.transfer_view), drawn as the rich bar on a forced terminal into /dev/null. Everything is removed at the end.
 """
 from __future__ import annotations
 
@@ -32,15 +33,28 @@ env = {"QUANTGATE_STORE_DIR": os.path.join(work, "store")}
 if os.environ.get("BENCH_SERVER"):
     env["QUANTGATE_MLFLOW_URI"] = os.environ["BENCH_SERVER"]
 s = RegistrySettings.from_env(env=env)
+view, events = None, [0, 0]
+if os.environ["BENCH_PROGRESS"] != "none":  # the CLI's view: a rich bar on a (forced) terminal, or plain lines
+    from rich.console import Console
+    from quantgate.transfer_view import TransferView
+    bar = os.environ["BENCH_PROGRESS"] == "bar"
+    shown = TransferView(Console(file=open(os.devnull, "w"), force_terminal=bar), interactive=bar)
+    def view(done, total, what):
+        events[0] += 1
+        events[1] = done
+        shown(done, total, what)
 t = time.perf_counter()
 if step == "register":
     from registry.registration import register_gguf
-    rv = register_gguf(path, settings=s, model_name="big")
+    rv = register_gguf(path, settings=s, model_name="big", progress=view)
     out = rv.version
 else:
     from registry.queries import download
-    out = str(download("big/1", os.path.join(work, "dl"), settings=s))
-print(json.dumps({"step": step, "seconds": time.perf_counter() - t,
+    out = str(download("big/1", os.path.join(work, "dl"), settings=s, progress=view))
+if view is not None:
+    shown.close()
+print(json.dumps({"step": step, "seconds": time.perf_counter() - t, "progress_events": events[0],
+                  "last_bytes": events[1],
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "out": out}))
 """
 
@@ -67,8 +81,8 @@ def make_gguf(path: Path, gib: float) -> int:
     return path.stat().st_size
 
 
-def step(name: str, path: Path, work: Path, server: str | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+def step(name: str, path: Path, work: Path, server: str | None, progress: str = "bar") -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true", "BENCH_PROGRESS": progress}
     env.pop("QUANTGATE_MLFLOW_URI", None)
     if server:
         env["BENCH_SERVER"] = server
@@ -105,6 +119,8 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--server", action="store_true")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--progress", choices=("bar", "plain", "none"), default="bar",
+                    help="the CLI's transfer view: rich bar (on a forced terminal), plain lines, or none")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-reg-", dir=a.work))
     try:
@@ -117,7 +133,7 @@ def main() -> None:
             proc, url = start_server(sub) if mode == "server" else (None, None)
             try:
                 for name in ("register", "download"):
-                    print(json.dumps({"mode": mode, **step(name, big, sub, url)}))
+                    print(json.dumps({"mode": mode, "progress": a.progress, **step(name, big, sub, url, a.progress)}))
             finally:
                 if proc is not None:
                     os.killpg(proc.pid, signal.SIGTERM)

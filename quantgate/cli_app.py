@@ -29,6 +29,7 @@ from rich.text import Text
 from core.errors import QuantGateError
 from core.text import MAX_LINE, one_line
 from core.version import __version__
+from quantgate.transfer_view import showing_transfers
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -203,12 +204,14 @@ def quiet_libraries(enabled: bool = True) -> Iterator[None]:
 
 def handle_errors(fn: F) -> F:
     """Turn every failure of a command into one line on stderr and exit code 2 (see the module docstring); a command
-    called with quiet=True runs inside quiet_libraries()."""
+    called with quiet=True runs inside quiet_libraries(), any other shows its registry uploads and downloads
+    (quantgate.transfer_view)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with quiet_libraries(kwargs.get("quiet") is True):
+            quiet = kwargs.get("quiet") is True
+            with quiet_libraries(quiet), showing_transfers(err_console, enabled=not quiet):
                 return fn(*args, **kwargs)
         except KeyboardInterrupt:
             err_console.print("interrupted", highlight=False)

@@ -44,6 +44,9 @@ def mlflow_client(settings: RegistrySettings, *, quick: bool = False) -> Any:
     read commands): HTTP requests time out after 10 s with one retry (QUICK_HTTP_ENV; the user's MLFLOW_HTTP_*
     variables win), so an unreachable server is reported in seconds; see `unreachable_as_error`."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's own tqdm bars count files ("Downloading artifacts 1/1"), not bytes, except on cloud stores: ours
+    # (registry.transfer, drawn by the CLI) report bytes on every store; set it to true to get theirs as well
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if quick:
         for k, v in QUICK_HTTP_ENV.items():
             os.environ.setdefault(k, v)

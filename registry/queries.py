@@ -2,16 +2,14 @@
 events."""
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from core.atomic import atomic_publish_many, atomic_write_text
 from core.hashing import combined_sha256, file_sha256
-from core.progress import ProgressFn
+from core.progress import ProgressFn, transfer_progress
 from core.text import one_line
 from quant.gguf_split import parse_part_name, split_path
 from registry.audit import AuditLog, iter_jsonl
@@ -26,6 +24,7 @@ from registry.client import (
     unreachable_as_error,
 )
 from registry.config import RegistrySettings
+from registry.transfer import watch_tree
 
 
 def _fsync(path: Path, directory: bool = False) -> None:
@@ -47,40 +46,6 @@ def _target_inside(root: Path, name: str) -> Path:
     return target
 
 
-def _tree_bytes(folder: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-@contextlib.contextmanager
-def _watch_bytes(folder: Path, total: int, what: str, progress: ProgressFn | None) -> Iterator[None]:
-    """Report the bytes that have arrived under `folder` every 0.5 s (MLflow copies and downloads without a
-    callback); a final report when done."""
-    if progress is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.5):
-            progress(_tree_bytes(folder), total, what)
-
-    t = threading.Thread(target=poll, name="quantgate-download-progress", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join()
-    progress(_tree_bytes(folder), total, what)
-
-
 def _expected_size(client: Any, mv: Any) -> int:
     try:
         return int(client.get_run(mv.run_id).data.metrics.get("file_size_bytes") or 0)
@@ -97,10 +62,12 @@ def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistryS
     safe_gguf_file), the final path is checked after resolving symlinks, the bytes go to a temp folder inside
     out_dir, are hashed and fsynced there, and are renamed into place only when the SHA-256 matches the registry's.
     MLflow copies in chunks (memory stays flat for a GGUF of many GB: docs/BENCHMARKS.md); `progress(done, total,
-    file)` gets the bytes received twice a second.
+    file)` gets the bytes received twice a second (default: the receiver core.progress.reporting_transfers
+    installed, e.g. the CLI's bar).
     """
     import mlflow
 
+    progress = progress if progress is not None else transfer_progress()
     s = settings or RegistrySettings.from_env()
     client = mlflow_client(s, quick=True)
     with unreachable_as_error(s):
@@ -117,7 +84,7 @@ def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistryS
     with tempfile.TemporaryDirectory(prefix=".quantgate-dl-", dir=root) as tmp:
         got: list[Path] = []
         for n in names:
-            with unreachable_as_error(s), _watch_bytes(Path(tmp), total, n, progress):
+            with unreachable_as_error(s), watch_tree(Path(tmp), total, f"download {n}", progress):
                 g = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rsplit('/', 1)[0]}/{n}",
                                                              dst_path=tmp))
             if g.is_symlink() or not g.is_file() or Path(tmp).resolve() not in g.resolve().parents:

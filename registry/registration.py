@@ -21,6 +21,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.hashing import file_sha256, sha256_text
+from core.progress import ProgressFn, transfer_progress
 from core.records import QuantizedArtifact, Verdict
 from registry.audit import AuditLog, claims_table, iter_jsonl
 from registry.client import (
@@ -37,6 +38,7 @@ from registry.client import (
 )
 from registry.config import RegistrySettings
 from registry.facts import GGUFFacts, _metrics, _params, gguf_facts
+from registry.transfer import watch_upload
 from registry.views import report_artifact_paths, version_description, version_tags
 from registry.trust import (
     Backing,
@@ -175,13 +177,15 @@ def register_gguf(
     extra_params: Mapping[str, Any] | None = None,
     wait_timeout: float = 900.0,
     compliance: bool = False,
+    progress: ProgressFn | None = None,
 ) -> RegisteredVersion:
     """Log the job as an MLflow run and register the GGUF as a version of its source's model (idempotent).
 
     Same model name + artifact SHA-256 + job key returns the existing version (created=False), also when several
     workers race. A failed verdict still registers the version, tagged verdict=failed and rejected=true.
     compliance=True also writes the version's compliance report (HTML) into its run (compliance/) and links it
-    from the version description.
+    from the version description. `progress(done, total, what)` gets the GGUF's bytes staged and uploaded twice a
+    second (registry.transfer; default: the receiver core.progress.reporting_transfers installed).
     """
     s = settings or RegistrySettings.from_env()
     f = gguf_facts(gguf, artifact)
@@ -214,7 +218,7 @@ def register_gguf(
                                      f"models:/{name}/{claim.version}")
         try:
             rv = _create_version(s, log, f, name, status, verdict, rep, dict(extra_params or {}), backing,
-                                 compliance)
+                                 compliance, progress if progress is not None else transfer_progress())
         except BaseException:
             _settle_claim(log, key, None, None)
             raise
@@ -228,7 +232,8 @@ def _version_verdict(s: RegistrySettings, name: str, version: str) -> str:
 
 def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str, status: str,
                     verdict: Verdict | None, rep: Mapping[str, Path], extra: dict[str, Any],
-                    backing: Backing | None = None, compliance: bool = False) -> RegisteredVersion:
+                    backing: Backing | None = None, compliance: bool = False,
+                    progress: ProgressFn | None = None) -> RegisteredVersion:
     client = mlflow_client(s)
     existing = _find_existing(client, name, f.sha256, f.job_key)
     if existing is not None:  # made by a worker that died before settling its claim
@@ -258,11 +263,12 @@ def _create_version(s: RegistrySettings, log: AuditLog, f: GGUFFacts, name: str,
             mlflow.log_artifact(str(p), f"reports/{role}")
         files = {GGUF_ARTIFACT_KEY: str(f.path)}  # a split GGUF: every part, beside the first (llama.cpp finds them)
         files.update({f"gguf_part_{i + 1}": str(f.path.with_name(q["file"])) for i, q in enumerate(f.parts) if i})
-        info = _log_pyfunc(
-            name="gguf_model", python_model=str(Path(__file__).with_name("pyfunc_gguf.py")),
-            artifacts=files, signature=signature(),
-            pip_requirements=_requirements(), metadata={"artifact_sha256": f.sha256, "job_key": f.job_key},
-        )
+        with watch_upload([Path(p) for p in files.values()], f"upload {f.path.name}", progress):
+            info = _log_pyfunc(
+                name="gguf_model", python_model=str(Path(__file__).with_name("pyfunc_gguf.py")),
+                artifacts=files, signature=signature(),
+                pip_requirements=_requirements(), metadata={"artifact_sha256": f.sha256, "job_key": f.job_key},
+            )
     arts = report_artifact_paths(rep)
     mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, tags=tags,
                                      model_id=info.model_id,

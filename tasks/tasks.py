@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 from celery import Task
 
 from core.errors import QuantGateError
+from core.progress import reporting_transfers
 from quantgate import jobs, lease
 from quantgate.broker import app
 from quantgate.config import load_settings
@@ -201,7 +202,7 @@ def register(self: QuantgateTask, record: dict[str, Any], model_name: str | None
     artifact = record.get("artifact")
     if isinstance(artifact, Mapping) and artifact.get("path"):
         jobs.check_write_path(artifact["path"], load_settings(), "artifact")
-    with transient_guard():
+    with transient_guard(), reporting_transfers(self.progress_fn("register")):  # upload bytes as PROGRESS meta
         version = jobs.register_step(record["artifact"], record.get("verdict"), model_name=model_name)
     return {**record, "version": version}
 

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import typer
 
-from core.text import one_line
 from quantgate.cli_app import app, cell, console, err_console, fail, handle_errors, lit
 
 F = TypeVar("F", bound=Callable)
@@ -24,7 +22,6 @@ def _registry_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -70,6 +67,7 @@ def register(
     compliance: bool = typer.Option(True, "--compliance/--no-compliance",
                                     help="Also store the version's compliance report (HTML) in its run"),
     as_json: bool = typer.Option(False, "--json", help="Print the registered version as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No upload progress, no library noise"),
 ) -> None:
     """Register a GGUF (+ its verdict) as an MLflow model version; the same artifact and job return the same one.
     The run gets the verdict's reports (validation.json/.md/.html, junit.xml) and the compliance report."""
@@ -170,21 +168,11 @@ def models_download(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the GGUF into"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
-    """Download a version's GGUF (with a progress bar in bytes), check its SHA-256 against the registry, and audit
-    the download."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
+    """Download a version's GGUF (with a progress bar in bytes on a terminal, a few plain lines otherwise), check its
+    SHA-256 against the registry, and audit the download."""
     from registry.queries import download
 
-    with Progress(TextColumn("[bold]download[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TextColumn("{task.description}", markup=False), console=err_console, disable=quiet,
-                  transient=True) as bar:
-        task = bar.add_task("", total=None)
-
-        def on_bytes(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total or None, description=one_line(what, 120))
-
-        path = download(ref, out, settings=_settings(), progress=on_bytes)
+    path = download(ref, out, settings=_settings())  # the bytes go to handle_errors' transfer view
     console.print(f"downloaded {lit(ref)} to {lit(path)}", highlight=False)
 
 

@@ -155,6 +155,10 @@ def test_cli_lists_shows_and_downloads_by_alias(store, cli, tmp_path):
     assert r.exit_code == 0, r.output
     got = tmp_path / "dl" / Path(store.art_pass.path).name
     assert got.read_bytes() == Path(store.art_pass.path).read_bytes()
+    mib = f"{store.art_pass.nbytes / 2**20:.1f} MiB"  # not a terminal: plain lines, the last one at the end
+    assert f"download {got.name}: {mib} of {mib} (100%)" in r.output
+    r = cli("models", "download", f"{store.model}@validated", "--out", str(tmp_path / "dlq"), "--quiet")
+    assert r.exit_code == 0 and f"download {got.name}:" not in r.output
     # the models:/ spelling, and the byte progress the CLI's bar shows
     from registry.queries import download
 
@@ -162,7 +166,7 @@ def test_cli_lists_shows_and_downloads_by_alias(store, cli, tmp_path):
     path = download(f"models:/{store.model}/{store.passing.version}", tmp_path / "dl2", settings=store.settings,
                     progress=lambda done, total, what: seen.append((done, total, what)))
     assert path.read_bytes() == got.read_bytes()
-    assert seen[-1] == (store.art_pass.nbytes, store.art_pass.nbytes, got.name)
+    assert seen[-1] == (store.art_pass.nbytes, store.art_pass.nbytes, f"download {got.name}")
     assert not [p for p in (tmp_path / "dl").iterdir() if p.name.startswith(".")]  # no temp leftovers
     with AuditLog(store.settings.audit_db_url) as log:
         dl = [e for e in log.events(model=store.model) if e.action == "download"]
