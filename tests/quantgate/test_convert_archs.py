@@ -337,3 +337,33 @@ def test_hostile_longrope_factors_are_refused(converted, tmp_path, edit, match):
     with pytest.raises(CheckpointError, match=match):
         convert_model(hf, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama3_rope_scaling_same_file_as_convert_hf_to_gguf(tmp_path):
+    """Llama 3.1/3.2's rope_scaling (as their config.json writes it): the converter's rope_freqs tensor (all three
+    wavelength regimes with head_dim 64 and theta 500000) first, byte for byte; llama.cpp applies it as
+    transformers does."""
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
+    hf = make_tiny_model(tmp_path / "llama31", "llama", seed=5)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg |= {"rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(hf), "--outfile", str(ref),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    convert_model(hf, ours, "f16")
+    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
+    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
+    assert [k[0] for k in kv_a if k not in kv_b] == []
+    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]
+    assert [t[0] for t in t_a if t not in t_b] == []
+    freqs = np.frombuffer(t_a[0][3], np.float32)
+    assert t_a[0][0] == "rope_freqs.weight" and freqs.min() == 1.0 and freqs.max() == 8.0
+    assert ((freqs > 1) & (freqs < 8)).any()
+    from tests import ggml_oracle
+    from tests.conftest import oracle_required
+    if ggml_oracle.available() or oracle_required():
+        res = _compare_logits(hf, ours, label="tiny-llama3-rope")
+        assert res["top1_agreement"] >= 0.99 and res["max_abs_logit_diff"] < 0.05, res
