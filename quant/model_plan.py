@@ -29,6 +29,12 @@ _PIPELINE_KEYS = ("general.file_type", "general.quantization_version")
 _GGUF_INT_HPARAMS = (".block_count", ".embedding_length", ".attention.head_count", ".attention.head_count_kv",
                      ".feed_forward_length", ".vocab_size", ".expert_count")
 _SKIP_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+# TextModel.filter_tensors' multimodal test (prefixes, then substrings): such tensors are not the text model's
+_MM_PREFIXES = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.",
+                "sound_projection.", "speech_embeddings.")
+_MM_SUBSTRINGS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
+                  "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
+                  "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
 
 
 @dataclass
@@ -109,6 +115,7 @@ class _HFArch:
     norm_plus_one: bool = False  # Gemma: every *norm.weight is stored as 1 + w (HF's RMSNorm multiplies by 1 + w)
     skip_lm_head: bool = False   # Gemma: lm_head.weight is dropped (the embeddings are always tied)
     trim_embeddings: bool = False  # Gemma 3: token_embd rows beyond the tokenizer's vocabulary are dropped
+    skip_multimodal: bool = False  # multimodal checkpoints: TextModel.filter_tensors drops the vision/audio tensors
 
 
 _LLAMA_DEFAULTS = {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
@@ -140,6 +147,17 @@ _HF_ARCHS: dict[str, _HFArch] = {
                                  {"vocab_size": 262208, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
                                   "head_dim": 256, "sliding_window": 4096},
                                  params="gemma3", norm_plus_one=True, trim_embeddings=True),
+    # Gemma 3 4B+ (vision + text): Gemma3Model converts the text model (under language_model., config text_config,
+    # Gemma3TextConfig's defaults), the SigLIP tower and projector are dropped (llama.cpp's mmproj is another file)
+    "Gemma3ForConditionalGeneration": _HFArch(gguf.MODEL_ARCH.GEMMA3, False, False,
+                                              {"vocab_size": 262208, "max_position_embeddings": 131072,
+                                               "rms_norm_eps": 1e-6, "head_dim": 256, "sliding_window": 4096,
+                                               "num_attention_heads": 8, "num_key_value_heads": 4,
+                                               "intermediate_size": 9216, "hidden_size": 2304,
+                                               "num_hidden_layers": 26, "rope_theta": 1_000_000.0,
+                                               "rope_local_base_freq": 10000.0},
+                                              params="gemma3", norm_plus_one=True, trim_embeddings=True,
+                                              skip_multimodal=True),
     "Qwen3ForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3, False, False, _QWEN_DEFAULTS),
     "Qwen3MoeForCausalLM": _HFArch(gguf.MODEL_ARCH.QWEN3MOE, False, False,
                                    {**_QWEN_DEFAULTS, "num_local_experts": 128, "num_experts_per_tok": 8,
@@ -454,6 +472,8 @@ def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
     n_experts = int(_first(cfg, _N_EXPERT_KEYS) or 0) if ex else 0
     buffers: dict[int, dict[tuple[int, str], SourceTensor]] = {}
     for t in ckpt.tensors:
+        if spec.skip_multimodal and (t.name.startswith(_MM_PREFIXES) or any(s in t.name for s in _MM_SUBSTRINGS)):
+            continue
         name = t.name.replace("language_model.", "")
         if name.endswith(_SKIP_SUFFIXES) or (spec.skip_lm_head and t.name == "lm_head.weight"):
             continue
@@ -493,6 +513,8 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
             counts: tuple[int, int, int, int]) -> tuple[list[KV], int]:
     arch_name = gguf.MODEL_ARCH_NAMES[spec.gguf_arch]
     w = gguf.GGUFWriter(path=None, arch=arch_name)
+    if spec.params == "phi3" and (lr := phi3_longrope(ckpt, cfg, rope)) is not None:
+        w.add_rope_scaling_attn_factors(lr[0])  # generate_extra_tensors runs before the metadata: 2nd KV
     w.add_type(gguf.GGUFType.MODEL)
     model_dir = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     total, shared, expert, expert_count = counts
@@ -517,12 +539,45 @@ def _hf_kvs(ckpt: Checkpoint, spec: _HFArch, cfg: dict, rope: dict,
     return kvs, file_type_index
 
 
+def _rope_factor_tensor(name: str, values: list) -> SourceTensor:
+    arr = np.asarray(values, dtype=np.float32)  # torch.tensor(list, dtype=torch.float32): the same rounding
+    return SourceTensor(name, arr.shape, "F32", lambda: arr.copy())
+
+
+def phi3_longrope(ckpt: Checkpoint, cfg: dict, rope: dict) -> tuple[float, SourceTensor, SourceTensor] | None:
+    """Phi3MiniModel.generate_extra_tensors for LongRoPE checkpoints (Phi-3-mini-128k, Phi-3.5-mini): the attention
+    factor KV and the rope_factors_long / rope_factors_short tensors; None without rope long_factor. Factors must
+    be rope_dims / 2 finite positive numbers each, the scaling type su / longrope (transformers' Phi3Config turns
+    yarn into longrope, and so does the converter's AutoConfig load)."""
+    where = f"{ckpt.path}: config.json"
+    long_f, short_f = rope.get("long_factor"), rope.get("short_factor")
+    if not long_f:
+        return None
+    orig = rope.get("original_max_position_embeddings")
+    n_ctx = _first(cfg, ("n_positions", "max_position_embeddings"))
+    if not _is_pos_int(orig) or not _is_pos_int(n_ctx):
+        raise CheckpointError(f"{where} Phi-3 LongRoPE needs max_position_embeddings and "
+                              "original_max_position_embeddings")
+    rope_type = str(rope.get("rope_type") or "").lower()
+    if rope_type not in ("su", "longrope", "yarn"):
+        raise CheckpointError(f"{where} rope long_factor needs rope type longrope, got {_short(rope_type)}")
+    rope_dims = int(rope.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // cfg["num_attention_heads"]
+    for key, f in (("long_factor", long_f), ("short_factor", short_f)):
+        if not isinstance(f, list) or len(f) != rope_dims // 2 or rope_dims % 2 or not all(
+                _is_number(x) and math.isfinite(float(x)) and float(x) > 0 for x in f):
+            raise CheckpointError(f"{where} rope {key} must be {rope_dims // 2} finite positive numbers, got "
+                                  f"{_short(f)}")
+    scale = n_ctx / orig
+    if scale > 1.0 and orig == 1:  # the converter divides by log(1)
+        raise CheckpointError(f"{where} original_max_position_embeddings must exceed 1 for LongRoPE")
+    attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    return (attn_factor, _rope_factor_tensor("rope_factors_long.weight", long_f),
+            _rope_factor_tensor("rope_factors_short.weight", short_f))
+
+
 def _phi3_params(ckpt: Checkpoint, w: gguf.GGUFWriter, cfg: dict, rope: dict) -> int:
     """Phi3MiniModel.set_gguf_parameters (its own KV order); returns where general.file_type goes. LongRoPE
-    checkpoints (128k, rope long/short factor tensors) are refused."""
-    if rope.get("long_factor") or rope.get("short_factor"):
-        raise CheckpointError(f"{ckpt.path}: Phi-3 LongRoPE (rope long_factor/short_factor) is not supported; "
-                              "convert this model with llama.cpp's convert_hf_to_gguf.py")
+    checkpoints add a KV and two tensors (phi3_longrope)."""
     if rope.get("original_max_position_embeddings") is None:
         raise CheckpointError(f"{ckpt.path}: config.json lacks original_max_position_embeddings (Phi-3)")
     n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -746,6 +801,8 @@ def _plan_hf(ckpt: Checkpoint, spec: _HFArch, cfg: dict, tokenizer_pre: str | No
     tensors: list[PlannedTensor] = []
     if spec.llama_extras and (rf := _llama3_rope_freqs(cfg, rope)) is not None:
         tensors.append(PlannedTensor(rf.name, rf.shape, rf))
+    if spec.params == "phi3" and (lr := phi3_longrope(ckpt, cfg, rope)) is not None:
+        tensors += [PlannedTensor(f.name, f.shape, f) for f in lr[1:]]
     mapped: dict[str, str] = {}
     for name, t, transform in _converter_tensors(ckpt, spec, cfg):
         new_name = name_map.get_name(key=name, try_suffixes=(".weight", ".bias"))

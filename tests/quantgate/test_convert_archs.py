@@ -1,5 +1,6 @@
-"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3, Phi-3, Gemma 2, Gemma 3), each
-proven on a tiny random transformers 5 model against llama.cpp itself:
+"""The architectures beyond Llama/Qwen2 (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE; dense: Qwen3, Phi-3 with and without
+LongRoPE, Gemma 2, Gemma 3 text-only and multimodal), each proven on a tiny random transformers 5 model against
+llama.cpp itself:
 
 - `quantgate convert` writes the same file as the pinned convert_hf_to_gguf.py (KVs in order with types and
   values, tensor names, order, types, shapes and bytes; experts stacked 3-D as the converter stacks them);
@@ -8,7 +9,9 @@ proven on a tiny random transformers 5 model against llama.cpp itself:
   importance matrix that has one column vector per expert;
 - the converted F16 GGUF runs in llama-cpp-python with transformers' float32 logits, a Q4_K_M one generates;
 - GGUF -> HF gives back the checkpoint's tensors (experts un-stacked), its weights fingerprint and, in the torch
-  backend, its logits; `quantgate evaluate` scores a quantized MoE GGUF.
+  backend, its logits; `quantgate evaluate` scores a quantized MoE GGUF;
+- config.json as the original checkpoints ship it (Phi-3-mini-128k's rope_scaling, Gemma 3 4B's sparse
+  text_config) converts as the converter converts it; `quantgate verify` passes; hostile LongRoPE factors refused.
 
 The pinned converter runs once per architecture (module fixture)."""
 from __future__ import annotations
@@ -33,9 +36,11 @@ from tests.quantgate.test_llamacpp_runtime import _compare_logits, _greedy
 from tests.quantgate.test_pipeline_llamacpp import _assert_same, _llama_quantize, _tensors
 from tests.quantgate.tiny_hf import make_tiny_model
 
-ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3")
+ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe", "phi3", "phi3longrope", "gemma2", "gemma3", "gemma3mm")
 GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "phi3": "phi3",
-             "gemma2": "gemma2", "gemma3": "gemma3"}
+             "phi3longrope": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3mm": "gemma3"}
+#: no way back to transformers yet (quant/gguf_to_hf.py maps neither LongRoPE factors nor the vision tower)
+NO_ROUND_TRIP = ("phi3longrope", "gemma3mm")
 MOE = ("mixtral", "qwen2moe", "qwen3moe")
 #: dense architectures: the mixes whose rules differ most (all 17 were compared by hand, docs/DECISIONS.md); MoE
 #: architectures run every mix (their expert rules are new)
@@ -84,12 +89,19 @@ def test_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
         norm = next(t for t in t_a if t[0] == "blk.0.post_ffw_norm.weight")
         assert np.array_equal(np.frombuffer(norm[3], np.float32), np.ones(256, np.float32))
         assert "output.weight" not in art.tensor_types and art.tensor_types["token_embd.weight"] == "F16"
-        assert f"{arch}.attention.sliding_window" in kv
+        assert f"{GGUF_ARCH[arch]}.attention.sliding_window" in kv
     if arch == "gemma2":
         assert {"gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping"} <= kv
-    if arch == "gemma3":
+    if arch.startswith("gemma3"):
         assert {"gemma3.rope.freq_base_swa", "gemma3.attention.key_length"} <= kv
-    if arch == "phi3":  # fused projections kept fused, as llama.cpp's phi3 graph reads them
+    if arch == "gemma3mm":  # the text model only: the SigLIP tower and the projector are not in the file
+        assert len(t_a) == 28 and not any(t[0].startswith(("v.", "mm.")) for t in t_a)
+    if arch == "phi3longrope":  # the LongRoPE factors first (generate_extra_tensors), the attention factor 2nd KV
+        assert [(t[0], t[1], t[2]) for t in t_a[:2]] == [("rope_factors_long.weight", "F32", (32,)),
+                                                        ("rope_factors_short.weight", "F32", (32,))]
+        assert kv_a[1][0] == "phi3.rope.scaling.attn_factor"
+        assert art.tensor_types["rope_factors_long.weight"] == "F32"
+    if arch.startswith("phi3"):  # fused projections kept fused, as llama.cpp's phi3 graph reads them
         shapes = {t[0]: t[2] for t in t_a}
         assert shapes["blk.0.attn_qkv.weight"] == (256, 256 + 2 * 128) and shapes["blk.0.ffn_up.weight"] == (256, 1024)
         assert {"phi3.rope.scaling.original_context_length", "phi3.attention.sliding_window"} <= kv
@@ -113,7 +125,8 @@ def test_every_mix_matches_llama_model_quantize(require_oracle, converted, tmp_p
     matrix and are compared on MoE models in tests/quant/test_mixes_lowbit.py and test_pipeline_lowbit.py.)"""
     hf, ref_f16 = converted[arch]
     mixes = [m for m in PRECISIONS if m not in LOWBIT_FTYPES]
-    _every_mix(hf, ref_f16, tmp_path, mixes if arch in MOE else DENSE_MIXES)
+    # the LongRoPE / multimodal variants share every weight rule with phi3 / gemma3: one mix each (CI time)
+    _every_mix(hf, ref_f16, tmp_path, mixes if arch in MOE else ("Q4_K_M",) if arch in NO_ROUND_TRIP else DENSE_MIXES)
 
 
 def _expert_imatrix(f16: Path, seed: int):
@@ -166,7 +179,7 @@ def test_runs_in_llama_cpp(require_oracle, converted, tmp_path, arch):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("arch", MOE + ("phi3",))
+@pytest.mark.parametrize("arch", MOE + ("phi3", "phi3longrope"))
 def test_quantized_generates_in_llama_cpp(require_oracle, converted, tmp_path, arch):
     hf, _ = converted[arch]
     q = tmp_path / "q4km.gguf"
@@ -211,7 +224,7 @@ def test_incomplete_or_foreign_experts_are_refused(converted, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in NO_ROUND_TRIP])
 def test_gguf_maps_back_to_the_checkpoint_and_runs_in_torch(converted, arch):
     """The converter's F16 GGUF -> HF: the checkpoint's own tensors (experts un-stacked to their per-expert names),
     the same weights fingerprint, and the torch backend gives the HF folder's logits exactly."""
@@ -253,3 +266,105 @@ def test_quantgate_evaluate_on_a_moe_gguf(converted, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     d = json.loads(out.read_text())
     assert d["n_samples"] == 3 and 0 < d["overall"]["kl_mean"] < 1 and d["backend"] == "torch"
+
+
+def _original_style_config(arch: str, cfg: dict) -> dict:
+    """The tiny model's config.json rewritten as the published checkpoints write theirs (pre-transformers-5 keys,
+    keys left to the config class's defaults)."""
+    if arch == "phi3longrope":  # Phi-3-mini-128k-instruct: rope_scaling with "type", rope_theta at the top level
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_scaling"] = {"type": "longrope", "long_factor": rope["long_factor"],
+                               "short_factor": rope["short_factor"]}
+        cfg["rope_theta"] = rope["rope_theta"]
+        return cfg
+    # Gemma 3 4B-it: text_config names few keys; rope_scaling linear (global layers), the rest is default
+    text = cfg["text_config"]
+    keep = ("hidden_size", "intermediate_size", "model_type", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window", "vocab_size")
+    cfg["text_config"] = {k: text[k] for k in keep} | {"rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
+    return cfg
+
+
+@pytest.mark.parametrize("arch", NO_ROUND_TRIP)
+def test_original_style_config_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
+    hf = _copy(converted[arch][0], tmp_path / arch)
+    cfg = _original_style_config(arch, json.loads((hf / "config.json").read_text()))
+    (hf / "config.json").write_text(json.dumps(cfg))
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(hf), "--outfile", str(ref),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    convert_model(hf, ours, "f16")
+    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
+    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
+    assert [k[0] for k in kv_a if k not in kv_b] == []
+    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]
+    assert [t[0] for t in t_a if t not in t_b] == []
+    keys = {k[0] for k in kv_a}
+    if arch == "gemma3mm":  # the defaults the converter's AutoConfig fills in, and the linear scaling
+        assert {"gemma3.rope.scaling.type", "gemma3.rope.scaling.factor", "gemma3.rope.freq_base_swa"} <= keys
+    else:
+        assert "phi3.rope.scaling.attn_factor" in keys
+
+
+@pytest.mark.parametrize("arch", NO_ROUND_TRIP)
+def test_quantgate_verify_passes(converted, tmp_path, arch):
+    from typer.testing import CliRunner
+
+    from quantgate.cli import app
+
+    hf, ref = converted[arch]
+    q = tmp_path / "q4km.gguf"
+    quantize_model(QuantizeRequest(source=hf, out=q, precision="Q4_K_M"), record=False)
+    runner = CliRunner()
+    for path in (ref, q):
+        res = runner.invoke(app, ["verify", str(path)])
+        assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"long_factor": [1.0] * 31}, "long_factor must be 32"),
+    ({"short_factor": [1.0] * 31 + [float("nan")]}, "short_factor must be 32"),
+    ({"short_factor": [1.0] * 31 + [0.0]}, "short_factor must be 32"),
+    ({"long_factor": ["1.0"] * 32}, "long_factor must be 32"),
+    ({"short_factor": None}, "short_factor must be 32"),
+    ({"rope_type": "default"}, "needs rope type longrope"),
+])
+def test_hostile_longrope_factors_are_refused(converted, tmp_path, edit, match):
+    hf = _copy(converted["phi3longrope"][0], tmp_path / "bad")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_parameters"].update(edit)
+    (hf / "config.json").write_text(json.dumps(cfg).replace("NaN", "NaN"))
+    with pytest.raises(CheckpointError, match=match):
+        convert_model(hf, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama3_rope_scaling_same_file_as_convert_hf_to_gguf(tmp_path):
+    """Llama 3.1/3.2's rope_scaling (as their config.json writes it): the converter's rope_freqs tensor (all three
+    wavelength regimes with head_dim 64 and theta 500000) first, byte for byte; llama.cpp applies it as
+    transformers does."""
+    script = require_llamacpp_src() / "convert_hf_to_gguf.py"
+    hf = make_tiny_model(tmp_path / "llama31", "llama", seed=5)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg |= {"rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(hf), "--outfile", str(ref),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    convert_model(hf, ours, "f16")
+    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
+    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
+    assert [k[0] for k in kv_a if k not in kv_b] == []
+    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]
+    assert [t[0] for t in t_a if t not in t_b] == []
+    freqs = np.frombuffer(t_a[0][3], np.float32)
+    assert t_a[0][0] == "rope_freqs.weight" and freqs.min() == 1.0 and freqs.max() == 8.0
+    assert ((freqs > 1) & (freqs < 8)).any()
+    from tests import ggml_oracle
+    from tests.conftest import oracle_required
+    if ggml_oracle.available() or oracle_required():
+        res = _compare_logits(hf, ours, label="tiny-llama3-rope")
+        assert res["top1_agreement"] >= 0.99 and res["max_abs_logit_diff"] < 0.05, res

@@ -74,8 +74,8 @@ def write_bpe(model_dir: Path, vocab_size: int = 512) -> int:
 
 
 def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int = 2, init: float = 0.08) -> Path:
-    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | gemma2 | gemma3 | qwen2 | qwen3 | mixtral | qwen2moe |
-    qwen3moe;
+    """Write a random tiny HF model (`arch`: llama | mistral | phi3 | phi3longrope | gemma2 | gemma3 | gemma3mm (the
+    multimodal Gemma3ForConditionalGeneration, a 1-layer SigLIP tower) | qwen2 | qwen3 | mixtral | qwen2moe | qwen3moe;
     hidden 256, GQA 4/2 heads, vocab 512, experts of 256 rows) in float16 with its tokenizer (SentencePiece for
     llama/mistral/phi3/gemma2/mixtral, byte-level BPE for the Qwen family); returns the folder."""
     import torch
@@ -112,6 +112,23 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         cfg = tf.Gemma2Config(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
                               bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
         cls = tf.Gemma2ForCausalLM
+    elif arch == "phi3longrope":  # Phi-3-mini-128k / Phi-3.5-mini: LongRoPE long/short factors, sliding window
+        half = 256 // 4 // 2
+        cfg = tf.Phi3Config(intermediate_size=512, original_max_position_embeddings=256, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=None, sliding_window=2048,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "long_factor": [round(1.0 + 0.37 * i, 4) for i in range(half)],
+                                             "short_factor": [round(1.0 + 0.013 * i, 4) for i in range(half)]},
+                            **{**common, "max_position_embeddings": 4096})
+        cls = tf.Phi3ForCausalLM
+    elif arch == "gemma3mm":  # Gemma 3 4B+: the multimodal checkpoint (text under language_model., a SigLIP tower)
+        text = tf.Gemma3TextConfig(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
+        vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=32, patch_size=8)
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=511,
+                              boi_token_index=509, eoi_token_index=510)
+        cls = tf.Gemma3ForConditionalGeneration
     elif arch == "gemma3":  # the text model: q/k norms, local/global rope thetas, sliding window
         cfg = tf.Gemma3TextConfig(intermediate_size=512, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
                                   bos_token_id=1, eos_token_id=2, pad_token_id=None, **common)
@@ -129,7 +146,7 @@ def make_tiny_model(model_dir: Path, arch: str, *, seed: int = 0, n_layer: int =
         raise ValueError(arch)
     if arch.startswith("qwen"):
         cfg.eos_token_id = write_bpe(model_dir)
-    elif arch == "phi3":  # Phi-3 style: a smaller SentencePiece model plus special chat tokens above it
+    elif arch.startswith("phi3"):  # Phi-3 style: a smaller SentencePiece model plus special chat tokens above it
         write_sentencepiece(model_dir, vocab_size=500)
         tc = json.loads((model_dir / "tokenizer_config.json").read_text())
         tc["added_tokens_decoder"] = {str(500 + i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
