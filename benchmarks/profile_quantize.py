@@ -75,10 +75,13 @@ def main() -> None:
             os.close(fd)
             os.unlink(tmp)
     if args.fingerprint:
-        from quant.fingerprint import _compute_fingerprint as fp  # type: ignore[attr-defined]
+        import tempfile
 
+        from quant.fingerprint import weights_fingerprint
+
+        os.environ["QUANTGATE_CACHE_DIR"] = tempfile.mkdtemp(prefix="qg-fp-")  # cold: an empty fingerprint cache
         t0 = time.perf_counter()
-        fp(args.model)
+        weights_fingerprint(args.model)
         t["fingerprint"] = time.perf_counter() - t0
     out["seconds"] = {k: round(v, 3) for k, v in t.items()}
     out["per_type"] = {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in per_type.items()}
