@@ -1,5 +1,6 @@
 """How a command shows the registry's byte transfers (uploads at register, downloads of `models:/` references and
-`models download` / `export`): a rich bar on stderr when stderr is a terminal, else one plain line when a transfer
+`models download` / `export`): a rich bar on stderr when stderr is a terminal, else (for transfers of at least
+PLAIN_MIN_BYTES or of unknown size) one plain line when a transfer
 (or enters its next phase: staging, uploading) starts, one every PLAIN_EVERY seconds while it runs and one
 when it ends (a CI log gets a few lines, never a bar's
 redraws); nothing under --quiet. Every command runs inside `showing_transfers` (quantgate.cli_app.handle_errors)."""
@@ -13,6 +14,9 @@ from core.progress import reporting_transfers
 from core.text import one_line
 
 PLAIN_EVERY = 30.0
+#: Off a terminal, transfers of a known size below this are not reported: they end at once, and a line for them
+#: would break the one-line `error:` contract of a command that fails after a small download.
+PLAIN_MIN_BYTES = 64 << 20
 
 
 def _size(n: int) -> str:
@@ -53,6 +57,8 @@ class TransferView:
         self._progress.update(self._task, completed=done, total=total or None)
 
     def _line(self, done: int, total: int, what: str) -> None:
+        if 0 < total < PLAIN_MIN_BYTES:
+            return
         now = self.clock()
         end = bool(total) and done >= total
         if what == self._what and (self._ended or (not end and now - self._last < self.plain_every)):

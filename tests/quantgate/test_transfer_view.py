@@ -66,7 +66,11 @@ def test_showing_transfers_installs_and_removes_the_receiver():
     with showing_transfers(Console(file=buf, width=200)):
         fn = transfer_progress()
         assert fn is not None
-        fn(1, 2, "download x.gguf")
+        fn(1, 1 << 30, "download x.gguf")
     assert transfer_progress() is None and "download x.gguf: " in buf.getvalue()
+    small = io.StringIO()
+    with showing_transfers(Console(file=small, width=200)):
+        transfer_progress()(1, 2, "download tiny.gguf")  # a small transfer: no line (error output stays one line)
+    assert small.getvalue() == ""
     with reporting_transfers(print), showing_transfers(Console(file=buf), enabled=False):
         assert transfer_progress() is None  # --quiet: nobody listens, even under an outer receiver
