@@ -48,6 +48,7 @@ def test_cli_register_prints_plain_upload_lines_off_a_terminal(store, monkeypatc
     from quantgate.cli import app
 
     monkeypatch.setenv("QUANTGATE_STORE_DIR", str(store.settings.store_dir))
+    monkeypatch.setattr("quantgate.transfer_view.PLAIN_MIN_BYTES", 0)  # the tiny GGUF stands in for a large one
     for var in ("QUANTGATE_MLFLOW_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "QUANTGATE_AUDIT_DB_URL"):
         monkeypatch.delenv(var, raising=False)
     art = store.art_fail
