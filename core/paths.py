@@ -17,6 +17,15 @@ class OutputTargetError(QuantGateError, ValueError):
     """An output path that would destroy or alter something it must not (a device, an input, a source folder)."""
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file is, in words (for "not a regular file" errors)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 def check_output_target(out: "str | os.PathLike[str]", sources: Iterable["str | os.PathLike[str]"]) -> Path:
     """Return `out` when writing it is safe; raise OutputTargetError when it exists and is not a regular file, is one
     of `sources` (files or folders, symlinks resolved), or lies inside a source folder."""

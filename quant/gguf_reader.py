@@ -17,6 +17,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 
 from core.errors import GGUFFormatError
+from core.paths import file_kind
 from quant.gguf_kv import KV
 
 GGUF_MAGIC = b"GGUF"
@@ -397,15 +398,6 @@ def _parse(buf: mmap.mmap, size: int) -> tuple[int, list[KV], list[TensorInfo], 
         for name, shape, tid, rel, nbytes in infos
     ]
     return version, kvs, tensors, alignment, data_offset, header_end, problems
-
-
-def file_kind(mode: int) -> str:
-    """What a stat mode that is not a regular file is, in words (for "not a regular file" errors)."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "not a file"
 
 
 def read_gguf(path: "str | os.PathLike[str]", *, strict: bool = True) -> GGUFFile:

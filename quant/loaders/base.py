@@ -15,6 +15,7 @@ import numpy as np
 from quant.gguf_kv import KV
 
 from core.errors import CheckpointError
+from core.paths import file_kind
 
 SourceKind = Literal["safetensors", "torch", "gguf"]
 
@@ -25,15 +26,7 @@ def check_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> N
     Missing files raise FileNotFoundError (callers word that themselves)."""
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: {what} is not a regular file ({_kind(st.st_mode)}); refused")
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return name
-    return "not a file"
+        raise CheckpointError(f"{path}: {what} is not a regular file ({file_kind(st.st_mode)}); refused")
 
 
 def open_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> BinaryIO:
@@ -43,7 +36,7 @@ def open_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> Bi
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: {what} is not a regular file ({_kind(st.st_mode)}); refused")
+            raise CheckpointError(f"{path}: {what} is not a regular file ({file_kind(st.st_mode)}); refused")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
