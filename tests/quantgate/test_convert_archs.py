@@ -47,6 +47,23 @@ MOE = ("mixtral", "qwen2moe", "qwen3moe")
 DENSE_MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S")
 
 
+def _run_converter(script: Path, hf: Path, ref: Path, pre: str = "") -> None:
+    """The pinned convert_hf_to_gguf.py on `hf`, F16, to `ref`."""
+    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), pre, str(hf), "--outfile", str(ref),
+                    "--outtype", "f16"], check=True, capture_output=True)
+
+
+def _assert_same_file(ours: Path, ref: Path):
+    """Every KV (names in order, types, values) and every tensor (names, order, types, shapes, bytes) equal; returns
+    ours as (kvs, tensors)."""
+    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
+    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
+    assert [k[0] for k in kv_a if k not in kv_b] == []  # same types and values
+    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]  # names, order, types, shapes
+    assert [t[0] for t in t_a if t not in t_b] == []  # bytes
+    return kv_a, t_a
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """arch -> (tiny HF folder, the pinned converter's F16 GGUF of it)."""
@@ -57,8 +74,7 @@ def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         hf = make_tiny_model(d / arch, arch, seed=20 + i)
         ref = d / f"{arch}-ref-F16.gguf"
         pre = "qwen2" if arch.startswith("qwen") else ""  # our tiny BPE has no known chkhsh: what our regex rule says
-        subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), pre, str(hf), "--outfile", str(ref),
-                        "--outtype", "f16"], check=True, capture_output=True)
+        _run_converter(script, hf, ref, pre)
         out[arch] = (hf, ref)
     return out
 
@@ -68,11 +84,7 @@ def test_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
     hf, ref = converted[arch]
     ours = tmp_path / "ours.gguf"
     art = convert_model(hf, ours, "f16")
-    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
-    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
-    assert [k[0] for k in kv_a if k not in kv_b] == []  # same types and values
-    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]  # names, order, types, shapes
-    assert [t[0] for t in t_a if t not in t_b] == []  # bytes
+    kv_a, t_a = _assert_same_file(ours, ref)
     kv = {k[0] for k in kv_a}
     assert f"{GGUF_ARCH[arch]}.block_count" in kv
     if arch.endswith("moe") or arch == "mixtral":
@@ -292,14 +304,9 @@ def test_original_style_config_same_file_as_convert_hf_to_gguf(converted, tmp_pa
     cfg = _original_style_config(arch, json.loads((hf / "config.json").read_text()))
     (hf / "config.json").write_text(json.dumps(cfg))
     ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
-    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(hf), "--outfile", str(ref),
-                    "--outtype", "f16"], check=True, capture_output=True)
+    _run_converter(script, hf, ref)
     convert_model(hf, ours, "f16")
-    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
-    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
-    assert [k[0] for k in kv_a if k not in kv_b] == []
-    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]
-    assert [t[0] for t in t_a if t not in t_b] == []
+    kv_a, t_a = _assert_same_file(ours, ref)
     keys = {k[0] for k in kv_a}
     if arch == "gemma3mm":  # the defaults the converter's AutoConfig fills in, and the linear scaling
         assert {"gemma3.rope.scaling.type", "gemma3.rope.scaling.factor", "gemma3.rope.freq_base_swa"} <= keys
@@ -352,14 +359,9 @@ def test_llama3_rope_scaling_same_file_as_convert_hf_to_gguf(tmp_path):
                                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
     (hf / "config.json").write_text(json.dumps(cfg))
     ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
-    subprocess.run([sys.executable, "-c", _RUN_CONVERTER, str(script), "", str(hf), "--outfile", str(ref),
-                    "--outtype", "f16"], check=True, capture_output=True)
+    _run_converter(script, hf, ref)
     convert_model(hf, ours, "f16")
-    (kv_a, t_a), (kv_b, t_b) = _gguf(ours), _gguf(ref)
-    assert [k[0] for k in kv_a] == [k[0] for k in kv_b]
-    assert [k[0] for k in kv_a if k not in kv_b] == []
-    assert [t[:3] for t in t_a] == [t[:3] for t in t_b]
-    assert [t[0] for t in t_a if t not in t_b] == []
+    kv_a, t_a = _assert_same_file(ours, ref)
     freqs = np.frombuffer(t_a[0][3], np.float32)
     assert t_a[0][0] == "rope_freqs.weight" and freqs.min() == 1.0 and freqs.max() == 8.0
     assert ((freqs > 1) & (freqs < 8)).any()
