@@ -6,11 +6,11 @@ Our configuration never needs anchors; a file that uses one is refused with a on
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from core.errors import QuantGateError
+from core.regular_file import FileTooLargeError, NotRegularFileError, read_regular_bytes
 
 #: Largest configuration file read (bytes): gates.yaml and params.yaml are a few KB.
 MAX_YAML_BYTES = 1 << 20
@@ -59,27 +59,16 @@ def safe_load_text(text: str, what: str = "YAML") -> Any:
 
 def read_regular_text(path: "str | os.PathLike[str]", max_bytes: int, what: str = "file") -> str:
     """A regular file's UTF-8 text, at most `max_bytes` bytes. FIFOs, devices and sockets are refused before any
-    blocking read: the file is opened with O_NONBLOCK and checked with fstat. Raises YAMLLimitError or OSError."""
+    blocking read (core.regular_file). Raises YAMLLimitError or OSError."""
     p = Path(path)
-    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise YAMLLimitError(f"{what} {p} is not a regular file")
-        if st.st_size > max_bytes:
-            raise YAMLLimitError(f"{what} {p} is {st.st_size} bytes, more than the {max_bytes} allowed")
-        chunks, left = [], max_bytes + 1
-        while left > 0:
-            b = os.read(fd, min(left, 1 << 20))
-            if not b:
-                break
-            chunks.append(b)
-            left -= len(b)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > max_bytes:
-        raise YAMLLimitError(f"{what} {p} grew past the {max_bytes} bytes allowed while being read")
+        data = read_regular_bytes(p, max_bytes)
+    except NotRegularFileError:
+        raise YAMLLimitError(f"{what} {p} is not a regular file") from None
+    except FileTooLargeError as e:
+        if e.size < 0:
+            raise YAMLLimitError(f"{what} {p} grew past the {max_bytes} bytes allowed while being read") from None
+        raise YAMLLimitError(f"{what} {p} is {e.size} bytes, more than the {max_bytes} allowed") from None
     return data.decode("utf-8-sig")
 
 

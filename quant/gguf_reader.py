@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 
 from core.errors import GGUFFormatError
 from core.paths import file_kind
+from core.regular_file import NotRegularFileError, open_regular_file
 from quant.gguf_kv import KV
 
 GGUF_MAGIC = b"GGUF"
@@ -407,16 +407,13 @@ def read_gguf(path: "str | os.PathLike[str]", *, strict: bool = True) -> GGUFFil
     `.problems` when the file is still parseable (used by verify). Unparseable files always raise.
     """
     p = Path(path)
-    try:  # O_NONBLOCK: a FIFO cannot block the open; fstat on the descriptor: nothing but a regular file is read
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:  # race-free: a FIFO cannot block the open, nothing but a regular file is read (core.regular_file)
+        f = open_regular_file(p)
+    except NotRegularFileError as e:
+        raise GGUFFormatError(f"{p}: not a regular file ({e.kind}); refused") from None
     except OSError as e:
         raise GGUFFormatError(f"{p}: cannot open: {e.strerror or e}") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise GGUFFormatError(f"{p}: not a regular file ({file_kind(mode)}); refused")
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, "rb") as f:
+    with f:
         size = os.fstat(f.fileno()).st_size
         if size < _HEADER_BYTES:
             head = f.read(4)

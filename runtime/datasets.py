@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import QuantGateError
+from core.regular_file import FileTooLargeError, NotRegularFileError, read_regular_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIBRATION = REPO / "data" / "calibration.jsonl"
@@ -121,28 +120,20 @@ def canonical_sha256(samples: Sequence[Sample]) -> str:
 
 def _read_text(path: Path, max_bytes: int) -> str:
     """The file's text as UTF-8 (a BOM is allowed), or DatasetError: only regular files (a FIFO or device is refused
-    before any blocking read: O_NONBLOCK open + fstat), at most max_bytes bytes."""
+    before any blocking read: core.regular_file), at most max_bytes bytes."""
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        data = read_regular_bytes(path, max_bytes)
+    except NotRegularFileError:
+        raise DatasetError(f"dataset is not a file: {path} (only regular files are read: no folder, FIFO or device)") \
+            from None
+    except FileTooLargeError as e:
+        if e.size < 0:
+            raise DatasetError(f"dataset {path} grew past the {max_bytes} bytes allowed while being read") from None
+        raise DatasetError(f"dataset {path} has {e.size} bytes, more than the {max_bytes} allowed") from None
     except OSError as e:
         raise DatasetError(f"cannot open dataset {path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DatasetError(f"dataset is not a file: {path} (only regular files are read: no folder, FIFO or device)")
-        if st.st_size > max_bytes:
-            raise DatasetError(f"dataset {path} has {st.st_size} bytes, more than the {max_bytes} allowed")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            data = f.read(max_bytes + 1)
-    finally:
-        if fd != -1:
-            os.close(fd)
-    if len(data) > max_bytes:
-        raise DatasetError(f"dataset {path} grew past the {max_bytes} bytes allowed while being read")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

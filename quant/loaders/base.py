@@ -16,6 +16,7 @@ from quant.gguf_kv import KV
 
 from core.errors import CheckpointError
 from core.paths import file_kind
+from core.regular_file import NotRegularFileError, open_regular_file
 
 SourceKind = Literal["safetensors", "torch", "gguf"]
 
@@ -30,18 +31,12 @@ def check_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> N
 
 
 def open_regular(path: "str | os.PathLike[str]", what: str = "checkpoint") -> BinaryIO:
-    """Open a regular file for binary reading, race-free: O_NONBLOCK so a FIFO swapped in after a stat cannot block
-    the open, then fstat on the opened descriptor; anything but a regular file raises CheckpointError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    """Open a regular file for binary reading, race-free (core.regular_file: a FIFO swapped in after a stat cannot
+    block the open, the opened descriptor is what is checked); anything but a regular file raises CheckpointError."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: {what} is not a regular file ({file_kind(st.st_mode)}); refused")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular_file(path)
+    except NotRegularFileError as e:
+        raise CheckpointError(f"{path}: {what} is not a regular file ({e.kind}); refused") from None
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
