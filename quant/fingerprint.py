@@ -5,6 +5,8 @@ Definition (version "quantgate-weights-v1", docs/LINEAGE.md):
   1. Every tensor is brought to its HF name and HF layout: GGUF names are mapped back and llama's Q/K RoPE row
      permutation undone (quant.gguf_to_hf); HF names are kept. Non-weight entries are dropped: `*.rotary_emb.inv_freq`
      and, when the HF config ties the embeddings, `lm_head.weight` (GGUFs of tied models carry no output.weight).
+     A multimodal checkpoint (Gemma3ForConditionalGeneration) is fingerprinted as the text model its GGUF holds:
+     vision tower and projector dropped, `language_model.` removed from the names (quant.model_plan.text_model_name).
   2. Its values (as float32) are rounded to BF16 bits, round-to-nearest-even, NaN made quiet (what gguf-py and
      quantgate write for --outtype bf16), little-endian, C order: digest_i = SHA-256 of those bytes.
   3. The fingerprint is the SHA-256 of "quantgate-weights-v1\\n" followed by one line "name\\tshape\\tdigest_i\\n" per
@@ -95,12 +97,17 @@ def _gguf_entries(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _hf_entries(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
-    tied = bool((ckpt.config or {}).get("tie_word_embeddings", False))
+    from quant.model_plan import text_model_name  # lazy: the converter's tables load with the first HF folder
+
+    cfg = ckpt.config or {}
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
     out = {}
     for t in ckpt.tensors:
-        if _skip(t.name, tied):
+        name = text_model_name(cfg, t.name)
+        if name is None or _skip(name, tied):
             continue
-        out[t.name] = (tuple(t.shape), tensor_digest(t.read()))
+        out[name] = (tuple(t.shape), tensor_digest(t.read()))
     return out
 
 
@@ -109,7 +116,8 @@ def _cache_key(files: list[Path]) -> str:
     for f in sorted(Path(p).resolve() for p in files):
         st = f.stat()
         parts.append([str(f), st.st_size, st.st_mtime_ns])
-    return VERSION + ":" + json.dumps(parts, separators=(",", ":"))
+    # "+text-model": entries cached before multimodal checkpoints were fingerprinted as their text model are not reused
+    return VERSION + "+text-model:" + json.dumps(parts, separators=(",", ":"))
 
 
 def _store(path: Path, key: str, value: str) -> None:

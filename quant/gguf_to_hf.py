@@ -7,6 +7,7 @@ This lets a quantized GGUF run in transformers so its quality can be compared wi
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,9 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     if model_type == "phi3":
         rope_dim = int(_kv(g, "phi3.rope.dimension_count", n_embd // n_head))
         rope["partial_rotary_factor"] = rope_dim * n_head / n_embd
+        if "rope_factors_long.weight" in names or "rope_factors_short.weight" in names:
+            rope.update(_phi3_longrope(g, rope_dim, int(need("rope.scaling.original_context_length")),
+                                       int(_kv(g, "phi3.context_length", 0) or 0)))
         cfg.update(original_max_position_embeddings=int(need("rope.scaling.original_context_length")),
                    sliding_window=int(_kv(g, "phi3.attention.sliding_window", 0) or 0) or None,
                    pad_token_id=g.value("tokenizer.ggml.padding_token_id"))
@@ -182,6 +186,36 @@ def hf_config_from_gguf(g: GGUFFile) -> dict[str, Any]:
     return cfg
 
 
+#: GGUF tensors that are config in transformers (Phi-3 LongRoPE's factors: rope_parameters long/short_factor)
+_CONFIG_TENSORS = frozenset({"rope_factors_long.weight", "rope_factors_short.weight"})
+
+
+def _phi3_longrope(g: GGUFFile, rope_dim: int, n_ctx_orig: int, n_ctx: int) -> dict[str, Any]:
+    """Phi-3 LongRoPE back from the GGUF: rope_factors_long/short (F32, rope_dim / 2 values each, the converter's
+    generate_extra_tensors) -> transformers' longrope rope_parameters. The attention factor is given only when the
+    file's differs from the one transformers derives (the converter writes that same formula)."""
+    by_name = {t.name: t for t in g.tensors}
+    factors: dict[str, list[float]] = {}
+    for key, name in (("long_factor", "rope_factors_long.weight"), ("short_factor", "rope_factors_short.weight")):
+        t = by_name.get(name)
+        if t is None or t.qtype != "F32" or list(t.shape) != [rope_dim // 2]:
+            raise CheckpointError(f"{g.path}: LongRoPE needs {name} as F32 of {rope_dim // 2} values (rope dimension "
+                                  f"{rope_dim}), got {'none' if t is None else f'{t.qtype} {list(t.shape)}'}")
+        vals = read_tensor_f32(g, t).reshape(-1)
+        if not (np.isfinite(vals).all() and (vals > 0).all()):
+            raise CheckpointError(f"{g.path}: {name} must hold finite positive factors")
+        factors[key] = [float(v) for v in vals]
+    out: dict[str, Any] = {"rope_type": "longrope", **factors}
+    scale = n_ctx / n_ctx_orig if n_ctx_orig > 1 and n_ctx > 0 else 1.0
+    derived = math.sqrt(1 + math.log(scale) / math.log(n_ctx_orig)) if scale > 1.0 else 1.0
+    attn = _kv(g, "phi3.rope.scaling.attn_factor")
+    if attn is not None and np.float32(attn) != np.float32(derived):
+        if not (math.isfinite(float(attn)) and float(attn) > 0):
+            raise CheckpointError(f"{g.path}: phi3.rope.scaling.attn_factor must be a finite positive number")
+        out["attention_factor"] = float(attn)
+    return out
+
+
 def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
     """Map every GGUF tensor to its HF name (the exact inverse of model_plan's TensorNameMap lookup)."""
     arch = _arch(g)
@@ -209,6 +243,8 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
     hf_name: dict[str, str] = {}
     n_head, n_head_kv = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
     for t in g.tensors:
+        if model_type == "phi3" and t.name in _CONFIG_TENSORS:
+            continue  # read into the config by hf_config_from_gguf
         if t.name in experts and len(t.shape) != 3:
             raise CheckpointError(f"{g.path}: expert tensor {t.name!r} has shape {list(t.shape)}; expected "
                                   "(n_expert, rows, cols)")
@@ -236,6 +272,8 @@ def iter_hf_tensors(g: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, 
     stacked expert tensor yields one (rows, cols) weight per expert, under the names HF checkpoints use."""
     tmap = hf_tensor_map(g, config)
     for t in g.tensors:
+        if t.name not in tmap.hf_name:
+            continue  # config, not weights (LongRoPE factors)
         arr = read_tensor_f32(g, t)
         if t.name in tmap.unpermute_heads:
             arr = unpermute_qk(arr, tmap.unpermute_heads[t.name], tmap.unpermute_heads[t.name])

@@ -462,6 +462,22 @@ def _stacked(name: str, parts: list[SourceTensor]) -> SourceTensor:
                         lambda: np.stack([p.read() for p in parts], axis=0))
 
 
+def _is_multimodal_part(name: str) -> bool:
+    return name.startswith(_MM_PREFIXES) or any(s in name for s in _MM_SUBSTRINGS)
+
+
+def text_model_name(config: "dict | None", name: str) -> str | None:
+    """The HF name a checkpoint tensor has in the text model a GGUF of it holds, or None when the conversion drops
+    it: a multimodal checkpoint's (Gemma3ForConditionalGeneration) vision tower and projector are dropped and its
+    `language_model.` prefix removed; every other architecture keeps its names. Used by the weights fingerprint so
+    such a checkpoint and its GGUF name the same weights."""
+    archs = (config or {}).get("architectures") or []
+    spec = _HF_ARCHS.get(archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if spec is None or not spec.skip_multimodal:
+        return name
+    return None if _is_multimodal_part(name) else name.replace("language_model.", "")
+
+
 def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
                        ) -> Iterator[tuple[str, SourceTensor, Callable[[np.ndarray], np.ndarray] | None]]:
     """(HF name to map, source, transform) in the order the converter's modify_tensors yields them: skipped
@@ -472,7 +488,7 @@ def _converter_tensors(ckpt: Checkpoint, spec: _HFArch, cfg: dict
     n_experts = int(_first(cfg, _N_EXPERT_KEYS) or 0) if ex else 0
     buffers: dict[int, dict[tuple[int, str], SourceTensor]] = {}
     for t in ckpt.tensors:
-        if spec.skip_multimodal and (t.name.startswith(_MM_PREFIXES) or any(s in t.name for s in _MM_SUBSTRINGS)):
+        if spec.skip_multimodal and _is_multimodal_part(t.name):
             continue
         name = t.name.replace("language_model.", "")
         if name.endswith(_SKIP_SUFFIXES) or (spec.skip_lm_head and t.name == "lm_head.weight"):

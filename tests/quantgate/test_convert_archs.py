@@ -39,8 +39,8 @@ from tests.quantgate.tiny_hf import make_tiny_model
 ARCHS = ("mixtral", "qwen2moe", "qwen3", "qwen3moe", "phi3", "phi3longrope", "gemma2", "gemma3", "gemma3mm")
 GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3": "qwen3", "qwen3moe": "qwen3moe", "phi3": "phi3",
              "phi3longrope": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3mm": "gemma3"}
-#: no way back to transformers yet (quant/gguf_to_hf.py maps neither LongRoPE factors nor the vision tower)
-NO_ROUND_TRIP = ("phi3longrope", "gemma3mm")
+#: variants of phi3 / gemma3 (LongRoPE; the multimodal checkpoint): their own config tests, one mix each
+VARIANTS = ("phi3longrope", "gemma3mm")
 MOE = ("mixtral", "qwen2moe", "qwen3moe")
 #: dense architectures: the mixes whose rules differ most (all 17 were compared by hand, docs/DECISIONS.md); MoE
 #: architectures run every mix (their expert rules are new)
@@ -138,7 +138,7 @@ def test_every_mix_matches_llama_model_quantize(require_oracle, converted, tmp_p
     hf, ref_f16 = converted[arch]
     mixes = [m for m in PRECISIONS if m not in LOWBIT_FTYPES]
     # the LongRoPE / multimodal variants share every weight rule with phi3 / gemma3: one mix each (CI time)
-    _every_mix(hf, ref_f16, tmp_path, mixes if arch in MOE else ("Q4_K_M",) if arch in NO_ROUND_TRIP else DENSE_MIXES)
+    _every_mix(hf, ref_f16, tmp_path, mixes if arch in MOE else ("Q4_K_M",) if arch in VARIANTS else DENSE_MIXES)
 
 
 def _expert_imatrix(f16: Path, seed: int):
@@ -236,7 +236,7 @@ def test_incomplete_or_foreign_experts_are_refused(converted, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in NO_ROUND_TRIP])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gemma3mm"])
 def test_gguf_maps_back_to_the_checkpoint_and_runs_in_torch(converted, arch):
     """The converter's F16 GGUF -> HF: the checkpoint's own tensors (experts un-stacked to their per-expert names),
     the same weights fingerprint, and the torch backend gives the HF folder's logits exactly."""
@@ -256,9 +256,45 @@ def test_gguf_maps_back_to_the_checkpoint_and_runs_in_torch(converted, arch):
     assert [n for n, a in original.items() if n in sd and not np.array_equal(sd[n], a.astype(np.float32))] == []
     assert weights_fingerprint(hf) == weights_fingerprint(ref)
     ids = [[3, 17, 250, 499, 42, 7, 300, 11, 64, 128]]
-    a = TorchBackend.load(hf).logits(ids)[0]
-    b = TorchBackend.load(ref).logits(ids)[0]
-    assert np.array_equal(a, b)
+    if arch == "phi3longrope":  # the factors come back as config; past original_max_position_embeddings (256)
+        rope = src_cfg["rope_parameters"]  # transformers switches to the long factors: both sets are exercised
+        assert [cfg["rope_parameters"][k] for k in ("rope_type", "long_factor", "short_factor")] == [
+            "longrope", *[np.float32(rope[k]).tolist() for k in ("long_factor", "short_factor")]]
+        ids.append([(7 * i) % 500 + 3 for i in range(300)])
+    a, b = TorchBackend.load(hf), TorchBackend.load(ref)
+    for seq in ids:
+        assert np.array_equal(a.logits([seq])[0], b.logits([seq])[0])
+
+
+def test_multimodal_gemma3_maps_back_to_its_text_model(converted):
+    """Gemma3ForConditionalGeneration's GGUF holds the text model (the converter drops the vision tower): it maps
+    back to Gemma3ForCausalLM with the language model's own weights, the same fingerprint, and the same logits as
+    the multimodal checkpoint gives for text-only input."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    from quant.fingerprint import weights_fingerprint
+    from quant.gguf_to_hf import gguf_to_hf
+    from runtime.backends.torch_backend import TorchBackend
+
+    hf, ref = converted["gemma3mm"]
+    original = load_file(str(hf / "model.safetensors"))
+    # saved under the original checkpoints' names (language_model.model.*; newer saves: model.language_model.*)
+    text = {"model." + n.split("model.", 2)[-1] if n.startswith("language_model.") else
+            n.replace("model.language_model.", "model.", 1): a for n, a in original.items()
+            if n.startswith(("language_model.", "model.language_model."))}
+    cfg, sd = gguf_to_hf(ref)
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
+    assert set(sd) == set(text)
+    assert [n for n, a in text.items() if not np.array_equal(sd[n], a.astype(np.float32))] == []
+    assert weights_fingerprint(hf) == weights_fingerprint(ref)
+    ids = [3, 17, 250, 499, 42, 7, 300, 11, 64, 128]
+    mm = transformers.Gemma3ForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = mm(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = TorchBackend.load(ref).logits([ids])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_quantgate_evaluate_on_a_moe_gguf(converted, tmp_path, monkeypatch):
@@ -297,7 +333,7 @@ def _original_style_config(arch: str, cfg: dict) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("arch", NO_ROUND_TRIP)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_original_style_config_same_file_as_convert_hf_to_gguf(converted, tmp_path, arch):
     script = require_llamacpp_src() / "convert_hf_to_gguf.py"
     hf = _copy(converted[arch][0], tmp_path / arch)
@@ -314,7 +350,7 @@ def test_original_style_config_same_file_as_convert_hf_to_gguf(converted, tmp_pa
         assert "phi3.rope.scaling.attn_factor" in keys
 
 
-@pytest.mark.parametrize("arch", NO_ROUND_TRIP)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_quantgate_verify_passes(converted, tmp_path, arch):
     from typer.testing import CliRunner
 
