@@ -34,6 +34,9 @@ from core.text import one_line
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 MODELS_PREFIX = "models:/"
 _DONE = ".quantgate-complete"
+#: A git / Hub revision: a branch, tag, commit or `HEAD~1`-style expression; no `..`, no leading `-` or `/`.
+REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./~^+-]{0,254}$")
+MAX_REF_CHARS = 1024
 
 
 class ModelInputError(QuantGateError):
@@ -60,15 +63,55 @@ class ModelInput:
         return None if self.is_local else canonical_json({"kind": self.kind, "ref": self.ref, "name": self.name,
                                                            **self.lineage})
 
+    def pin(self) -> dict[str, str | None]:
+        """The resolve_model arguments that name exactly this source again, wherever it is resolved: the version
+        (not the alias) of a `models:/` reference, the commit of a Hub id or of a DVC revision, a path as given."""
+        lin = self.lineage
+        if self.kind == "hf":
+            return {"value": str(lin["repo_id"]), "repo": None, "rev": str(lin["commit"])}
+        if self.kind == "dvc":
+            return {"value": str(lin["path"]), "repo": str(lin["repo"]), "rev": str(lin["commit"])}
+        return {"value": self.ref, "repo": None, "rev": None}
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "ref": self.ref, "kind": self.kind, "name": self.name,
                 "lineage": dict(self.lineage)}
 
 
+def check_reference(value: object, repo: object = None, rev: object = None) -> None:
+    """Refuse a model reference that no resolver step may see (ModelInputError): not text, empty, over-long,
+    control characters, or a revision that is not a plain git/Hub revision (`..`, a leading `-`). What a Celery
+    worker or a DVC stage reads from a message or source.json passes the same checks as a command-line value."""
+    for what, v, limit in (("model", value, MAX_REF_CHARS), ("--model-repo", repo, MAX_REF_CHARS),
+                           ("--model-rev", rev, 255)):
+        if v is None and what != "model":
+            continue
+        if not isinstance(v, (str, os.PathLike)):
+            raise ModelInputError(f"{what}: expected text, got {type(v).__name__}")
+        t = os.fspath(v)
+        if not isinstance(t, str) or not t or len(t) > limit or any(ord(c) < 32 or ord(c) == 127 for c in t):
+            raise ModelInputError(f"{what} {one_line(t, 200)!r}: empty, longer than {limit} characters, or "
+                                  "holding control characters")
+    if rev is not None and (not REVISION.match(str(rev)) or ".." in str(rev)):
+        raise ModelInputError(f"--model-rev {one_line(rev, 80)!r}: not a git or Hub revision (a branch, tag or "
+                              "commit)")
+
+
+def names_remote_source(value: "str | os.PathLike[str]", repo: str | None = None) -> bool:
+    """Whether a model argument names a source any machine can resolve (a `models:/` version, a Hub id that is
+    not a local path here, a path in a --model-repo) rather than a local path of this machine."""
+    text = os.fspath(value)
+    if repo or text.startswith(MODELS_PREFIX):
+        return True
+    p = Path(text)
+    return not (p.exists() or p.is_symlink()) and bool(HF_REPO_ID.match(text))
+
+
 def resolve_model(value: "str | os.PathLike[str]", *, repo: str | None = None, rev: str | None = None,
                   settings: Any = None) -> ModelInput:
     """Resolve a model argument (see the module docstring for the order); bad references raise ModelInputError."""
-    text = str(value)
+    check_reference(value, repo, rev)
+    text = os.fspath(value)
     if repo:
         return _from_dvc(text, repo, rev)
     if text.startswith(MODELS_PREFIX):
@@ -269,4 +312,5 @@ def _cached_download(key: tuple[str, ...], fetch: Any) -> Path:
     return folder
 
 
-__all__ = ["ModelInput", "ModelInputError", "resolve_model", "hf_hub_cache", "HF_REPO_ID"]
+__all__ = ["ModelInput", "ModelInputError", "resolve_model", "check_reference", "names_remote_source",
+           "hf_hub_cache", "HF_REPO_ID"]

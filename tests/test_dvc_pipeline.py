@@ -1,6 +1,6 @@
 """The DVC pipeline (dvc.yaml + params.yaml) on a tiny model in a temporary git repository: a real `dvc repro`,
-then a gate-threshold change re-runs only validate + register, and a new mix runs only that mix's stages; the AUTO
-mix (quantize_auto) is fed by the profile stage. What DVC tracks is reproducible (a forced re-run leaves dvc.lock as
+then a gate-threshold change re-runs only validate + register (and prepare, which always runs), and a new mix runs
+only that mix's stages; the AUTO mix (quantize_auto) is fed by the profile stage. What DVC tracks is reproducible (a forced re-run leaves dvc.lock as
 it was), `dvc metrics show` has one row per mix, and `dvc metrics diff` / `dvc plots diff` compare two commits and
 a commit with a `dvc exp run -S ...` experiment."""
 from __future__ import annotations
@@ -86,7 +86,8 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     assert auto["recipe"]["precision"] == "AUTO" and auto["auto"]["profile"] == "out/pipeline/profile.json"
     assert sum(auto["tensor_bytes"].values()) <= sum(q4["tensor_bytes"].values())
     assert (repo / "out/pipeline/register/AUTO.json").is_file()
-    assert _ran(_run(dvc + ["repro"], repo, env)) == set()   # nothing changed: nothing runs
+    # nothing changed: only prepare runs (always_changed: it re-resolves the model) and nothing after it
+    assert _ran(_run(dvc + ["repro"], repo, env)) == {"prepare"}
     m = _json(dvc + ["metrics", "show", "--json"], repo, env)
     rows = _metric_rows(m[""])                                  # one file (one row) per mix, both stages' figures
     assert set(rows) == {"Q8_0", "Q4_K_M", "AUTO"}
@@ -114,7 +115,7 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(dvc + ["repro"], repo, env)
     assert _ran(out) == {f"{s}@{m}" for s in ("validate", "register") for m in ("Q8_0", "Q4_K_M")} | {
-        "validate_auto", "register_auto"}
+        "validate_auto", "register_auto", "prepare"}
     verdict = json.loads((repo / "out/pipeline/validate/Q4_K_M/verdict.json").read_text())
     assert verdict["passed"] is False
     assert "gates" in _run(dvc + ["params", "diff"], repo, env)
@@ -124,7 +125,7 @@ def test_repro_then_threshold_change_then_new_mix(repo):
     params["mixes"].append("Q2_K")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(dvc + ["repro"], repo, env)
-    assert _ran(out) == {"quantize@Q2_K", "validate@Q2_K", "register@Q2_K", "plots"}
+    assert _ran(out) == {"prepare", "quantize@Q2_K", "validate@Q2_K", "register@Q2_K", "plots"}
     _commit(repo, env, "Q2_K")
 
     # two commits: the new mix's metrics file appears; both plots carry both revisions' data
@@ -137,7 +138,7 @@ def test_repro_then_threshold_change_then_new_mix(repo):
 
     # an experiment with another AUTO budget: only the AUTO branch (and the plots) re-run; diff against it
     out = _run(dvc + ["exp", "run", "-n", "auto-q2k", "-S", "auto.target=Q2_K"], repo, env)
-    assert _ran(out) == {"quantize_auto", "validate_auto", "register_auto", "plots"}
+    assert _ran(out) == {"prepare", "quantize_auto", "validate_auto", "register_auto", "plots"}
     diff = _json(dvc + ["metrics", "diff", "HEAD", "auto-q2k", "--json"], repo, env)
     assert set(diff) == {"out/pipeline/metrics/AUTO.json"}
     assert diff["out/pipeline/metrics/AUTO.json"]["bpw"]["new"] < diff["out/pipeline/metrics/AUTO.json"]["bpw"]["old"]

@@ -77,7 +77,9 @@ def threshold_options(q2: Optional[float], q3: Optional[float], q4: Optional[flo
 @app.command("profile")
 @handle_errors
 def profile_cmd(
-    model: Path = typer.Option(..., "--model", "-m", help="HF folder or float GGUF"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="HF folder or float GGUF (or --source)"),
+    source: Optional[Path] = typer.Option(None, "--source", help="The DVC prepare stage's source.json: profile its "
+                                                                 "model (SHA-256 checked)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=_CALIB_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Profile JSON to write"),
     overrides: Optional[Path] = typer.Option(None, "--overrides", help="YAML: regex -> type, applied on top"),
@@ -113,7 +115,10 @@ def profile_cmd(
     from analyzer.profile import build_profile, cached_imatrix
     from core.version import __version__
     from quant.imatrix import load_imatrix, save_imatrix_gguf
+    from quantgate.source_record import model_or_source
 
+    src = model_or_source(model, source)
+    model = src.path
     cal = _calib(calib)
     ov = load_overrides(str(overrides)) if overrides is not None else []
     imat = load_imatrix(imatrix) if imatrix is not None else None
@@ -134,6 +139,8 @@ def profile_cmd(
     pol = make_policy(prof, model, mode=policy, target_bpw=target_bpw, target_size=target_size,
                       threshold=threshold_options(q2, q3, q4, q5, q6, q8, max_f16))
     plan_auto(model, prof, pol, ov)
+    if not src.is_local:  # the reference, not this machine's download folder (what DVC tracks is content)
+        prof.model["path"] = src.ref
     prof.save(out)
     if not quiet:
         render_profile(prof)

@@ -255,14 +255,34 @@ def worker(
 @stage_app.command("prepare")
 @handle_errors
 def stage_prepare(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder or GGUF"),
-    out: Path = typer.Option(..., "--out", "-o", help="JSON file for the source identity"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model reference: HF folder or GGUF path, Hub id in the HF cache, "
+                                             "models:/NAME/VERSION or models:/NAME@ALIAS, a path in --model-repo; "
+                                             "default: params model.path"),
+    model_repo: Optional[str] = model_repo_option(),
+    model_rev: Optional[str] = model_rev_option(),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml (model.path/repo/rev)"),
+    out: Path = typer.Option(..., "--out", "-o", help="JSON file for the source record (source.json)"),
 ) -> None:
-    """Check the source model loads and record its identity (path, kind, SHA-256)."""
-    from quantgate.jobs import prepare_step
+    """Resolve the model reference, check it loads and record what it names (source.json: the reference, what it
+    resolved to and how to resolve exactly that again, SHA-256, fingerprint, lineage); later stages open that."""
+    from quantgate.source_record import prepare_source, write_source
 
-    ident = prepare_step(model, out)
-    console.print(f"{lit(model)}: {ident['kind']}, sha256 {ident['sha256'][:16]}", highlight=False)
+    if model is None:
+        m = read_params(params).get("model") or {}
+        if not isinstance(m, dict) or not m.get("path"):
+            fail(f"no model: pass --model or set model.path in {params}")
+        model, model_repo, model_rev = (str(m["path"]), model_repo or _opt(m.get("repo")),
+                                        model_rev or _opt(m.get("rev")))
+    rec, _ = prepare_source(model, repo=model_repo, rev=model_rev)
+    write_source(rec, out)
+    console.print(f"{lit(rec.ref)}: {lit(rec.resolved)} ({rec.kind}, {lit(rec.checkpoint_kind)}), sha256 "
+                  f"{rec.sha256[:16]}", highlight=False)
+
+
+def _opt(v: Any) -> Optional[str]:
+    """An optional params.yaml text field: empty or absent -> None."""
+    return str(v) if v not in (None, "") else None
 
 
 @stage_app.command("profile-content")
@@ -289,7 +309,9 @@ def stage_profile_content(
 @stage_app.command("quantize")
 @handle_errors
 def stage_quantize(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint: HF folder or GGUF"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint: HF folder or GGUF (or --source)"),
+    source: Optional[Path] = typer.Option(None, "--source", help="The prepare stage's source.json: its model, "
+                                                                 "SHA-256 checked, lineage written into the GGUF"),
     mix: str = typer.Option(..., "--mix", help="llama.cpp mix, e.g. Q4_K_M"),
     out_dir: Path = typer.Option(..., "--out-dir", help="Folder for model-<MIX>.gguf and artifact.json"),
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="Also write size/bpw/weight-error metrics JSON"),
@@ -305,19 +327,24 @@ def stage_quantize(
     from core.records import QuantizedArtifact
     from quantgate.dvc_report import quantize_metrics, tensor_error_rows, write_json
     from quantgate.jobs import ARTIFACT_JSON, is_auto, quantize_auto_step, quantize_step
+    from quantgate.source_record import model_or_source
 
+    src = model_or_source(model, source)
     if is_auto(mix):
         if profile is None:
             fail("--mix AUTO needs --profile (the profile stage's output)")
-        art = quantize_auto_step(model, profile, target=auto_target, out_dir=out_dir, name="model")
+        art = quantize_auto_step(src.path, profile, target=auto_target, out_dir=out_dir, name="model",
+                                 source_lineage=src.lineage_json())
     else:
         if profile is not None:
             fail("--profile is only used with --mix AUTO")
-        art = quantize_step(model, mix, out_dir=out_dir, name="model")
+        art = quantize_step(src.path, mix, out_dir=out_dir, name="model", source_lineage=src.lineage_json())
     content = {**{k: v for k, v in art.items() if k not in ("reused", "seconds", "timings")},
                **QuantizedArtifact.from_dict(art).content_dict()}
+    if not src.is_local:  # the reference, not this machine's download folder (what DVC tracks is content)
+        content["source"] = src.ref
     atomic_write_text(out_dir / ARTIFACT_JSON, json.dumps(content, indent=2, sort_keys=True) + "\n")
-    errs = tensor_error_rows(model, art["path"]) if (metrics or tensor_errors) else None
+    errs = tensor_error_rows(src.path, art["path"]) if (metrics or tensor_errors) else None
     for path, obj in ((tensor_errors, errs), (metrics, quantize_metrics(art, errs))):
         if path is not None:
             write_json(path, obj)
@@ -330,7 +357,9 @@ def stage_quantize(
 @handle_errors
 def stage_validate(
     artifact: Path = typer.Option(..., "--artifact", help="artifact.json of the quantize stage"),
-    baseline: Path = typer.Option(..., "--baseline", help="The source model"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The source model (or --source)"),
+    source: Optional[Path] = typer.Option(None, "--source", help="The prepare stage's source.json: the baseline is "
+                                                                 "its model, SHA-256 checked"),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml (gates, eval)"),
     out: Path = typer.Option(..., "--out", "-o", help="Verdict JSON (the run record; reports go beside it)"),
     summary: Optional[Path] = typer.Option(None, "--summary",
@@ -343,12 +372,14 @@ def stage_validate(
     """Run the validation gate (thresholds from params.yaml `gates`) and write the verdict (and its metrics)."""
     from quantgate.dvc_report import mix_metrics, validate_metrics, verdict_summary, write_json
     from quantgate.jobs import validate_step
+    from quantgate.source_record import model_or_source
 
+    base = model_or_source(baseline, source, "--baseline").path
     p = read_params(params)
     ev = dict(p.get("eval") or {})
     rec = json.loads(artifact.read_text(encoding="utf-8"))
     qm = json.loads(quantize_metrics.read_text(encoding="utf-8")) if quantize_metrics is not None else None
-    v = validate_step(rec, baseline=baseline, gates=p.get("gates") or {}, dataset=ev.pop("dataset", None),
+    v = validate_step(rec, baseline=base, gates=p.get("gates") or {}, dataset=ev.pop("dataset", None),
                       options=ev, out=out)
     if summary is not None:
         write_json(summary, verdict_summary(v))
