@@ -44,24 +44,33 @@ def task_id(job_id: str, mix: str, stage: str) -> str:
 
 
 def pipeline(spec: JobSpec, job_id: str) -> Any:
-    """The job as a Celery canvas: [profile ->] chord(one chain per mix: quantize -> validate -> register)(collect)."""
+    """The job as a Celery canvas: [profile ->] chord(one chain per mix: quantize -> validate -> register)(collect).
+
+    A job on a model reference (spec.model_ref) starts with a `resolve` task: a worker resolves the reference and
+    pins it (quantgate.source_record: the version of an alias, the commit of a revision); its source record is
+    handed down the chain (profile passes it on, each quantize gets it, validate and collect read it from the
+    records), and every task opens that pinned source on its own machine, SHA-256 checked."""
     chains = []
     d = spec.to_dict()
+    ref = spec.model_ref
+    model = () if ref else (spec.model,)  # a reference job's tasks get the source record from the chain instead
     auto = {"profile_options": d["profile_options"], "auto_target": spec.auto_target}
     for mix in spec.mixes:
-        steps = [_sig("quantize", spec.model, mix, spec.workdir, spec.model_name, auto if is_auto(mix) else None)
-                 .set(task_id=task_id(job_id, mix, "quantize"))]
+        steps = [_sig("quantize", *model, mix, spec.workdir, spec.model_name, auto if is_auto(mix) else None,
+                      partial=ref).set(task_id=task_id(job_id, mix, "quantize"))]
         if spec.gates is not None:
-            steps.append(_sig("validate", spec.model, d["gates"], spec.dataset, d["options"], partial=True).set(
-                task_id=task_id(job_id, mix, "validate")))
+            steps.append(_sig("validate", None if ref else spec.model, d["gates"], spec.dataset, d["options"],
+                              partial=True).set(task_id=task_id(job_id, mix, "validate")))
         if spec.register:
             steps.append(_sig("register", spec.model_name, partial=True).set(task_id=task_id(job_id, mix, "register")))
         chains.append(chain(*steps))
-    body = chord(group(chains), _sig("collect", spec.model, partial=True).set(task_id=job_id))
+    body = chord(group(chains), _sig("collect", None if ref else spec.model, partial=True).set(task_id=job_id))
+    head = [_sig("resolve", spec.model, spec.model_repo, spec.model_rev).set(task_id=f"{job_id}.source")] if ref \
+        else []
     if spec.needs_profile:
-        return chain(_sig("profile", spec.model, spec.workdir, d["profile_options"]).set(task_id=f"{job_id}.profile"),
-                     body)
-    return body
+        head.append(_sig("profile", *model, spec.workdir, d["profile_options"], partial=ref)
+                    .set(task_id=f"{job_id}.profile"))
+    return chain(*head, body) if head else body
 
 
 def _safe_url(url: Any) -> str:
@@ -159,8 +168,11 @@ def job_status(job_id: str) -> dict[str, Any]:
     current = "queued"
     errors = []
     names = [(f"{mix}:{st}", task_id(job_id, mix, st)) for mix in spec["mixes"] for st in stages]
-    if JobSpec.from_dict(spec).needs_profile:
+    js = JobSpec.from_dict(spec)
+    if js.needs_profile:
         names.insert(0, ("profile", f"{job_id}.profile"))
+    if js.model_ref:
+        names.insert(0, ("source", f"{job_id}.source"))
     for name, tid in names:
         meta = _meta(tid)
         state = meta.get("status", "PENDING")

@@ -107,6 +107,11 @@ def names_remote_source(value: "str | os.PathLike[str]", repo: str | None = None
     return not (p.exists() or p.is_symlink()) and bool(HF_REPO_ID.match(text))
 
 
+def is_repo_url(repo: str) -> bool:
+    """Whether a --model-repo value is a git URL (`https://...`, `ssh://...`, `git@host:path`) rather than a path."""
+    return "://" in repo or bool(re.match(r"^[\w.-]+@[\w.-]+:", repo))
+
+
 def resolve_model(value: "str | os.PathLike[str]", *, repo: str | None = None, rev: str | None = None,
                   settings: Any = None) -> ModelInput:
     """Resolve a model argument (see the module docstring for the order); bad references raise ModelInputError."""
@@ -312,5 +317,5 @@ def _cached_download(key: tuple[str, ...], fetch: Any) -> Path:
     return folder
 
 
-__all__ = ["ModelInput", "ModelInputError", "resolve_model", "check_reference", "names_remote_source",
+__all__ = ["ModelInput", "ModelInputError", "resolve_model", "check_reference", "names_remote_source", "is_repo_url",
            "hf_hub_cache", "HF_REPO_ID"]

@@ -34,6 +34,7 @@ from core.version import __version__
 from quant.loaders import open_checkpoint
 from quant.mixes import get_mix
 from quantgate.config import registry_settings
+from quantgate.inputs import check_reference, is_repo_url, names_remote_source
 from quantgate.pipeline import quantize_model, validate_artifact
 from runtime.datasets import DEFAULT_CALIBRATION
 from validation.thresholds import gates_from_config
@@ -61,6 +62,10 @@ class JobSpec:
     auto_target: str = DEFAULT_AUTO_TARGET   # AUTO budget: a mix name, bits per weight ("4.5") or size ("3.9GB")
     source_name: str | None = None           # the source's own name (outputs, default registered name): `run --model X`
     source_lineage: str | None = None        # where the source came from (quantgate.inputs), written into each GGUF
+    #: `model` is a reference the worker resolves (models:/..., a Hub id, a path in model_repo), not a path
+    model_ref: bool = False
+    model_repo: str | None = None            # with model_ref: the DVC repository (git URL, or a path on the workers)
+    model_rev: str | None = None             # with model_ref: its git revision, or the Hub revision
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -425,13 +430,30 @@ def check_write_path(path: "str | os.PathLike[str]", settings: Any, what: str = 
                        "set QUANTGATE_WORKDIR on the worker to allow it")
 
 
-def check_job_paths(spec: "JobSpec | Mapping[str, Any]", settings: Any) -> None:
+def check_source_ref(value: Any, repo: Any, rev: Any, settings: Any) -> None:
+    """A model reference a worker is asked to resolve (a Celery message is hostile input): the resolver's own checks
+    (quantgate.inputs.check_reference), and what it names on this machine under the model roots (a local DVC
+    repository; a value that is a plain path here)."""
+    check_reference(value, repo, rev)
+    if repo:
+        if not is_repo_url(str(repo)):
+            check_read_path(repo, settings, "model repository")
+    elif not names_remote_source(str(value)):
+        check_read_path(value, settings, "model")
+
+
+def check_job_paths(spec: "JobSpec | Mapping[str, Any]", settings: Any, *, model: bool = True) -> None:
     """What a worker may touch for this job: the model, eval dataset and calibration file under the model roots,
-    the workdir under the configured workdir. Called by every Celery task and by `submit` before sending; the
-    in-process `quantgate run` does not call it (a CLI user's own paths are theirs to use)."""
+    the workdir under the configured workdir; a model reference (model_ref) passes check_source_ref instead.
+    `model=False` skips the model: a task reading its pinned source from this worker's own input cache. Called by
+    every Celery task and by `submit` before sending; the in-process `quantgate run` does not call it (a CLI
+    user's own paths are theirs to use)."""
     if not isinstance(spec, JobSpec):
         spec = JobSpec.from_dict(spec)
-    check_read_path(spec.model, settings, "model")
+    if spec.model_ref:
+        check_source_ref(spec.model, spec.model_repo, spec.model_rev, settings)
+    elif model:
+        check_read_path(spec.model, settings, "model")
     if spec.dataset:
         check_read_path(spec.dataset, settings, "dataset")
     calib = (spec.profile_options or {}).get("calib")

@@ -9,16 +9,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from celery import Task
 
 from core.errors import QuantGateError
 from core.progress import reporting_transfers
+from core.text import one_line
 from quantgate import jobs, lease
 from quantgate.broker import app
 from quantgate.config import load_settings
 from quantgate.dispatch import job_status, load_manifest, submit  # noqa: F401 (callers holding this module)
+from quantgate.source_record import SourceRecord, open_source, prepare_source
 
 _log = logging.getLogger(__name__)
 
@@ -89,14 +92,31 @@ def transient_guard() -> Iterator[None]:
         raise
 
 
-def _check(spec: jobs.JobSpec, *artifacts: Any) -> None:
+def _check(spec: jobs.JobSpec, *artifacts: Any, source: bool = False) -> None:
     """Refuse a job touching paths outside this worker's model roots / workdir (JobPathError: FAILURE, no retry);
-    settings are read per task so a worker follows QUANTGATE_MODEL_ROOTS / QUANTGATE_WORKDIR."""
+    settings are read per task so a worker follows QUANTGATE_MODEL_ROOTS / QUANTGATE_WORKDIR. A plain model path
+    must exist here (it is read where the worker runs); `source`: the model is a pinned source this worker resolved
+    into its own input cache (checked by _open instead)."""
     settings = load_settings()
-    jobs.check_job_paths(spec, settings)
+    jobs.check_job_paths(spec, settings, model=not source)
+    if not source and not spec.model_ref and not Path(spec.model).exists():
+        raise jobs.JobPathError(
+            f"model {one_line(spec.model, 200)}: no such file or folder on this worker; a plain path is read "
+            "where the worker runs (put it on storage the workers share, or submit a models:/ reference or Hub id, "
+            "which the worker resolves itself)")
     for art in artifacts:
         if isinstance(art, Mapping) and art.get("path"):
             jobs.check_write_path(art["path"], settings, "artifact")
+
+
+def _open(source: Any) -> tuple[str, SourceRecord]:
+    """The local path of a pinned source record (the `resolve` task's result, hostile like any message): checked
+    as the resolver checks a reference, resolved here by its pin (downloaded into this worker's input cache once),
+    SHA-256 checked against the record."""
+    rec = SourceRecord.from_dict(source)
+    jobs.check_source_ref(rec.pin["value"], rec.pin.get("repo"), rec.pin.get("rev"), load_settings())
+    with transient_guard():
+        return str(open_source(rec).path), rec
 
 
 class QuantgateTask(Task):
@@ -156,41 +176,66 @@ class QuantgateTask(Task):
             _log.warning("progress report failed (%s: %s); continuing", type(e).__name__, e)
 
 
-@app.task(bind=True, base=QuantgateTask, name="quantgate.profile")
-def profile(self: QuantgateTask, model: str, workdir: str, options: Mapping[str, Any] | None = None
-            ) -> dict[str, Any]:
-    """Sensitivity profile of the source model (cached by its SHA-256 and the profile options)."""
-    self.report("profile", 0, 1)
-    _check(jobs.JobSpec(model=model, mixes=(), workdir=workdir, profile_options=dict(options or {})))
+@app.task(bind=True, base=QuantgateTask, name="quantgate.resolve")
+def resolve(self: QuantgateTask, ref: str, repo: str | None = None, rev: str | None = None) -> dict[str, Any]:
+    """Resolve a job's model reference on this worker (models:/NAME@ALIAS, a Hub id in this machine's HF cache,
+    a path in a DVC repository at a revision) and pin it: the source record every later task of the job opens."""
+    self.report("resolve", 0, 1)
+    jobs.check_source_ref(ref, repo, rev, load_settings())
     with transient_guard():
-        return jobs.profile_step(model, workdir=workdir, options=options)
+        rec, _ = prepare_source(ref, repo=repo, rev=rev)
+    return rec.to_dict()
+
+
+@app.task(bind=True, base=QuantgateTask, name="quantgate.profile")
+def profile(self: QuantgateTask, model: str | dict[str, Any], workdir: str,
+            options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Sensitivity profile of the source model (cached by its SHA-256 and the profile options). Given a source
+    record (a job on a model reference) it profiles that source and returns the record, for the quantize tasks
+    after it (they find the cached profile)."""
+    self.report("profile", 0, 1)
+    path, rec = _open(model) if isinstance(model, Mapping) else (model, None)
+    _check(jobs.JobSpec(model=path, mixes=(), workdir=workdir, profile_options=dict(options or {})),
+           source=rec is not None)
+    with transient_guard():
+        prof = jobs.profile_step(path, workdir=workdir, options=options)
+    return rec.to_dict() if rec is not None else prof
 
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.quantize")
-def quantize(self: QuantgateTask, model: str, mix: str, workdir: str, name: str | None = None,
+def quantize(self: QuantgateTask, model: str | dict[str, Any], mix: str, workdir: str, name: str | None = None,
              auto: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Quantize one model with one mix (idempotent by job key); AUTO uses the job's profile (auto: its
-    profile_options and auto_target); returns {mix, job_key, artifact}."""
+    profile_options and auto_target); returns {mix, job_key, artifact} (+ source: the source record, for a job on
+    a model reference, whose lineage the GGUF carries)."""
     self.report("quantize", 0, 1)
     a = dict(auto or {})
-    spec = jobs.JobSpec(model=model, mixes=(mix,), workdir=workdir, model_name=name,
+    path, rec = _open(model) if isinstance(model, Mapping) else (model, None)
+    spec = jobs.JobSpec(model=path, mixes=(mix,), workdir=workdir, model_name=name,
                         profile_options=dict(a.get("profile_options") or {}),
-                        auto_target=a.get("auto_target") or jobs.DEFAULT_AUTO_TARGET)
-    _check(spec)
+                        auto_target=a.get("auto_target") or jobs.DEFAULT_AUTO_TARGET,
+                        source_name=rec.name if rec else None, source_lineage=rec.lineage_json() if rec else None)
+    _check(spec, source=rec is not None)
     with transient_guard():
         art = jobs.quantize_for(spec, mix, on_progress=self.progress_fn("quantize"))
-    return {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": None, "version": None}
+    out = {"mix": mix, "job_key": art["job_key"], "artifact": art, "verdict": None, "version": None}
+    return {**out, "source": rec.to_dict()} if rec is not None else out
 
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.validate")
-def validate(self: QuantgateTask, record: dict[str, Any], baseline: str, gates: Any,
+def validate(self: QuantgateTask, record: dict[str, Any], baseline: str | None, gates: Any,
              dataset: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run the validation gate on the record's artifact; returns the record with its verdict."""
+    """Run the validation gate on the record's artifact against the baseline (None: the record's source, a job
+    on a model reference); returns the record with its verdict."""
     self.report("validate", 0, 1)
-    _check(jobs.JobSpec(model=baseline, mixes=(), workdir=str(load_settings().workdir), dataset=dataset),
-           record.get("artifact"))
+    if baseline is None:
+        path, rec = _open(record.get("source"))
+    else:
+        path, rec = baseline, None
+    _check(jobs.JobSpec(model=path, mixes=(), workdir=str(load_settings().workdir), dataset=dataset),
+           record.get("artifact"), source=rec is not None)
     with transient_guard():
-        verdict = jobs.validate_step(record["artifact"], baseline=baseline, gates=gates, dataset=dataset,
+        verdict = jobs.validate_step(record["artifact"], baseline=path, gates=gates, dataset=dataset,
                                      options=options, on_progress=self.progress_fn("validate"))
     return {**record, "verdict": verdict}
 
@@ -208,8 +253,13 @@ def register(self: QuantgateTask, record: dict[str, Any], model_name: str | None
 
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.collect")
-def collect(self: QuantgateTask, records: list[dict[str, Any]], model: str) -> dict[str, Any]:
-    """Chord callback: the job's result, in the same shape as jobs.run_job's."""
+def collect(self: QuantgateTask, records: list[dict[str, Any]], model: str | None) -> dict[str, Any]:
+    """Chord callback: the job's result, in the same shape as jobs.run_job's (+ source: the pinned source record
+    of a job on a model reference, model: the reference it resolved to)."""
+    if model is None:
+        rec = SourceRecord.from_dict((records[0] if records else {}).get("source"))
+        return {"model": rec.resolved, "source_sha256": rec.sha256, "source": rec.to_dict(),
+                "results": list(records)}
     jobs.check_read_path(model, load_settings(), "model")
     with transient_guard():
         ident = jobs.source_identity(model)

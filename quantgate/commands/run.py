@@ -27,18 +27,25 @@ def read_params(path: Path) -> dict[str, Any]:
 def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdir: Optional[Path],
                validate: Optional[bool], register: Optional[bool], model_name: Optional[str],
                profile: Optional[bool] = None, auto_target: Optional[str] = None,
-               model_repo: Optional[str] = None, model_rev: Optional[str] = None):
+               model_repo: Optional[str] = None, model_rev: Optional[str] = None, on_worker: bool = False):
     """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step.
     `--model X` replaces params' model whole: outputs and the default registered name follow X, and params'
-    model.name (which names params' model) is not used for it."""
+    model.name (which names params' model) is not used for it. `on_worker` (submit): a reference that names a
+    registry, the Hub or a DVC repository is checked and sent as a reference for the worker to resolve; anything
+    else is a path, resolved here."""
     from quantgate.config import load_settings
-    from quantgate.inputs import resolve_model
+    from quantgate.inputs import check_reference, is_repo_url, names_remote_source, resolve_model
     from quantgate.jobs import DEFAULT_AUTO_TARGET, PROFILE_OPTIONS, JobSpec
 
     p = read_params(params_file)
     m = p.get("model") or {}
     source_name = lineage = None
-    if model is not None:
+    ref: dict[str, Any] = {}
+    if model is not None and on_worker and names_remote_source(model, model_repo):
+        check_reference(model, model_repo, model_rev)
+        repo = model_repo if not model_repo or is_repo_url(model_repo) else str(Path(model_repo).resolve())
+        model_path, ref = model, {"model_ref": True, "model_repo": repo, "model_rev": model_rev}
+    elif model is not None:
         src = resolve_model(model, repo=model_repo, rev=model_rev)
         model_path, source_name, lineage = src.path, src.name, src.lineage_json()
     else:
@@ -59,7 +66,8 @@ def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdi
                    model_name=model_name, profile=bool(profile), source_name=source_name, source_lineage=lineage,
                    options={k: v for k, v in ev.items() if k != "dataset"},
                    profile_options={k: v for k, v in (p.get("profile") or {}).items() if k in PROFILE_OPTIONS},
-                   auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET))
+                   auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET),
+                   **ref)
 
 
 def _use_broker(broker: Optional[str]) -> None:
@@ -135,13 +143,14 @@ def submit(
     auto_target: Optional[str] = _SPEC_HELP["auto_target"],
     broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: QUANTGATE_BROKER_URL)"),
 ) -> None:
-    """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it)."""
+    """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it).
+    A models:/ reference, Hub id or --model-repo path is resolved by the worker; a plain path must exist there."""
     _use_broker(broker)
     spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
-                      model_repo, model_rev)
+                      model_repo, model_rev, on_worker=True)
     d = spec.to_dict()
     calib = d["profile_options"].get("calib")
-    paths = {"model": str(Path(spec.model).resolve()), "workdir": str(Path(spec.workdir).resolve()),
+    paths = {"model": spec.model if spec.model_ref else str(Path(spec.model).resolve()), "workdir": str(Path(spec.workdir).resolve()),
              "dataset": str(Path(spec.dataset).resolve()) if spec.dataset else None,
              "profile_options": {**d["profile_options"], **({"calib": str(Path(calib).resolve())} if calib else {})}}
     spec = type(spec).from_dict({**d, **paths})  # workers may run elsewhere: absolute paths on shared storage

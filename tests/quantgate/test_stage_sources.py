@@ -17,8 +17,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests._mlflow_models import REFERENCE, log_version, retrained
+
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = ROOT / "models" / "reference"
 BRANCH = {"prepare", "quantize@Q8_0", "validate@Q8_0", "register@Q8_0"}
 
 
@@ -30,36 +31,6 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def _ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", out))
-
-
-def _log_version(uri: str, store: Path, name: str, folder: Path) -> str:
-    """An HF checkpoint folder as a registered model version (run artifacts under model/, the version from
-    runs:/<run>/model, as docs/REGISTRY.md documents); returns the version."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri, uri)
-    exp = client.get_experiment_by_name("base-models")
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        "base-models", artifact_location=(store / "artifacts").as_uri())
-    run = client.create_run(exp_id)
-    client.log_artifacts(run.info.run_id, str(folder), "model")
-    client.set_terminated(run.info.run_id)
-    if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    return str(client.create_model_version(name, source=f"runs:/{run.info.run_id}/model",
-                                           run_id=run.info.run_id).version)
-
-
-def _retrained(dst: Path) -> Path:
-    """The reference checkpoint with one weight changed: another model version with other bytes."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(REFERENCE, dst, ignore=shutil.ignore_patterns("*.png"))
-    t = load_file(REFERENCE / "model.safetensors")
-    name = next(k for k in sorted(t) if k.endswith("norm.weight"))
-    t[name] = t[name] * 1.01
-    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def _kv(path: Path) -> dict:
@@ -85,7 +56,7 @@ def test_dvc_stages_on_a_registry_alias(tmp_path):
     store = repo / "mlruns-store"
     store.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    v1 = _log_version(uri, store, "base", REFERENCE)
+    v1 = log_version(uri, store, "base", REFERENCE)
     client = MlflowClient(uri, uri)
     client.set_registered_model_alias("base", "champion", v1)
 
@@ -139,7 +110,7 @@ def test_dvc_stages_on_a_registry_alias(tmp_path):
     assert _run(["git", "status", "--porcelain"], repo, env) == ""
 
     # the alias moves to a retrained version: DVC learns it through source.json and re-runs the branch
-    v2 = _log_version(uri, store, "base", _retrained(tmp_path / "retrained"))
+    v2 = log_version(uri, store, "base", retrained(tmp_path / "retrained"))
     client.set_registered_model_alias("base", "champion", v2)
     assert _ran(_run(dvc + ["repro", "register@Q8_0"], repo, env)) == BRANCH
     src2 = json.loads((repo / "out/pipeline/source.json").read_text())
@@ -173,7 +144,7 @@ def test_stale_or_hostile_source_record_is_refused(cli, tmp_path):
     assert good["fingerprint"] and len(good["sha256"]) == 64 and good["lineage"] == {}
 
     # the folder changed after prepare: the later stages refuse it before writing anything
-    _retrained(tmp_path / "other")
+    retrained(tmp_path / "other")
     shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")
     r = cli("stage", "quantize", "--source", tmp_path / "source.json", "--mix", "Q8_0", "--out-dir", tmp_path / "q")
     _one_error(r, "changed since it was resolved")
