@@ -184,15 +184,6 @@ def _finished_artifact(folder: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def prepare_step(model: "str | os.PathLike[str]", out: "str | os.PathLike[str] | None" = None) -> dict[str, Any]:
-    """Check that the source model loads and record its identity (path, kind, SHA-256) as JSON."""
-    ident = source_identity(model)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(ident, indent=2, sort_keys=True) + "\n")
-    return ident
-
-
 def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | os.PathLike[str]" = "out/jobs",
                   out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
                   on_progress: ProgressFn | None = None, source_lineage: str | None = None) -> dict[str, Any]:
