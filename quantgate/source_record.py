@@ -75,7 +75,8 @@ class SourceRecord:
         lineage = d.get("lineage")
         files = d.get("files", [])
         if bad or not isinstance(pin, Mapping) or not isinstance(lineage, Mapping) or not isinstance(files, list):
-            raise ModelInputError(f"source record: missing or malformed field(s) {', '.join(bad) or 'pin/lineage/files'}")
+            raise ModelInputError("source record: missing or malformed field(s) "
+                                  f"{', '.join(bad) or 'pin/lineage/files'}")
         if text["kind"] not in KINDS:
             raise ModelInputError(f"source record: unknown kind {one_line(text['kind'], 40)!r}")
         if not _SHA256.match(text["sha256"]):

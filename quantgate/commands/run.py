@@ -150,7 +150,8 @@ def submit(
                       model_repo, model_rev, on_worker=True)
     d = spec.to_dict()
     calib = d["profile_options"].get("calib")
-    paths = {"model": spec.model if spec.model_ref else str(Path(spec.model).resolve()), "workdir": str(Path(spec.workdir).resolve()),
+    paths = {"model": spec.model if spec.model_ref else str(Path(spec.model).resolve()),  # a reference: as given
+             "workdir": str(Path(spec.workdir).resolve()),
              "dataset": str(Path(spec.dataset).resolve()) if spec.dataset else None,
              "profile_options": {**d["profile_options"], **({"calib": str(Path(calib).resolve())} if calib else {})}}
     spec = type(spec).from_dict({**d, **paths})  # workers may run elsewhere: absolute paths on shared storage

@@ -244,6 +244,15 @@ def test_dvc_tracked_model_at_a_revision(cli, tmp_path):
     # v1's bytes: the same tensors as quantizing the reference folder it was made from
     r = cli("quantize", "-m", REFERENCE, "-p", "Q8_0", "-o", tmp_path / "ref-q8_0.gguf", "-q")
     assert _tensor_bytes(tmp_path / "dvc-q8_0.gguf") == _tensor_bytes(tmp_path / "ref-q8_0.gguf")
+    # the DVC stages take the same reference: prepare pins the commit, quantize --source writes the same lineage
+    r = cli("stage", "prepare", "-m", "models/base", "--model-repo", repo, "--model-rev", "v1", "-o",
+            tmp_path / "source.json")
+    assert r.exit_code == 0, r.output
+    src = json.loads((tmp_path / "source.json").read_text())
+    assert src["pin"] == {"value": "models/base", "repo": str(repo), "rev": v1} and src["lineage"]["rev"] == "v1"
+    r = cli("stage", "quantize", "--source", tmp_path / "source.json", "--mix", "Q8_0", "--out-dir", tmp_path / "st")
+    assert r.exit_code == 0, r.output
+    assert _kv(tmp_path / "st" / "model-Q8_0.gguf")["quantgate.source_lineage"] == kv["quantgate.source_lineage"]
 
     r = cli("quantize", "-m", "models/nothing", "--model-repo", repo, "-p", "Q8_0", "-o", tmp_path / "n.gguf")
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "does not exist" in r.output
