@@ -341,6 +341,10 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         tensors = [(t.name, tuple(int(d) for d in t.shape), current_type(plan, t),
                     allows_quantization(t.name, tuple(t.shape), plan.arch)) for t in plan.tensors]
         arch = plan.arch
+    experts = [name for name, shape, *_ in tensors if "_exps." in name or len(shape) > 2]
+    if measure and experts:  # the measurements perturb 2-D transformers parameters; fused experts are 3-D
+        raise QuantGateError(f"--precision auto does not measure MoE expert tensors yet ({experts[0]} and "
+                             f"{len(experts) - 1} more); use a named mix such as Q4_K_M (docs/ANALYZER.md)")
     ds = load_dataset(calib)
     texts = [s.text for s in ds.usable()]
     t_hash = time.perf_counter()

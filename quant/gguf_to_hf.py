@@ -272,21 +272,27 @@ def iter_hf_tensors(g: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, 
     stacked expert tensor yields one (rows, cols) weight per expert, under the names HF checkpoints use."""
     tmap = hf_tensor_map(g, config)
     for t in g.tensors:
-        if t.name not in tmap.hf_name:
-            continue  # config, not weights (LongRoPE factors)
-        arr = read_tensor_f32(g, t)
-        if t.name in tmap.unpermute_heads:
-            arr = unpermute_qk(arr, tmap.unpermute_heads[t.name], tmap.unpermute_heads[t.name])
-        name = tmap.hf_name[t.name]
-        if t.name in tmap.experts:
-            for x in range(arr.shape[0]):
-                yield name.format(x=x), arr[x]
-        elif name.endswith("shared_expert_gate.weight"):
-            yield name, arr.reshape(1, -1)  # (1, n_embd): llama-quantize writes it 1-D (ggml_n_dims)
-        elif tmap.norm_minus_one and name.endswith("norm.weight"):
-            yield name, arr - np.float32(1)  # Gemma stores 1 + w (the converter's norm shift)
-        else:
-            yield name, arr
+        if t.name in tmap.hf_name:  # others are config, not weights (LongRoPE factors)
+            yield from hf_tensors_of(g, tmap, t)
+
+
+def hf_tensors_of(g: GGUFFile, tmap: HFTensorMap, t: TensorInfo) -> Iterator[tuple[str, np.ndarray]]:
+    """The (HF name, float32 array) pairs one mapped GGUF tensor stands for: itself, Q/K un-permuted, Gemma's norm
+    shift undone, or one (rows, cols) weight per expert of a stacked expert tensor (shared by iter_hf_tensors and
+    the layer-streamed runtime, which reads one block's tensors at a time)."""
+    arr = read_tensor_f32(g, t)
+    if t.name in tmap.unpermute_heads:
+        arr = unpermute_qk(arr, tmap.unpermute_heads[t.name], tmap.unpermute_heads[t.name])
+    name = tmap.hf_name[t.name]
+    if t.name in tmap.experts:
+        for x in range(arr.shape[0]):
+            yield name.format(x=x), arr[x]
+    elif name.endswith("shared_expert_gate.weight"):
+        yield name, arr.reshape(1, -1)  # (1, n_embd): llama-quantize writes it 1-D (ggml_n_dims)
+    elif tmap.norm_minus_one and name.endswith("norm.weight"):
+        yield name, arr - np.float32(1)  # Gemma stores 1 + w (the converter's norm shift)
+    else:
+        yield name, arr
 
 
 def gguf_to_hf(path: "str | os.PathLike[str]") -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -40,20 +40,35 @@ class BlockArch:
     head: str = "lm_head.weight"
     #: attribute path of the decoder (holds .layers, .norm, .rotary_emb) in the *ForCausalLM module
     decoder: str = "model"
+    #: embeddings multiplied by sqrt(hidden_size) (Gemma's ScaledWordEmbedding)
+    embed_scale: bool = False
+    #: logits soft-capped as c * tanh(logits / c) with c = config.final_logit_softcapping (Gemma 2; Gemma 3 when set)
+    logit_softcap: bool = False
+    #: one rotary embedding per attention type (Gemma 3: local and global rope thetas), chosen per layer
+    rotary_per_layer_type: bool = False
 
 
-#: HF model_type -> its layout. Llama, Qwen2 (GGUF or HF) and Mistral (HF folders) are tested here; an
-#: architecture with the same layout (embed -> blocks -> norm -> lm_head, per-layer attention types in
-#: config.layer_types) needs one row, one that scales embeddings or soft-caps logits needs new BlockArch fields.
+#: HF model_type -> its layout. Every row is tested against transformers' full forward, from the HF folder and
+#: from our GGUF (tests/runtime/test_layer_stream*.py). The attention type of a layer (full / sliding window) comes
+#: from config.layer_types where the config has it, else from config.sliding_window (Mixtral, Phi-3, Qwen3-MoE,
+#: Mistral: one mask for every layer, as their forward builds it). MoE blocks hold transformers 5's fused experts;
+#: the checkpoint's per-expert weights are gathered per block (runtime.backends.torch_backend.runtime_layout).
 ARCHS: dict[str, BlockArch] = {
     "llama": BlockArch(),
     "qwen2": BlockArch(),
     "mistral": BlockArch(),
+    "qwen3": BlockArch(),
+    "phi3": BlockArch(),
+    "mixtral": BlockArch(),
+    "qwen2_moe": BlockArch(),
+    "qwen3_moe": BlockArch(),
+    "gemma2": BlockArch(embed_scale=True, logit_softcap=True),
+    "gemma3_text": BlockArch(embed_scale=True, logit_softcap=True, rotary_per_layer_type=True),
 }
 
 
 class _Weights:
-    """Float32 HF-named tensors of a checkpoint, read one at a time."""
+    """Float32 HF-named tensors of a checkpoint, read one at a time (or one block's at a time)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -64,13 +79,19 @@ class _Weights:
             self._gguf = open_gguf(path)
             try:
                 self.config_dict: dict[str, Any] = hf_config_from_gguf(self._gguf)
-                tmap = hf_tensor_map(self._gguf, self.config_dict)
+                self._tmap = hf_tensor_map(self._gguf, self.config_dict)
             except BaseException:
                 self._gguf.close()
                 raise
             by_name = {t.name: t for t in self._gguf.tensors}
-            self._infos = {hf: (by_name[g], tmap.unpermute_heads.get(g)) for g, hf in tmap.hf_name.items()}
-            self.names = set(self._infos)
+            #: HF name (a {x} template for a stacked expert tensor) -> the GGUF tensor holding it
+            self._infos = {hf: by_name[g] for g, hf in self._tmap.hf_name.items()}
+            self.names = set()
+            for hf, info in self._infos.items():
+                if info.name in self._tmap.experts:
+                    self.names.update(hf.format(x=x) for x in range(int(info.shape[0])))
+                else:
+                    self.names.add(hf)
         else:
             self._ckpt = open_checkpoint(path)
             if self._ckpt.config is None:
@@ -81,16 +102,27 @@ class _Weights:
             self.names = set(self._tensors)
 
     def read(self, name: str) -> np.ndarray:
-        """One tensor (HF name, HF layout) as float32."""
-        if name not in self.names:
+        """One (non-expert) tensor (HF name, HF layout) as float32."""
+        if name not in self.names or (self._gguf is not None and name not in self._infos):
             raise CheckpointError(f"{self.path}: the checkpoint has no tensor {name!r}")
         if self._gguf is not None:
-            from quant.gguf_to_hf import read_tensor_f32, unpermute_qk  # lazy: as above
+            from quant.gguf_to_hf import hf_tensors_of  # lazy: as above
 
-            info, heads = self._infos[name]
-            arr = read_tensor_f32(self._gguf, info)
-            return unpermute_qk(arr, heads, heads) if heads else arr
+            return next(iter(hf_tensors_of(self._gguf, self._tmap, self._infos[name])))[1]
         return np.ascontiguousarray(self._tensors[name].read(), dtype=np.float32)
+
+    def with_prefix(self, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, float32 array) of every tensor whose HF name starts with `prefix` (one block's weights; a
+        GGUF's stacked experts come out one weight per expert, as HF checkpoints store them)."""
+        if self._gguf is not None:
+            from quant.gguf_to_hf import hf_tensors_of  # lazy: as above
+
+            for hf, info in self._infos.items():
+                if hf.startswith(prefix):
+                    yield from hf_tensors_of(self._gguf, self._tmap, info)
+            return
+        for name in sorted(n for n in self.names if n.startswith(prefix)):
+            yield name, self.read(name)
 
     def close(self) -> None:
         if self._gguf is not None:
@@ -104,12 +136,13 @@ def model_type_of(path: "str | os.PathLike[str]") -> str | None:
     p = Path(path)
     try:
         if is_gguf(p):
-            with open_gguf(p) as g:
-                arch = g.value("general.architecture")
-            return str(arch) if arch else None  # llama.cpp's names for these archs are transformers' model_type
+            from quant.gguf_to_hf import hf_config_from_gguf  # lazy: gguf package name maps
+
+            with open_gguf(p) as g:  # llama.cpp's arch names differ (llama with experts = mixtral, qwen2moe, ...)
+                return hf_config_from_gguf(g).get("model_type")
         with open_checkpoint(p) as ckpt:
             return (ckpt.config or {}).get("model_type")
-    except (CheckpointError, OSError, ValueError):
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -154,7 +187,12 @@ class LayerStream:
                 self.weights.names
             rot = self.decoder.rotary_emb
             self.rotary = type(rot)(config=rot.config)  # buffers (inv_freq) computed on the CPU from the config
-            self.layer_types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.n_layer)
+            window = getattr(self.config, "sliding_window", None)
+            self.layer_types = list(getattr(self.config, "layer_types", None) or
+                                    ["full_attention" if window is None else "sliding_attention"] * self.n_layer)
+            self.n_experts = int(getattr(self.config, "num_local_experts", None) or
+                                 getattr(self.config, "num_experts", None) or 0)
+            self.softcap = getattr(self.config, "final_logit_softcapping", None) if self.arch.logit_softcap else None
         except BaseException:
             self.weights.close()
             raise
@@ -177,9 +215,19 @@ class LayerStream:
     @contextmanager
     def block(self, i: int) -> Iterator[Any]:
         """Block i with its weights read from the file, freed (back on the meta device) when the context exits."""
+        from runtime.backends.torch_backend import runtime_layout  # lazy: as the torch backend is
+
         layer = self.decoder.layers[i]
         prefix = self.arch.layer_prefix.format(i=i)
-        sd = {n: self.tensor(prefix + n) for n, _ in layer.named_parameters()}
+        expected = {prefix + n for n, _ in layer.named_parameters()}
+        sd = {}
+        for name, arr in runtime_layout(self.weights.with_prefix(prefix), expected, self.n_experts):
+            if name not in expected:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has no place in block {i}")
+            sd[name[len(prefix):]] = self.torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        missing = sorted(expected - {prefix + n for n in sd})
+        if missing:
+            raise CheckpointError(f"{self.path}: block {i} lacks {', '.join(missing[:5])}")
         layer.load_state_dict(sd, strict=True, assign=True)
         del sd
         try:
@@ -196,7 +244,10 @@ class LayerStream:
             t = torch.as_tensor(np.asarray(s, dtype=np.int64))
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= w.shape[0]):
                 raise CheckpointError(f"token id out of range for a vocabulary of {w.shape[0]}")
-            out.append(torch.nn.functional.embedding(t, w).unsqueeze(0))
+            e = torch.nn.functional.embedding(t, w).unsqueeze(0)
+            if self.arch.embed_scale:  # as Gemma's ScaledWordEmbedding: a float32 scalar of sqrt(hidden)
+                e = e * torch.tensor(self.n_embd ** 0.5).to(e.dtype)
+            out.append(e)
         return out
 
     def context(self, h) -> dict[str, Any]:
@@ -210,13 +261,18 @@ class LayerStream:
         masks = {"full_attention": create_causal_mask(**kw)}
         if "sliding_attention" in self.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
-        return {"masks": masks, "position_embeddings": self.rotary(h, pos), "position_ids": pos}
+        if self.arch.rotary_per_layer_type:
+            rope = {t: self.rotary(h, pos, t) for t in set(self.layer_types)}
+        else:
+            one = self.rotary(h, pos)
+            rope = {t: one for t in set(self.layer_types)}
+        return {"masks": masks, "position_embeddings": rope, "position_ids": pos}
 
     def run_block(self, layer: Any, i: int, h, ctx: dict[str, Any]):
         """Block i (loaded) on hidden states h with the context of `context(h)`."""
-        return layer(h, attention_mask=ctx["masks"][self.layer_types[i]],
-                     position_embeddings=ctx["position_embeddings"], position_ids=ctx["position_ids"],
-                     use_cache=False)
+        kind = self.layer_types[i]
+        return layer(h, attention_mask=ctx["masks"][kind], position_embeddings=ctx["position_embeddings"][kind],
+                     position_ids=ctx["position_ids"], use_cache=False)
 
     @contextmanager
     def head(self) -> Iterator[tuple[Any, Any]]:
@@ -229,6 +285,14 @@ class LayerStream:
         finally:
             norm.to("meta")
             del w
+
+    def logits(self, norm: Any, w: Any, h: Any):
+        """Logits of final-block hidden states h (1, n, hidden): final norm, head, and the architecture's
+        soft-cap (Gemma 2), as the model's *ForCausalLM forward computes them."""
+        out = self.torch.nn.functional.linear(norm(h)[0], w)
+        if self.softcap is not None:
+            out = self.torch.tanh(out / self.softcap) * self.softcap
+        return out
 
     # -- whole passes ---------------------------------------------------------------------------------------------
 
@@ -286,7 +350,7 @@ def stream_logits(path: "str | os.PathLike[str]", ids: Sequence[Sequence[int]],
             hs = ls.hidden_states([ids[i] for i in g])
             with torch.inference_mode(), ls.head() as (norm, w):
                 for i, h in zip(g, hs):
-                    on_logits(i, torch.nn.functional.linear(norm(h)[0], w).float().numpy())
+                    on_logits(i, ls.logits(norm, w, h).float().numpy())
             del hs
             if progress is not None:
                 progress(g[-1] + 1, len(ids))

@@ -227,3 +227,15 @@ def test_cli_imatrix_profile_and_quantize_auto_within_a_target_size(tiny_model, 
     r = run(app, ["quantize", "--model", str(tiny_model), "--precision", "auto", "--profile", str(tmp_path / "p.json"),
                   "--tensor-type", "ffn=Q8_0", "--out", str(tmp_path / "y.gguf")])
     assert r.exit_code == 2 and "--overrides" in r.output
+
+
+def test_auto_on_a_moe_model_is_refused_with_one_clear_error(tmp_path, calib_jsonl, cache_dir):
+    """Mixtral's stacked 3-D experts have no 2-D parameter the measurements can perturb: refused before any pass."""
+    from core.errors import QuantGateError
+
+    from analyzer.profile import build_profile
+    from tests.quantgate.tiny_hf import make_tiny_model
+
+    mix = make_tiny_model(tmp_path / "mix", "mixtral", seed=1)
+    with pytest.raises(QuantGateError, match=r"does not measure MoE expert tensors yet \(blk\.0\.ffn_"):
+        build_profile(mix, calib_jsonl)
