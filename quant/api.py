@@ -39,6 +39,13 @@ _FINITE_CHUNK = 1 << 20  # elements per np.isfinite step: a cache-sized bool tem
 
 
 def _all_finite(x: np.ndarray) -> bool:
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        from quant.kernels.floats import all_finite_f32  # lazy, as _kernels(): avoids an import cycle
+
+        flat32 = x.reshape(-1)
+        step = _FINITE_CHUNK * 4
+        starts32 = range(0, flat32.size, step)
+        return all(chunk_map(lambda s: all_finite_f32(flat32[s:s + step]), starts32))
     flat = x.reshape(-1)
     if flat.size <= _FINITE_CHUNK:
         return bool(np.isfinite(flat).all())

@@ -120,3 +120,14 @@ def test_widen_to_f32_exact_for_every_half_and_bf16_pattern():
     assert np.array_equal(bf.view(np.uint32), bits.astype(np.uint32) << 16)
     out = np.empty(65536, np.float32)
     assert widen_to_f32(bits.view(np.uint8), "F16", out) is out
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, np.float32(np.nan) * -1])
+def test_all_finite_f32_finds_every_non_finite_pattern(bad):
+    """The numba finite check agrees with np.isfinite: extremes, -0.0 and subnormals are finite, NaN/+-Inf not."""
+    x = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max, -0.0, 1e-45, 1.0] * 7, np.float32)
+    assert floats.all_finite_f32(x)
+    for pos in (0, 17, x.size - 1):
+        y = x.copy()
+        y[pos] = bad
+        assert not floats.all_finite_f32(y) and not np.isfinite(y).all()
