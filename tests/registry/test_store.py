@@ -252,3 +252,18 @@ def test_cli_prints_hostile_tags_literally(store, cli):
         assert "\x1b[31m" not in r.output
     finally:
         c.delete_model_version_tag(store.model, store.passing.version, "note")
+
+
+def test_audit_export_without_attach_reads_only_the_audit_db(tmp_path):
+    """`audit export --no-attach` (no version) writes the JSONL from the audit DB alone: it never creates an MLflow
+    store (a read-only command has no side effect there, and skipping MLflow's schema migration saves ~9 s)."""
+    from registry.audit import record_event
+    from registry.config import RegistrySettings
+    from registry.queries import export_events
+
+    s = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": str(tmp_path / "store"),
+                                       "QUANTGATE_AUDIT_DB_URL": f"sqlite:///{tmp_path / 'audit.db'}"})
+    record_event("quantize", db_url=s.audit_db_url, model="m", config={"mix": "Q4_K_M"})
+    path, n = export_events("m", None, tmp_path / "m.jsonl", settings=s, attach=False)
+    assert n == 1 and [json.loads(ln)["action"] for ln in path.read_text().splitlines()] == ["quantize"]
+    assert not (tmp_path / "store").exists(), sorted(p.name for p in (tmp_path / "store").iterdir())
