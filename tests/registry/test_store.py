@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +82,7 @@ from registry.registration import register_gguf
 store_dir, gguf, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 s = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": store_dir})
 import mlflow  # pay the import before the start line
+print("ready", flush=True)
 while not go.exists():
     time.sleep(0.01)
 rv = register_gguf(gguf, settings=s, model_name="race-model")
@@ -95,7 +95,8 @@ def test_two_processes_racing_register_one_version(store, tmp_path, cli):
     procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(store.settings.store_dir), store.art_pass.path,
                                str(go)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    time.sleep(4)
+    for p in procs:  # both have paid their imports (no fixed sleep: as long as the machine needs, no longer)
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=60)[1][-2000:]
     go.touch()
     outs = []
     for p in procs:
