@@ -184,8 +184,10 @@ def export_events(model: str, version: str | int | None, out: "str | os.PathLike
     attach the file to the version's run (audit/). Returns the path and the number of events."""
 
     s = settings or RegistrySettings.from_env()
-    client = mlflow_client(s)
-    mv = get_version(client, model, version) if version is not None else None
+    # MLflow only when a version is named or the file is attached: a plain `--no-attach` export reads the audit DB
+    # alone and never creates (or migrates) an MLflow store as a side effect.
+    client = mlflow_client(s) if version is not None or attach else None
+    mv = get_version(client, model, version) if client is not None and version is not None else None
     with AuditLog(s.audit_db_url) as log:
         if mv is not None:
             events = log.events(model=model, version=mv.version, artifact_sha256=mv.tags.get("sha256"),
@@ -197,7 +199,7 @@ def export_events(model: str, version: str | int | None, out: "str | os.PathLike
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(iter_jsonl(events)))
-    if attach:
+    if attach and client is not None:
         targets = [mv] if mv is not None else client.search_model_versions(f"name='{model}'")
         for t in targets:
             attach_to_version(client, t, path, "audit")

@@ -23,8 +23,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server_root(tmp_path_factory) -> Path:
+    """The server's own folder (backend DB, artifacts, log), shared by this module's tests."""
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_server_root):
+    """One `mlflow server` for the module's tests (each uses its own model name): one ~18 s start, not two."""
+    tmp_path = mlflow_server_root
     port = _free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log = open(tmp_path / "server.log", "w")
@@ -60,7 +68,8 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-def test_register_promote_download_through_mlflow_server(mlflow_server, tiny_artifacts, tmp_path):
+def test_register_promote_download_through_mlflow_server(mlflow_server, mlflow_server_root, tiny_artifacts,
+                                                         tmp_path):
     import mlflow
 
     from registry.audit import AuditLog
@@ -83,7 +92,7 @@ def test_register_promote_download_through_mlflow_server(mlflow_server, tiny_art
         promote("served", bad.version, "production", settings=s)
     got = download("served@production", tmp_path / "dl", settings=s)
     assert got.read_bytes() == Path(q4.path).read_bytes()
-    assert list((tmp_path / "server-artifacts").rglob("*.gguf"))  # stored by the server, not the client
+    assert list((mlflow_server_root / "server-artifacts").rglob("*.gguf"))  # stored by the server, not the client
     m = mlflow.pyfunc.load_model("models:/served@production")
     assert Path(m.unwrap_python_model().gguf_path).read_bytes()[:4] == b"GGUF"
     with AuditLog(s.audit_db_url) as log:

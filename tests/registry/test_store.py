@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +82,7 @@ from registry.registration import register_gguf
 store_dir, gguf, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 s = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": store_dir})
 import mlflow  # pay the import before the start line
+print("ready", flush=True)
 while not go.exists():
     time.sleep(0.01)
 rv = register_gguf(gguf, settings=s, model_name="race-model")
@@ -95,7 +95,8 @@ def test_two_processes_racing_register_one_version(store, tmp_path, cli):
     procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(store.settings.store_dir), store.art_pass.path,
                                str(go)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    time.sleep(4)
+    for p in procs:  # both have paid their imports (no fixed sleep: as long as the machine needs, no longer)
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=60)[1][-2000:]
     go.touch()
     outs = []
     for p in procs:
@@ -252,3 +253,18 @@ def test_cli_prints_hostile_tags_literally(store, cli):
         assert "\x1b[31m" not in r.output
     finally:
         c.delete_model_version_tag(store.model, store.passing.version, "note")
+
+
+def test_audit_export_without_attach_reads_only_the_audit_db(tmp_path):
+    """`audit export --no-attach` (no version) writes the JSONL from the audit DB alone: it never creates an MLflow
+    store (a read-only command has no side effect there, and skipping MLflow's schema migration saves ~9 s)."""
+    from registry.audit import record_event
+    from registry.config import RegistrySettings
+    from registry.queries import export_events
+
+    s = RegistrySettings.from_env(env={"QUANTGATE_STORE_DIR": str(tmp_path / "store"),
+                                       "QUANTGATE_AUDIT_DB_URL": f"sqlite:///{tmp_path / 'audit.db'}"})
+    record_event("quantize", db_url=s.audit_db_url, model="m", config={"mix": "Q4_K_M"})
+    path, n = export_events("m", None, tmp_path / "m.jsonl", settings=s, attach=False)
+    assert n == 1 and [json.loads(ln)["action"] for ln in path.read_text().splitlines()] == ["quantize"]
+    assert not (tmp_path / "store").exists(), sorted(p.name for p in (tmp_path / "store").iterdir())
