@@ -23,11 +23,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from core.atomic import atomic_write_text
-from core.errors import QuantGateError
+from core.errors import CheckpointError, QuantGateError
 from core.hashing import file_sha256
 from core.templating import render
 from core.text import MdSafe, md_code, one_line
 from quant.gguf_reader import read_gguf
+from quant.gguf_split import parse_part_name, refuse_split
 from registry.client import get_version, mlflow_client, parse_model_ref, resolve
 from registry.config import RegistrySettings
 
@@ -454,14 +455,33 @@ def ollama_name(text: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-.") or "model"
 
 
+_OLLAMA_SPLIT = ("{what}; Ollama imports one GGUF file per Modelfile FROM (ollama/ollama#5245): quantize it "
+                 "without --split-max-size/--split-max-tensors, or merge the parts (llama-gguf-split --merge)")
+
+
+def _refuse_split_for_ollama(path: Path) -> None:
+    """ExportError, before anything is written, when `path` is a part of a split GGUF (Ollama cannot import one)."""
+    try:
+        refuse_split(path, "Ollama")
+    except CheckpointError:
+        raise ExportError(_OLLAMA_SPLIT.format(what=f"{one_line(str(path), 200)} is part of a split GGUF")) from None
+
+
 def export_ollama(ref: str, out_dir: "str | os.PathLike[str]", *, settings: Any = None,
                   template_file: "str | os.PathLike[str] | None" = None, name: str | None = None) -> OllamaExport:
     """Write out_dir/<file>.gguf (downloaded from the registry for MODEL@ALIAS / MODEL/VERSION, or copied from a
-    GGUF path) and out_dir/Modelfile."""
+    GGUF path) and out_dir/Modelfile. A split GGUF is refused before anything is written (Ollama takes one file)."""
     out = Path(out_dir)
+    src = Path(ref)
+    if src.is_file():
+        _refuse_split_for_ollama(src)
+    elif _is_registry_ref(ref):
+        from registry.queries import gguf_file_name  # lazy: the audit trail's SQLAlchemy, MLflow
+
+        if parse_part_name(gguf_file_name(ref, settings=settings)) is not None:
+            raise ExportError(_OLLAMA_SPLIT.format(what=f"{one_line(ref, 200)} is a split GGUF"))
     out.mkdir(parents=True, exist_ok=True)
     override = Path(template_file).read_text(encoding="utf-8") if template_file is not None else None
-    src = Path(ref)
     if src.is_file():
         gguf = _copy_into(src, out)
         default_name = src.stem

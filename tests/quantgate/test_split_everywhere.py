@@ -91,3 +91,10 @@ def test_llama_cpp_loads_split_parts(whole, tmp_path, require_oracle):
 
     split_logits = logits(art["parts"][0]["path"])
     assert np.isfinite(split_logits).all() and np.array_equal(split_logits, logits(whole["path"]))
+
+
+def test_export_ollama_refuses_a_split_part_cli(tmp_path):
+    art = quantize_step(REFERENCE, "F16", workdir=tmp_path / "jobs", name="ref", split={"split_max_tensors": 8})
+    r = runner.invoke(app, ["export", "ollama", art["parts"][0]["path"], "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Ollama imports one GGUF file" in r.output, r.output
+    assert not (tmp_path / "o").exists()

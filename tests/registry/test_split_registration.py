@@ -71,3 +71,17 @@ def test_a_tampered_part_is_refused(split_version, tmp_path):
         assert not list((tmp_path / "dl").iterdir())
     finally:
         stored[0].write_bytes(original)
+
+
+def test_ollama_export_refuses_a_split_version_before_fetching(split_version, tmp_path):
+    from quantgate.export import ExportError, export_ollama
+    from registry.queries import gguf_file_name
+
+    work, art, settings, rv = split_version
+    ref = f"{rv.model_name}/{rv.version}"
+    assert gguf_file_name(ref, settings=settings) == Path(art.parts[0]["path"]).name
+    with pytest.raises(ExportError, match="split GGUF; Ollama imports one GGUF file"):
+        export_ollama(ref, tmp_path / "ollama", settings=settings)
+    with pytest.raises(ExportError, match="part of a split GGUF"):
+        export_ollama(art.parts[1]["path"], tmp_path / "ollama", settings=settings)
+    assert not (tmp_path / "ollama").exists()          # refused before anything was written
