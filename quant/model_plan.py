@@ -196,7 +196,7 @@ def _gguf_value(kvs: list[KV], key: str, default: Any = None) -> Any:
 # is read.
 
 #: architectures whose required tensors and shapes are checked (llama.cpp's llama / qwen2 loaders)
-CHECKED_ARCHS = ("llama", "qwen2")
+CHECKED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
 MAX_HPARAM_INT = 2**31 - 1          # llama.cpp keeps every hyperparameter in an int32_t / uint32_t
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -253,7 +253,7 @@ def _hp_positive_float(kv: dict[str, Any], key: str, problems: list[str]) -> Non
 
 
 def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Problems that make the model unbuildable: zero tensors; for llama / qwen2 also a missing or
+    """Problems that make the model unbuildable: zero tensors; for llama / qwen2 / qwen3 / qwen3moe also a missing or
     non-positive/non-finite hyperparameter, a tensor a block needs that is absent, a shape that disagrees with the
     hyperparameters, a block beyond block_count, a tensor the architecture does not have. `shapes` are numpy-order
     (rows, cols); `kv` maps GGUF keys to values (per-layer arrays allowed). Other architectures: zero tensors only."""
@@ -273,7 +273,11 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     ffs = _hp_layers(kv, f"{arch}.feed_forward_length", problems, nl, required=False)
     dk = _hp_int(kv, f"{arch}.attention.key_length", problems, required=False)
     dv = _hp_int(kv, f"{arch}.attention.value_length", problems, required=False)
-    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=False)
+    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=arch == "qwen3moe")
+    # qwen3moe (llama.cpp models/qwen3moe.cpp): expert width expert_feed_forward_length, else n_ff / n_expert_used
+    ff_exp = _hp_layers(kv, f"{arch}.expert_feed_forward_length", problems, n_layer or 1, required=False) \
+        if arch == "qwen3moe" else None
+    used = _hp_int(kv, f"{arch}.expert_used_count", problems, required=arch == "qwen3moe")
     for key in ("context_length", "vocab_size", "rope.dimension_count"):
         _hp_int(kv, f"{arch}.{key}", problems, required=False)
     for key in ("rope.freq_base", "rope.freq_scale", "rope.scaling.factor", "attention.layer_norm_rms_epsilon"):
@@ -300,6 +304,10 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     optional: dict[str, tuple[int | None, ...]] = {"output.weight": (v, e), "rope_freqs.weight": (dk // 2,)}
     for i in range(n_layer):
         b, h, hk, ff = f"blk.{i}.", heads[i], heads_kv[i], (ffs[i] if ffs else None)
+        if arch == "qwen3moe":
+            ff = ff_exp[i] if ff_exp else (ff // used if ff and used else None)
+        if arch in ("qwen3", "qwen3moe"):   # models/qwen3*.cpp: per-head RMS norms of q and k
+            want |= {b + "attn_q_norm.weight": (dk,), b + "attn_k_norm.weight": (dk,)}
         want |= {b + "attn_norm.weight": (e,), b + "attn_q.weight": (h * dk, e),
                  b + "attn_k.weight": (hk * dk, e), b + "attn_v.weight": (hk * dv, e),
                  b + "attn_output.weight": (e, h * dv), b + "ffn_norm.weight": (e,)}

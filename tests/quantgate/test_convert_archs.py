@@ -406,3 +406,23 @@ def test_llama3_rope_scaling_same_file_as_convert_hf_to_gguf(tmp_path):
     if ggml_oracle.available() or oracle_required():
         res = _compare_logits(hf, ours, label="tiny-llama3-rope")
         assert res["top1_agreement"] >= 0.99 and res["max_abs_logit_diff"] < 0.05, res
+
+
+@pytest.mark.parametrize("arch,tensor", [("qwen3", "blk.0.attn_k_norm.weight"),
+                                         ("qwen3moe", "blk.1.ffn_up_exps.weight")])
+def test_verify_shape_checks_qwen3(converted, arch, tensor):
+    """qwen3 / qwen3moe are in CHECKED_ARCHS: the converter's file passes; one wrong shape, or a missing q/k norm,
+    is a problem naming the tensor (shapes as llama.cpp's models/qwen3*.cpp create_tensors)."""
+    from quant.gguf_reader import read_gguf
+    from quant.model_plan import CHECKED_ARCHS, check_architecture
+
+    assert arch in CHECKED_ARCHS
+    with read_gguf(converted[arch][1]) as g:
+        kv = {k.key: k.value for k in g.kv}
+        shapes = {t.name: tuple(t.shape) for t in g.tensors}
+    assert check_architecture(arch, kv, shapes) == []
+    bad = {**shapes, tensor: shapes[tensor][:-1] + (shapes[tensor][-1] + 1,)}
+    problems = check_architecture(arch, kv, bad)
+    assert len(problems) == 1 and repr(tensor) in problems[0] and "has shape" in problems[0]
+    gone = {k: v for k, v in shapes.items() if k != "blk.0.attn_q_norm.weight"}
+    assert any("blk.0.attn_q_norm.weight" in p for p in check_architecture(arch, kv, gone))
