@@ -253,7 +253,8 @@ def _hp_positive_float(kv: dict[str, Any], key: str, problems: list[str]) -> Non
 
 
 def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Problems that make the model unbuildable: zero tensors; for llama / qwen2 / qwen3 / qwen3moe also a missing or
+    """Problems that make the model unbuildable: zero tensors; for CHECKED_ARCHS (llama incl. mixtral, qwen2, qwen3,
+    qwen3moe, gemma2, gemma3, phi3) also a missing or
     non-positive/non-finite hyperparameter, a tensor a block needs that is absent, a shape that disagrees with the
     hyperparameters, a block beyond block_count, a tensor the architecture does not have. `shapes` are numpy-order
     (rows, cols); `kv` maps GGUF keys to values (per-layer arrays allowed). Other architectures: zero tensors only."""
