@@ -620,7 +620,8 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
     }
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     rows = [{
-        "file": MdSafe("<br>".join(md_code(n) for n in f.parts)) if f.parts else md_code(f.file), "mix": f.mix, "size": _size(f.size_bytes), "bpw": _fmt(f.bpw, ".2f"),
+        "file": MdSafe("<br>".join(md_code(n) for n in f.parts)) if f.parts else md_code(f.file), "mix": f.mix,
+        "size": _size(f.size_bytes), "bpw": _fmt(f.bpw, ".2f"),
         "ppl_ratio": _fmt(f.ppl_ratio, ".4f"), "kld": _fmt(f.kld, ".4f"), "verdict": f.verdict,
         "sha256": md_code(f.sha256), "version": f.version,
         "aliases": MdSafe(", ".join(md_code(a) for a in f.aliases)) if f.aliases else "",

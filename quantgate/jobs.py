@@ -382,9 +382,9 @@ def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathL
         with auto_request(model, folder / f"{stem}-AUTO.gguf", profile=profile, policy="budget",
                           **budget) as (req, plan):
             art = quantize_model(replace(req, source_lineage=source_lineage, **split), on_tensor=cb)
-        rec = {**art.to_dict(), **({"split": split} if split else {}), "plan_key": plan_key, "auto": {"target": str(target), **budget,
-                                                               "file_type_mix": plan.file_type_mix,
-                                                               "profile": str(profile)}}
+        rec = {**art.to_dict(), **({"split": split} if split else {}), "plan_key": plan_key,
+               "auto": {"target": str(target), **budget, "file_type_mix": plan.file_type_mix,
+                        "profile": str(profile)}}
         atomic_write_text(folder / ARTIFACT_JSON, json.dumps(rec, indent=2, sort_keys=True) + "\n")
         return {**rec, "reused": False}
 

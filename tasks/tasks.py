@@ -207,8 +207,9 @@ def profile(self: QuantgateTask, model: str | dict[str, Any], workdir: str,
 def quantize(self: QuantgateTask, model: str | dict[str, Any], mix: str, workdir: str, name: str | None = None,
              auto: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Quantize one model with one mix (idempotent by job key); AUTO uses the job's profile (auto: its
-    profile_options and auto_target); split: QuantizeRequest's split fields (split GGUF parts); returns {mix, job_key, artifact} (+ source: the source record, for a job on
-    a model reference, whose lineage the GGUF carries)."""
+    profile_options and auto_target); split: QuantizeRequest's split fields (split GGUF parts); returns {mix,
+    job_key, artifact} (+ source: the source record, for a job on a model reference, whose lineage the GGUF
+    carries)."""
     self.report("quantize", 0, 1)
     a = dict(auto or {})
     path, rec = _open(model) if isinstance(model, Mapping) else (model, None)

@@ -1,5 +1,5 @@
 """`quantgate validate` checks its inputs before run(): a non-regular --quantized (/dev/null, a FIFO) or a missing one
-is refused with one error line and exit 2, and nothing is written (no error record, no report folder, no audit event)."""
+is refused with one error line and exit 2, and nothing is written (no error record, report folder or audit event)."""
 from __future__ import annotations
 
 import os
