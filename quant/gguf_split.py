@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from gguf.constants import GGUFValueType
@@ -74,6 +74,46 @@ def parse_split_size(text: str) -> int:
     if not 0 < n <= _INT_MAX:
         raise SplitError(f"--split-max-size {text!r}: the number must be between 1 and {_INT_MAX}")
     return n * _UNITS[m[2].upper()]
+
+
+def split_options(max_size: "str | int | None" = None, max_tensors: "int | None" = None) -> dict[str, int]:
+    """The split fields of a QuantizeRequest ({split_max_bytes} or {split_max_tensors}; {} for one file) from the
+    user's --split-max-size (2G, 500M; an int is bytes) / --split-max-tensors: the one parser every entry point
+    (quantize, run, submit, DVC stages, the Celery task) uses, so each refuses the same bad values the same way."""
+    if max_size is not None and max_tensors is not None:
+        raise SplitError("give either --split-max-size or --split-max-tensors, not both")
+    if max_tensors is not None:
+        if isinstance(max_tensors, bool) or not isinstance(max_tensors, int) or not 0 < max_tensors <= _INT_MAX:
+            raise SplitError(f"--split-max-tensors {max_tensors!r}: must be a positive number of tensors")
+        return {"split_max_tensors": max_tensors}
+    if max_size is None:
+        return {}
+    if isinstance(max_size, bool) or not isinstance(max_size, (int, str)):
+        raise SplitError(f"--split-max-size {max_size!r}: expected a size such as 2G")
+    if isinstance(max_size, int):
+        if not 0 < max_size <= _INT_MAX * _UNITS["G"]:
+            raise SplitError(f"--split-max-size {max_size}: must be a positive number of bytes")
+        return {"split_max_bytes": max_size}
+    return {"split_max_bytes": parse_split_size(max_size)}
+
+
+def check_split_fields(d: "Mapping[str, Any] | None") -> dict[str, int]:
+    """split fields received from outside (a Celery message, a JobSpec dict): only the two known keys, valid values."""
+    if not d:
+        return {}
+    if not isinstance(d, Mapping) or set(d) - {"split_max_bytes", "split_max_tensors"}:
+        raise SplitError(f"split options: expected split_max_bytes or split_max_tensors, got {sorted(map(str, d))}"
+                         if isinstance(d, Mapping) else "split options: expected a mapping")
+    return split_options(d.get("split_max_bytes"), d.get("split_max_tensors"))
+
+
+def split_tag(split: "Mapping[str, int]") -> str:
+    """A short file-name-safe tag of the split options ('' for one file): job folders differ per layout."""
+    if "split_max_tensors" in split:
+        return f"split-{split['split_max_tensors']}t"
+    if "split_max_bytes" in split:
+        return f"split-{split['split_max_bytes']}b"
+    return ""
 
 
 def plan_parts(nbytes: Sequence[int], *, max_bytes: int | None = None, max_tensors: int | None = None,

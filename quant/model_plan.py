@@ -196,7 +196,7 @@ def _gguf_value(kvs: list[KV], key: str, default: Any = None) -> Any:
 # is read.
 
 #: architectures whose required tensors and shapes are checked (llama.cpp's llama / qwen2 loaders)
-CHECKED_ARCHS = ("llama", "qwen2")
+CHECKED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
 MAX_HPARAM_INT = 2**31 - 1          # llama.cpp keeps every hyperparameter in an int32_t / uint32_t
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -253,7 +253,8 @@ def _hp_positive_float(kv: dict[str, Any], key: str, problems: list[str]) -> Non
 
 
 def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Problems that make the model unbuildable: zero tensors; for llama / qwen2 also a missing or
+    """Problems that make the model unbuildable: zero tensors; for CHECKED_ARCHS (llama incl. mixtral, qwen2, qwen3,
+    qwen3moe, gemma2, gemma3, phi3) also a missing or
     non-positive/non-finite hyperparameter, a tensor a block needs that is absent, a shape that disagrees with the
     hyperparameters, a block beyond block_count, a tensor the architecture does not have. `shapes` are numpy-order
     (rows, cols); `kv` maps GGUF keys to values (per-layer arrays allowed). Other architectures: zero tensors only."""
@@ -273,7 +274,11 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     ffs = _hp_layers(kv, f"{arch}.feed_forward_length", problems, nl, required=False)
     dk = _hp_int(kv, f"{arch}.attention.key_length", problems, required=False)
     dv = _hp_int(kv, f"{arch}.attention.value_length", problems, required=False)
-    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=False)
+    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=arch == "qwen3moe")
+    # qwen3moe (llama.cpp models/qwen3moe.cpp): expert width expert_feed_forward_length, else n_ff / n_expert_used
+    ff_exp = _hp_layers(kv, f"{arch}.expert_feed_forward_length", problems, n_layer or 1, required=False) \
+        if arch == "qwen3moe" else None
+    used = _hp_int(kv, f"{arch}.expert_used_count", problems, required=arch == "qwen3moe")
     for key in ("context_length", "vocab_size", "rope.dimension_count"):
         _hp_int(kv, f"{arch}.{key}", problems, required=False)
     for key in ("rope.freq_base", "rope.freq_scale", "rope.scaling.factor", "attention.layer_norm_rms_epsilon"):
@@ -300,6 +305,10 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     optional: dict[str, tuple[int | None, ...]] = {"output.weight": (v, e), "rope_freqs.weight": (dk // 2,)}
     for i in range(n_layer):
         b, h, hk, ff = f"blk.{i}.", heads[i], heads_kv[i], (ffs[i] if ffs else None)
+        if arch == "qwen3moe":
+            ff = ff_exp[i] if ff_exp else (ff // used if ff and used else None)
+        if arch in ("qwen3", "qwen3moe", "gemma3"):   # models/qwen3*.cpp, gemma3.cpp: per-head RMS norms of q and k
+            want |= {b + "attn_q_norm.weight": (dk,), b + "attn_k_norm.weight": (dk,)}
         want |= {b + "attn_norm.weight": (e,), b + "attn_q.weight": (h * dk, e),
                  b + "attn_k.weight": (hk * dk, e), b + "attn_v.weight": (hk * dv, e),
                  b + "attn_output.weight": (e, h * dv), b + "ffn_norm.weight": (e,)}
@@ -311,6 +320,21 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
         biases = {b + "attn_q.bias": (h * dk,), b + "attn_k.bias": (hk * dk,), b + "attn_v.bias": (hk * dv,)}
         (want if arch == "qwen2" else optional).update(biases)
         optional |= {b + "attn_output.bias": (e,)}
+        if arch in ("gemma2", "gemma3"):   # models/gemma2.cpp, gemma3.cpp: norms after attention and after the FFN
+            want |= {b + "post_attention_norm.weight": (e,), b + "post_ffw_norm.weight": (e,)}
+        if arch == "phi3":   # models/phi3.cpp: fused qkv (or q/k/v), ffn_up holds gate and up, no ffn_gate
+            for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight"):
+                optional[b + n] = want.pop(b + n)
+            del optional[b + "ffn_gate.weight"]
+            want[b + "ffn_up.weight"] = (2 * ff if ff else None, e)
+            fused = b + "attn_qkv.weight"
+            optional[fused] = (h * dk + 2 * hk * dk, e)
+            if fused not in shapes:
+                want |= {b + n: optional.pop(b + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")}
+    if arch == "phi3":   # LongRoPE factors: one pair for the model, n_rot / 2 each
+        rot = kv.get(f"{arch}.rope.dimension_count")
+        half = int(rot) // 2 if _is_pos_int(rot) else dk // 2
+        optional |= {"rope_factors_long.weight": (half,), "rope_factors_short.weight": (half,)}
     known: set[str] | None = None
     missing = [n for n in want if n not in shapes]
     if missing:

@@ -83,8 +83,9 @@ def _check_metadata(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
 
 
 def _check_architecture(g: GGUFFile, problems: list[str], notes: list[str]) -> None:
-    """Zero tensors is a problem; for llama / qwen2 every tensor each block needs must be there with the shape the
-    hyperparameters give, and the hyperparameters must be positive and finite (quant.model_plan.check_architecture)."""
+    """Zero tensors is a problem; for the architectures in CHECKED_ARCHS every tensor each block needs must be there
+    with the shape the hyperparameters give, and the hyperparameters must be positive and finite
+    (quant.model_plan.check_architecture)."""
     arch = g.value("general.architecture")
     arch = arch if isinstance(arch, str) else ""
     kv = {k.key: k.value for k in g.kv}

@@ -57,7 +57,7 @@ def pipeline(spec: JobSpec, job_id: str) -> Any:
     auto = {"profile_options": d["profile_options"], "auto_target": spec.auto_target}
     for mix in spec.mixes:
         steps = [_sig("quantize", *model, mix, spec.workdir, spec.model_name, auto if is_auto(mix) else None,
-                      partial=ref).set(task_id=task_id(job_id, mix, "quantize"))]
+                      d["split"] or None, partial=ref).set(task_id=task_id(job_id, mix, "quantize"))]
         if spec.gates is not None:
             steps.append(_sig("validate", None if ref else spec.model, d["gates"], spec.dataset, d["options"],
                               partial=True).set(task_id=task_id(job_id, mix, "validate")))

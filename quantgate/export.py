@@ -23,11 +23,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from core.atomic import atomic_write_text
-from core.errors import QuantGateError
-from core.hashing import file_sha256
+from core.errors import CheckpointError, QuantGateError
+from core.hashing import checkpoint_sha256, file_sha256
 from core.templating import render
 from core.text import MdSafe, md_code, one_line
 from quant.gguf_reader import read_gguf
+from quant.gguf_split import parse_part_name, refuse_split, split_path
 from registry.client import get_version, mlflow_client, parse_model_ref, resolve
 from registry.config import RegistrySettings
 
@@ -454,14 +455,33 @@ def ollama_name(text: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-.") or "model"
 
 
+_OLLAMA_SPLIT = ("{what}; Ollama imports one GGUF file per Modelfile FROM (ollama/ollama#5245): quantize it "
+                 "without --split-max-size/--split-max-tensors, or merge the parts (llama-gguf-split --merge)")
+
+
+def _refuse_split_for_ollama(path: Path) -> None:
+    """ExportError, before anything is written, when `path` is a part of a split GGUF (Ollama cannot import one)."""
+    try:
+        refuse_split(path, "Ollama")
+    except CheckpointError:
+        raise ExportError(_OLLAMA_SPLIT.format(what=f"{one_line(str(path), 200)} is part of a split GGUF")) from None
+
+
 def export_ollama(ref: str, out_dir: "str | os.PathLike[str]", *, settings: Any = None,
                   template_file: "str | os.PathLike[str] | None" = None, name: str | None = None) -> OllamaExport:
     """Write out_dir/<file>.gguf (downloaded from the registry for MODEL@ALIAS / MODEL/VERSION, or copied from a
-    GGUF path) and out_dir/Modelfile."""
+    GGUF path) and out_dir/Modelfile. A split GGUF is refused before anything is written (Ollama takes one file)."""
     out = Path(out_dir)
+    src = Path(ref)
+    if src.is_file():
+        _refuse_split_for_ollama(src)
+    elif _is_registry_ref(ref):
+        from registry.queries import gguf_file_name  # lazy: the audit trail's SQLAlchemy, MLflow
+
+        if parse_part_name(gguf_file_name(ref, settings=settings)) is not None:
+            raise ExportError(_OLLAMA_SPLIT.format(what=f"{one_line(ref, 200)} is a split GGUF"))
     out.mkdir(parents=True, exist_ok=True)
     override = Path(template_file).read_text(encoding="utf-8") if template_file is not None else None
-    src = Path(ref)
     if src.is_file():
         gguf = _copy_into(src, out)
         default_name = src.stem
@@ -499,6 +519,9 @@ class HFFile:
     sha256: str
     gate_set: str
     gates: list[dict[str, Any]]     # the verdict's gates: name, value, passed (empty: unvalidated)
+    #: a split GGUF: every part's file name, in order (file is the first; size_bytes the total; sha256 the set's
+    #: core.hashing.checkpoint_sha256, as the registry records it); empty for a single file
+    parts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -570,6 +593,8 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
     for mv in uniq:
         path = download(f"{model}/{mv.version}", out, settings=s)
         paths.append(path)
+        named = parse_part_name(path)
+        set_paths = [split_path(named[0], i, named[2]) for i in range(named[2])] if named else [path]
         run = client.get_run(mv.run_id)
         m = run.data.metrics
         tags = mv.tags
@@ -578,10 +603,11 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
         gates = json.loads(verdict_text).get("gates", []) if verdict_text else []
         files.append(HFFile(
             file=path.name, version=str(mv.version), aliases=sorted(mv.aliases or []),
-            mix=tags.get("precision") or "unknown", size_bytes=path.stat().st_size,
+            mix=tags.get("precision") or "unknown", size_bytes=sum(p.stat().st_size for p in set_paths),
             bpw=float(bpw) if bpw else None, ppl_ratio=_metric(m, "ppl_ratio", "val.ppl_ratio"),
             kld=_metric(m, "kl_mean", "val.kl_mean"), verdict=tags.get("verdict", "unvalidated"),
-            sha256=file_sha256(path), gate_set=tags.get("gate_set", ""), gates=gates))
+            sha256=checkpoint_sha256(set_paths) if named else file_sha256(path), gate_set=tags.get("gate_set", ""),
+            gates=gates, parts=[p.name for p in set_paths] if named else []))
     rm = client.get_registered_model(model)
     source = (rm.tags or {}).get("source_model") or model
     meta: dict[str, Any] = {
@@ -594,7 +620,8 @@ def export_hf(model: str, out_dir: "str | os.PathLike[str]", *, aliases: Sequenc
     }
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     rows = [{
-        "file": md_code(f.file), "mix": f.mix, "size": _size(f.size_bytes), "bpw": _fmt(f.bpw, ".2f"),
+        "file": MdSafe("<br>".join(md_code(n) for n in f.parts)) if f.parts else md_code(f.file), "mix": f.mix,
+        "size": _size(f.size_bytes), "bpw": _fmt(f.bpw, ".2f"),
         "ppl_ratio": _fmt(f.ppl_ratio, ".4f"), "kld": _fmt(f.kld, ".4f"), "verdict": f.verdict,
         "sha256": md_code(f.sha256), "version": f.version,
         "aliases": MdSafe(", ".join(md_code(a) for a in f.aliases)) if f.aliases else "",

@@ -31,6 +31,7 @@ from core.records import (
 )
 from core.text import one_line
 from core.version import __version__
+from quant.gguf_split import check_split_fields, split_tag
 from quant.loaders import open_checkpoint
 from quant.mixes import get_mix
 from quantgate.config import registry_settings
@@ -66,6 +67,8 @@ class JobSpec:
     model_ref: bool = False
     model_repo: str | None = None            # with model_ref: the DVC repository (git URL, or a path on the workers)
     model_rev: str | None = None             # with model_ref: its git revision, or the Hub revision
+    #: write split GGUFs: QuantizeRequest's split fields (quant.gguf_split.split_options); {} for single files
+    split: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,13 +76,15 @@ class JobSpec:
         d["gates"] = _plain(self.gates) if self.gates is not None else None
         d["options"] = dict(self.options)
         d["profile_options"] = dict(self.profile_options)
+        d["split"] = dict(self.split)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
         """The inverse of to_dict (what crosses Redis)."""
         return cls(**{**d, "mixes": tuple(d["mixes"]), "options": dict(d.get("options") or {}),
-                      "profile_options": dict(d.get("profile_options") or {})})
+                      "profile_options": dict(d.get("profile_options") or {}),
+                      "split": check_split_fields(d.get("split"))})
 
     @property
     def needs_profile(self) -> bool:
@@ -172,13 +177,18 @@ def _finished_artifact(folder: Path) -> dict[str, Any] | None:
     rec = _read_json(folder / ARTIFACT_JSON)
     if not rec:
         return None
-    gguf = Path(rec.get("path", ""))
     try:
-        if gguf.stat().st_size == rec["nbytes"]:
+        files = [(Path(p["path"]), p["nbytes"]) for p in rec.get("parts") or []] or [(Path(rec["path"]), rec["nbytes"])]
+        if all(f.stat().st_size == n for f, n in files):
             return rec
-    except (OSError, KeyError):
+    except (OSError, KeyError, TypeError):
         pass
     return None
+
+
+def _same_layout(rec: Mapping[str, Any], split: Mapping[str, int]) -> bool:
+    """Whether a finished artifact is laid out as asked (a split set for a split request, one file otherwise)."""
+    return bool(rec.get("parts")) == bool(split) and rec.get("split", {}) == dict(split)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -186,8 +196,10 @@ def _finished_artifact(folder: Path) -> dict[str, Any] | None:
 
 def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | os.PathLike[str]" = "out/jobs",
                   out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
-                  on_progress: ProgressFn | None = None, source_lineage: str | None = None) -> dict[str, Any]:
-    """Quantize `model` with `mix` into out_dir (default workdir/<job key>), or return the finished artifact.
+                  on_progress: ProgressFn | None = None, source_lineage: str | None = None,
+                  split: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Quantize `model` with `mix` into out_dir (default workdir/<job key>, workdir/<job key>-split-... for a split
+    GGUF: split = QuantizeRequest's split fields), or return the finished artifact.
 
     Holds the job's lock while working, so a redelivered copy of the same job waits and then returns the first
     copy's artifact; temp files of a writer that died are removed; the GGUF appears only complete (atomic rename).
@@ -196,10 +208,12 @@ def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | 
     ident = source_identity(model)
     recipe = mix_recipe(mix)
     key = mix_job_key(ident["sha256"], mix)
-    folder = Path(out_dir) if out_dir is not None else Path(workdir) / key
+    split = check_split_fields(split)
+    tag = split_tag(split)
+    folder = Path(out_dir) if out_dir is not None else Path(workdir) / (f"{key}-{tag}" if tag else key)
     with job_lock(folder):
         done = _finished_artifact(folder)
-        if done is not None and done.get("job_key") == key:
+        if done is not None and done.get("job_key") == key and _same_layout(done, split):
             return {**done, "reused": True}
         _remove_orphan_temps(folder)
         stem = name or Path(ident["path"]).name.removesuffix(".gguf") or "model"
@@ -209,10 +223,10 @@ def quantize_step(model: "str | os.PathLike[str]", mix: str, *, workdir: "str | 
             def cb(i: int, n: int, _tensor: str) -> None:
                 on_progress(i, n, "quantize")
         art = quantize_model(QuantizeRequest(source=Path(model), out=out, precision=recipe.precision,
-                                             source_lineage=source_lineage), on_tensor=cb)
+                                             source_lineage=source_lineage, **split), on_tensor=cb)
         if art.job_key != key:  # the pipeline's recipe drifted from mix_recipe(): a bug, not bad input
             raise RuntimeError(f"job key mismatch for {mix}: planned {key[:12]}, pipeline {art.job_key[:12]}")
-        rec = art.to_dict()
+        rec = {**art.to_dict(), **({"split": split} if split else {})}
         atomic_write_text(folder / ARTIFACT_JSON, json.dumps(rec, indent=2, sort_keys=True) + "\n")
         return {**rec, "reused": False}
 
@@ -338,8 +352,10 @@ def auto_budget(model: "str | os.PathLike[str]", target: str, n_params: int) -> 
 def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathLike[str]", *,
                        target: str = DEFAULT_AUTO_TARGET, workdir: "str | os.PathLike[str]" = "out/jobs",
                        out_dir: "str | os.PathLike[str] | None" = None, name: str | None = None,
-                       on_progress: ProgressFn | None = None, source_lineage: str | None = None) -> dict[str, Any]:
-    """`quantize --precision auto --profile P --policy budget` for one model, idempotent like quantize_step.
+                       on_progress: ProgressFn | None = None, source_lineage: str | None = None,
+                       split: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """`quantize --precision auto --profile P --policy budget` for one model, idempotent like quantize_step
+    (split: as there).
 
     The job key of an auto file depends on the types the policy picks, known only after planning, so the folder
     is workdir/auto-<plan key> (source SHA-256 + profile SHA-256 + target + tool version); artifact.json inside
@@ -348,10 +364,13 @@ def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathL
     ident = source_identity(model)
     plan_key = sha256_text(canonical_json({"source": ident["sha256"], "profile": file_sha256(profile),
                                            "target": str(target), "tool": __version__}))
-    folder = Path(out_dir) if out_dir is not None else Path(workdir) / f"auto-{plan_key[:32]}"
+    split = check_split_fields(split)
+    tag = split_tag(split)
+    folder = Path(out_dir) if out_dir is not None else \
+        Path(workdir) / (f"auto-{plan_key[:32]}-{tag}" if tag else f"auto-{plan_key[:32]}")
     with job_lock(folder):
         done = _finished_artifact(folder)
-        if done is not None and done.get("plan_key") == plan_key:
+        if done is not None and done.get("plan_key") == plan_key and _same_layout(done, split):
             return {**done, "reused": True}
         _remove_orphan_temps(folder)
         budget = auto_budget(model, target, int(Profile.load(profile).model["n_params"]))
@@ -362,10 +381,10 @@ def quantize_auto_step(model: "str | os.PathLike[str]", profile: "str | os.PathL
                 on_progress(i, n, "quantize")
         with auto_request(model, folder / f"{stem}-AUTO.gguf", profile=profile, policy="budget",
                           **budget) as (req, plan):
-            art = quantize_model(replace(req, source_lineage=source_lineage), on_tensor=cb)
-        rec = {**art.to_dict(), "plan_key": plan_key, "auto": {"target": str(target), **budget,
-                                                               "file_type_mix": plan.file_type_mix,
-                                                               "profile": str(profile)}}
+            art = quantize_model(replace(req, source_lineage=source_lineage, **split), on_tensor=cb)
+        rec = {**art.to_dict(), **({"split": split} if split else {}), "plan_key": plan_key,
+               "auto": {"target": str(target), **budget, "file_type_mix": plan.file_type_mix,
+                        "profile": str(profile)}}
         atomic_write_text(folder / ARTIFACT_JSON, json.dumps(rec, indent=2, sort_keys=True) + "\n")
         return {**rec, "reused": False}
 
@@ -376,9 +395,9 @@ def quantize_for(spec: "JobSpec", mix: str, on_progress: ProgressFn | None = Non
         prof = profile_step(spec.model, workdir=spec.workdir, options=spec.profile_options)
         return quantize_auto_step(spec.model, prof["path"], target=spec.auto_target, workdir=spec.workdir,
                                   name=spec.source_name or spec.model_name, on_progress=on_progress,
-                                  source_lineage=spec.source_lineage)
+                                  source_lineage=spec.source_lineage, split=spec.split)
     return quantize_step(spec.model, mix, workdir=spec.workdir, name=spec.source_name or spec.model_name,
-                         on_progress=on_progress, source_lineage=spec.source_lineage)
+                         on_progress=on_progress, source_lineage=spec.source_lineage, split=spec.split)
 
 
 def check_mixes(spec: "JobSpec") -> None:

@@ -53,6 +53,15 @@ def _expected_size(client: Any, mv: Any) -> int:
         return 0
 
 
+def gguf_file_name(ref: str, *, settings: RegistrySettings | None = None) -> str:
+    """The file name a version's GGUF downloads as (a split GGUF: its first part's, OUT-00001-of-0000N.gguf): lets a
+    caller that needs one file refuse a split version before fetching anything."""
+    s = settings or RegistrySettings.from_env()
+    client = mlflow_client(s, quick=True)
+    with unreachable_as_error(s):
+        return safe_gguf_file(resolve(client, ref))
+
+
 def download(ref: str, out_dir: "str | os.PathLike[str]", *, settings: RegistrySettings | None = None,
              progress: ProgressFn | None = None) -> Path:
     """Fetch a version's GGUF (MODEL@ALIAS or MODEL/VERSION) into out_dir, check its SHA-256, audit it; for a split

@@ -17,6 +17,7 @@ from celery import Task
 from core.errors import QuantGateError
 from core.progress import reporting_transfers
 from core.text import one_line
+from quant.gguf_split import check_split_fields
 from quantgate import jobs, lease
 from quantgate.broker import app
 from quantgate.config import load_settings
@@ -204,17 +205,19 @@ def profile(self: QuantgateTask, model: str | dict[str, Any], workdir: str,
 
 @app.task(bind=True, base=QuantgateTask, name="quantgate.quantize")
 def quantize(self: QuantgateTask, model: str | dict[str, Any], mix: str, workdir: str, name: str | None = None,
-             auto: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             auto: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Quantize one model with one mix (idempotent by job key); AUTO uses the job's profile (auto: its
-    profile_options and auto_target); returns {mix, job_key, artifact} (+ source: the source record, for a job on
-    a model reference, whose lineage the GGUF carries)."""
+    profile_options and auto_target); split: QuantizeRequest's split fields (split GGUF parts); returns {mix,
+    job_key, artifact} (+ source: the source record, for a job on a model reference, whose lineage the GGUF
+    carries)."""
     self.report("quantize", 0, 1)
     a = dict(auto or {})
     path, rec = _open(model) if isinstance(model, Mapping) else (model, None)
     spec = jobs.JobSpec(model=path, mixes=(mix,), workdir=workdir, model_name=name,
                         profile_options=dict(a.get("profile_options") or {}),
                         auto_target=a.get("auto_target") or jobs.DEFAULT_AUTO_TARGET,
-                        source_name=rec.name if rec else None, source_lineage=rec.lineage_json() if rec else None)
+                        source_name=rec.name if rec else None, source_lineage=rec.lineage_json() if rec else None,
+                        split=check_split_fields(split))
     _check(spec, source=rec is not None)
     with transient_guard():
         art = jobs.quantize_for(spec, mix, on_progress=self.progress_fn("quantize"))

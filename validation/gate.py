@@ -9,6 +9,7 @@ folder holds only error.json. Reports: validation.publish.publish (layout in doc
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Iterable
 
 from core.atomic import atomic_write_text
 from core.errors import QuantGateError
+from core.paths import file_kind
 from core.progress import ProgressFn
 from core.records import GateResult, Verdict
 from quant.loaders import open_checkpoint
@@ -155,6 +157,22 @@ def _finish(v: Validation, results: list[GateResult]) -> Validation:
     return v
 
 
+def check_inputs(baseline: "str | os.PathLike[str]", candidate: "str | os.PathLike[str]") -> None:
+    """Refuse, before anything is written, a candidate that is not an existing regular file or a baseline that is
+    neither a regular file nor a folder: the error record would otherwise land beside /dev/null or a FIFO."""
+    for role, path, folder_ok in (("candidate", candidate, False), ("baseline", baseline, True)):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UnusableInput(f"{os.fspath(path)}: {role} not found") from None
+        except OSError as e:
+            raise UnusableInput(f"{os.fspath(path)}: {role} unreadable ({e.strerror or e})") from None
+        if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):
+            continue
+        want = "a GGUF file or a model folder" if folder_ok else "a GGUF file"
+        raise UnusableInput(f"{os.fspath(path)}: {role} is {file_kind(st.st_mode)}, not {want}; nothing written")
+
+
 def gate_and_report(
     baseline: "str | os.PathLike[str]",
     candidate: "str | os.PathLike[str]",
@@ -170,6 +188,7 @@ def gate_and_report(
     <candidate>.reports/); returns the Verdict (report paths filled in). Unusable inputs: error.json only, then
     UnusableInput. kwargs: see run_validation."""
 
+    check_inputs(baseline, candidate)
     candidate = Path(candidate)
     # absolute from here on: Great Expectations' Data Docs site refuses a relative base_directory, and the
     # report paths recorded in the verdict must not depend on the working directory of whoever reads them
@@ -197,5 +216,5 @@ def gate_and_report(
         staging.cleanup()
 
 
-__all__ = ["EXIT_PASSED", "EXIT_FAILED", "EXIT_UNUSABLE", "UnusableInput", "Validation", "exit_code",
+__all__ = ["EXIT_PASSED", "EXIT_FAILED", "EXIT_UNUSABLE", "UnusableInput", "Validation", "check_inputs", "exit_code",
            "run_validation", "gate_and_report"]

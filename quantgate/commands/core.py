@@ -71,15 +71,10 @@ def quantize(
     import dataclasses
 
     from core.records import QuantizeRequest
-    from quant.gguf_split import parse_split_size
+    from quant.gguf_split import split_options
     from quantgate.inputs import resolve_model
 
-    if split_max_size is not None and split_max_tensors is not None:
-        raise QuantGateError("give either --split-max-size or --split-max-tensors, not both")
-    if split_max_tensors is not None and split_max_tensors <= 0:
-        raise QuantGateError(f"--split-max-tensors {split_max_tensors}: must be a positive number of tensors")
-    split = {"split_max_bytes": parse_split_size(split_max_size) if split_max_size is not None else None,
-             "split_max_tensors": split_max_tensors}
+    split = {"split_max_bytes": None, "split_max_tensors": None, **split_options(split_max_size, split_max_tensors)}
     src = resolve_model(model, repo=model_repo, rev=model_rev)
     lineage = src.lineage_json()
     if precision.strip().upper() == "AUTO":

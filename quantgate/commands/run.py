@@ -27,12 +27,14 @@ def read_params(path: Path) -> dict[str, Any]:
 def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdir: Optional[Path],
                validate: Optional[bool], register: Optional[bool], model_name: Optional[str],
                profile: Optional[bool] = None, auto_target: Optional[str] = None,
-               model_repo: Optional[str] = None, model_rev: Optional[str] = None, on_worker: bool = False):
+               model_repo: Optional[str] = None, model_rev: Optional[str] = None, on_worker: bool = False,
+               split_max_size: Optional[str] = None, split_max_tensors: Optional[int] = None):
     """A JobSpec from params.yaml with CLI flags on top (flags win). An AUTO mix implies the profile step.
     `--model X` replaces params' model whole: outputs and the default registered name follow X, and params'
     model.name (which names params' model) is not used for it. `on_worker` (submit): a reference that names a
     registry, the Hub or a DVC repository is checked and sent as a reference for the worker to resolve; anything
-    else is a path, resolved here."""
+    else is a path, resolved here. Split output: --split-max-size/--split-max-tensors, else params split_max_size /
+    split_max_tensors."""
     from quantgate.config import load_settings
     from quantgate.inputs import check_reference, is_repo_url, names_remote_source, resolve_model
     from quantgate.jobs import DEFAULT_AUTO_TARGET, PROFILE_OPTIONS, JobSpec
@@ -67,7 +69,17 @@ def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdi
                    options={k: v for k, v in ev.items() if k != "dataset"},
                    profile_options={k: v for k, v in (p.get("profile") or {}).items() if k in PROFILE_OPTIONS},
                    auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET),
-                   **ref)
+                   split=split_from(p, split_max_size, split_max_tensors), **ref)
+
+
+def split_from(params: dict[str, Any], max_size: Optional[str], max_tensors: Optional[int]) -> dict[str, int]:
+    """QuantizeRequest's split fields: the CLI flags when either is given, else params split_max_size /
+    split_max_tensors (null or absent: one file)."""
+    from quant.gguf_split import split_options
+
+    if max_size is None and max_tensors is None:
+        max_size, max_tensors = params.get("split_max_size"), params.get("split_max_tensors")
+    return split_options(max_size, max_tensors)
 
 
 def _use_broker(broker: Optional[str]) -> None:
@@ -106,6 +118,12 @@ _SPEC_HELP = dict(
     auto_target=typer.Option(None, "--auto-target",
                              help="Budget of the AUTO mix: a mix name (its size, default Q4_K_M), bits per weight "
                                   "(4.5) or a file size (3.9GB); default: params auto.target"),
+    split_max_size=typer.Option(None, "--split-max-size",
+                                help="Write split GGUFs (llama-gguf-split layout) with at most this much tensor data "
+                                     "per part, e.g. 2G; default: params split_max_size"),
+    split_max_tensors=typer.Option(None, "--split-max-tensors",
+                                   help="Write split GGUFs with at most N tensors per part; default: params "
+                                        "split_max_tensors"),
 )
 
 
@@ -118,13 +136,15 @@ def run(
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
     model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
     auto_target: Optional[str] = _SPEC_HELP["auto_target"],
+    split_max_size: Optional[str] = _SPEC_HELP["split_max_size"],
+    split_max_tensors: Optional[int] = _SPEC_HELP["split_max_tensors"],
     as_json: bool = typer.Option(False, "--json", help="Print the job result as JSON"),
 ) -> None:
     """Run the pipeline for one model over its mixes in this process (no broker); reruns reuse finished work."""
     from quantgate.jobs import run_job
 
     spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
-                      model_repo, model_rev)
+                      model_repo, model_rev, split_max_size=split_max_size, split_max_tensors=split_max_tensors)
     result = run_job(spec)
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -141,13 +161,16 @@ def submit(
     validate: Optional[bool] = _SPEC_HELP["validate"], register: Optional[bool] = _SPEC_HELP["register"],
     model_name: Optional[str] = _SPEC_HELP["model_name"], profile: Optional[bool] = _SPEC_HELP["profile"],
     auto_target: Optional[str] = _SPEC_HELP["auto_target"],
+    split_max_size: Optional[str] = _SPEC_HELP["split_max_size"],
+    split_max_tensors: Optional[int] = _SPEC_HELP["split_max_tensors"],
     broker: Optional[str] = typer.Option(None, "--broker", help="Broker URL (default: QUANTGATE_BROKER_URL)"),
 ) -> None:
     """Send the pipeline to the Celery workers; print the job id (`quantgate status JOB --watch` follows it).
     A models:/ reference, Hub id or --model-repo path is resolved by the worker; a plain path must exist there."""
     _use_broker(broker)
     spec = build_spec(params, model, mix, workdir, validate, register, model_name, profile, auto_target,
-                      model_repo, model_rev, on_worker=True)
+                      model_repo, model_rev, on_worker=True, split_max_size=split_max_size,
+                      split_max_tensors=split_max_tensors)
     d = spec.to_dict()
     calib = d["profile_options"].get("calib")
     paths = {"model": spec.model if spec.model_ref else str(Path(spec.model).resolve()),  # a reference: as given
@@ -329,6 +352,10 @@ def stage_quantize(
     profile: Optional[Path] = typer.Option(None, "--profile", help="AUTO: the sensitivity profile (profile stage)"),
     auto_target: str = typer.Option("Q4_K_M", "--auto-target",
                                     help="AUTO budget: a mix name (its size), bits per weight or a file size"),
+    params: Optional[Path] = typer.Option(None, "--params", help="params.yaml whose split_max_size / "
+                                                                 "split_max_tensors make split GGUFs"),
+    split_max_size: Optional[str] = _SPEC_HELP["split_max_size"],
+    split_max_tensors: Optional[int] = _SPEC_HELP["split_max_tensors"],
 ) -> None:
     """Quantize with one mix into out_dir (GGUF written atomically, then its artifact record) and its metrics;
     --mix AUTO quantizes with `--precision auto` from --profile under a budget policy (--auto-target).
@@ -340,15 +367,17 @@ def stage_quantize(
     from quantgate.source_record import model_or_source
 
     src = model_or_source(model, source)
+    split = split_from(read_params(params) if params is not None else {}, split_max_size, split_max_tensors)
     if is_auto(mix):
         if profile is None:
             fail("--mix AUTO needs --profile (the profile stage's output)")
         art = quantize_auto_step(src.path, profile, target=auto_target, out_dir=out_dir, name="model",
-                                 source_lineage=src.lineage_json())
+                                 source_lineage=src.lineage_json(), split=split)
     else:
         if profile is not None:
             fail("--profile is only used with --mix AUTO")
-        art = quantize_step(src.path, mix, out_dir=out_dir, name="model", source_lineage=src.lineage_json())
+        art = quantize_step(src.path, mix, out_dir=out_dir, name="model", source_lineage=src.lineage_json(),
+                            split=split)
     content = {**{k: v for k, v in art.items() if k not in ("reused", "seconds", "timings")},
                **QuantizedArtifact.from_dict(art).content_dict()}
     if not src.is_local:  # the reference, not this machine's download folder (what DVC tracks is content)

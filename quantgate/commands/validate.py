@@ -50,7 +50,7 @@ def validate(
     Exit 0 passed, 1 a gate failed, 2 unusable inputs. The last line printed is the verdict."""
     from quantgate.inputs import resolve_model
     from quantgate.pipeline import validate_artifact as run
-    from validation.gate import UnusableInput, exit_code
+    from validation.gate import UnusableInput, check_inputs, exit_code
     from validation.publish import gate_line, summary_line
     from validation.thresholds import default_gates, load_gates
 
@@ -66,6 +66,11 @@ def validate(
         fail("give --threshold T (with --metric M) or --gates FILE")
         return
     base, cand = resolve_model(baseline).path, resolve_model(quantized).path
+    try:
+        check_inputs(base, cand)  # before run(): no error record, audit event or report beside /dev/null or a FIFO
+    except UnusableInput as e:
+        fail(str(e))
+        return
     try:
         verdict = run(base, cand, gate_set, report_dir=report_dir, junit=junit, dataset=dataset,
                       calibration=calibration, backend=backend, max_tokens=max_tokens, batch_size=batch_size,

@@ -406,3 +406,29 @@ def test_llama3_rope_scaling_same_file_as_convert_hf_to_gguf(tmp_path):
     if ggml_oracle.available() or oracle_required():
         res = _compare_logits(hf, ours, label="tiny-llama3-rope")
         assert res["top1_agreement"] >= 0.99 and res["max_abs_logit_diff"] < 0.05, res
+
+
+@pytest.mark.parametrize("arch,tensor,needed", [
+    ("qwen3", "blk.0.attn_k_norm.weight", "blk.0.attn_q_norm.weight"),
+    ("qwen3moe", "blk.1.ffn_up_exps.weight", "blk.0.attn_q_norm.weight"),
+    ("gemma2", "blk.0.post_attention_norm.weight", "blk.1.post_ffw_norm.weight"),
+    ("gemma3", "blk.1.attn_q_norm.weight", "blk.0.post_attention_norm.weight"),
+    ("phi3", "blk.0.ffn_up.weight", "blk.1.ffn_down.weight"),
+    ("mixtral", "blk.0.ffn_gate_exps.weight", "blk.1.ffn_gate_inp.weight"),
+])
+def test_verify_shape_checks_per_arch(converted, arch, tensor, needed):
+    """Each converter architecture is shape-checked: the converter's file passes; one wrong shape, or a missing tensor
+    a block needs, is a problem naming the tensor (shapes as llama.cpp's models/<arch>.cpp create_tensors)."""
+    from quant.gguf_reader import read_gguf
+    from quant.model_plan import CHECKED_ARCHS, check_architecture
+
+    with read_gguf(converted[arch][1]) as g:
+        kv = {k.key: k.value for k in g.kv}
+        shapes = {t.name: tuple(t.shape) for t in g.tensors}
+    arch = kv["general.architecture"]                    # mixtral is written as llama
+    assert arch in CHECKED_ARCHS and check_architecture(arch, kv, shapes) == []
+    bad = {**shapes, tensor: shapes[tensor][:-1] + (shapes[tensor][-1] + 1,)}
+    problems = check_architecture(arch, kv, bad)
+    assert len(problems) == 1 and repr(tensor) in problems[0] and "has shape" in problems[0]
+    gone = {k: v for k, v in shapes.items() if k != needed}
+    assert any(needed in p for p in check_architecture(arch, kv, gone))

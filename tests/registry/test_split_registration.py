@@ -71,3 +71,32 @@ def test_a_tampered_part_is_refused(split_version, tmp_path):
         assert not list((tmp_path / "dl").iterdir())
     finally:
         stored[0].write_bytes(original)
+
+
+def test_ollama_export_refuses_a_split_version_before_fetching(split_version, tmp_path):
+    from quantgate.export import ExportError, export_ollama
+    from registry.queries import gguf_file_name
+
+    work, art, settings, rv = split_version
+    ref = f"{rv.model_name}/{rv.version}"
+    assert gguf_file_name(ref, settings=settings) == Path(art.parts[0]["path"]).name
+    with pytest.raises(ExportError, match="split GGUF; Ollama imports one GGUF file"):
+        export_ollama(ref, tmp_path / "ollama", settings=settings)
+    with pytest.raises(ExportError, match="part of a split GGUF"):
+        export_ollama(art.parts[1]["path"], tmp_path / "ollama", settings=settings)
+    assert not (tmp_path / "ollama").exists()          # refused before anything was written
+
+
+def test_hf_export_lists_every_part(split_version, tmp_path):
+    from quantgate.export import export_hf
+
+    work, art, settings, rv = split_version
+    exp = export_hf(rv.model_name, tmp_path / "hf", settings=settings, include_failed=True)
+    names = [Path(p["path"]).name for p in art.parts]
+    [f] = [f for f in exp.files if f.version == str(rv.version)]
+    assert f.parts == names and f.file == names[0] and f.sha256 == art.sha256
+    assert f.size_bytes == sum(p["nbytes"] for p in art.parts)
+    card = exp.readme.read_text(encoding="utf-8")
+    row = next(line for line in card.splitlines() if names[0] in line and "|" in line)
+    assert all(n in row for n in names)
+    assert sorted(p.name for p in (tmp_path / "hf").glob("*.gguf")) == names
