@@ -7,6 +7,7 @@ date -u; uname -m; nproc
 .venv/bin/python benchmarks/bench_kernels.py --json out/bench_kernels.json
 .venv/bin/python benchmarks/bench_kernels.py --types Q4_K,Q6_K,Q4_0 --shapes 4096x4096 --imatrix
 .venv/bin/python benchmarks/bench_streaming.py
+.venv/bin/python benchmarks/bench_finite.py
 nice -n 10 .venv/bin/python benchmarks/bench_scale.py --shape 1b --types Q4_K_M,Q8_0 --repeat 2   # ~20 min: convert/quantize/validate/auto vs llama.cpp
 # 8B-shaped (16 GB F16, ~45 GB scratch disk): .venv/bin/python benchmarks/bench_scale.py --shape 8b --stages convert,quantize --repeat 1
 # FMA-free oracle vs a default-flags build (docs/EXACTNESS.md): point QUANTGATE_DEFAULT_GGML_LIB at its libggml-base.so
