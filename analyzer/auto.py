@@ -161,7 +161,8 @@ def auto_request(model: "str | os.PathLike[str]", out: "str | os.PathLike[str]",
         if info.get("used"):
             if imat is None and info.get("source") == "collected":
                 imat = cached_imatrix(model, Path(prof.calibration["path"]), sha, chunk_size=info["chunk_size"],
-                                      n_chunks=info.get("n_chunks"), cache=cache, tool_version=__version__)
+                                      n_chunks=info.get("n_chunks"), cache=cache, tool_version=__version__,
+                                      matmul_dtype=info.get("matmul", "float32"))
                 imat_path = Path(tmp) / "imatrix.gguf"
                 save_imatrix_gguf(imat, imat_path)
             if imat is None or imatrix_digest(imat) != info.get("digest"):

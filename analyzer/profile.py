@@ -58,6 +58,8 @@ from runtime.layer_stream import LayerStream, hf_config, supports
 from runtime.tokenize import calibration_chunks
 
 PROFILE_SCHEMA = 1
+#: Matmul precision of the imatrix a profile collects for itself (analyzer.collect; docs/ANALYZER.md).
+IMATRIX_MATMUL = "bfloat16"
 #: How the per-(tensor, type) output effect is measured (docs/ANALYZER.md).
 MEASURE_MODES = ("stream", "exact")
 
@@ -218,20 +220,23 @@ def _imatrix_from_arrays(a: dict[str, np.ndarray], datasets: list[str]) -> Imatr
 
 
 def cached_imatrix(model: Path, calib: Path, model_sha: str, *, chunk_size: int, n_chunks: int | None,
-                   cache: CalibrationCache | None, tool_version: str, process_output: bool = True) -> Imatrix:
+                   cache: CalibrationCache | None, tool_version: str, process_output: bool = True,
+                   matmul_dtype: str = "float32") -> Imatrix:
     """The collected imatrix of (model, calibration set, config), from the cache or collected (and stored). The
-    key holds the token ids fed (the tokenizer's effect), so an HF folder and its GGUF share the entry."""
+    key holds the token ids fed (the tokenizer's effect), so an HF folder and its GGUF share the entry, and the
+    matmul precision when it is not float32 (analyzer.collect)."""
 
     ds = load_dataset(calib)
     toks = calibration_chunks(model, [s.text for s in ds.usable()], chunk_size, n_chunks)
     key = CacheKey(model_sha, ds.sha256, "imatrix",
                    {"chunk_size": chunk_size, "n_chunks": n_chunks, "process_output": process_output,
-                    "tokens": tokens_sha256(toks.chunks)}, tool_version)
+                    "tokens": tokens_sha256(toks.chunks),
+                    **({"matmul": matmul_dtype} if matmul_dtype != "float32" else {})}, tool_version)
     hit = cache.get_arrays(key) if cache is not None else None
     if hit is not None:
         return _imatrix_from_arrays(hit, [calib.name])
     imat = collect_imatrix(model, [], chunk_size=chunk_size, n_chunks=n_chunks, process_output=process_output,
-                           dataset_name=calib.name, tokens=toks)
+                           dataset_name=calib.name, tokens=toks, matmul_dtype=matmul_dtype)
     if cache is not None:
         cache.put_arrays(key, _imatrix_to_arrays(imat))
     return imat
@@ -317,13 +322,15 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
                   chunk_size: int = 512, n_chunks: int | None = None,
                   candidate_types: Sequence[str] = CANDIDATE_TYPES, measure: bool = True, measure_seqs: int = 8,
                   measure_len: int = 128, cache: CalibrationCache | None = None,
-                  progress: ProgressFn | None = None, measure_mode: str = "stream") -> Profile:
+                  progress: ProgressFn | None = None, measure_mode: str = "stream",
+                  imatrix_matmul: str = IMATRIX_MATMUL) -> Profile:
     """Measure every quantizable tensor of `model` at every candidate type on the calibration set `calib`.
     `imatrix` given: use it; else (use_imatrix) collect one (cached). Every (tensor, type) row comes from
     `cache` when present there, so a second run of the same model + calibration set does no forward pass.
     measure_mode "stream" (default): block-level effects + calibrated gains, one sweep over the blocks
     (analyzer.stream_measure); "exact": one whole-model pass per (tensor, type), the reference it is checked
-    against (docs/ANALYZER.md)."""
+    against (docs/ANALYZER.md). `imatrix_matmul`: the precision of a collected imatrix's matmuls
+    (analyzer.collect; default bfloat16, recorded in the report's `imatrix.matmul`)."""
 
     t0 = time.perf_counter()
     model, calib = Path(model), Path(calib)
@@ -354,9 +361,10 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         imat_info = {"used": True, "source": imatrix_label or "file", "digest": imatrix_digest(imatrix)}
     elif use_imatrix:
         imatrix = cached_imatrix(model, calib, model_sha, chunk_size=chunk_size, n_chunks=n_chunks, cache=cache,
-                                 tool_version=__version__)
+                                 tool_version=__version__, matmul_dtype=imatrix_matmul)
         imat_info = {"used": True, "source": "collected", "digest": imatrix_digest(imatrix),
-                     "chunk_size": imatrix.chunk_size, "chunk_count": imatrix.chunk_count, "n_chunks": n_chunks}
+                     "chunk_size": imatrix.chunk_size, "chunk_count": imatrix.chunk_count, "n_chunks": n_chunks,
+                     "matmul": imatrix_matmul}
     t_imat = time.perf_counter()
     measure_cfg = {"n_seqs": measure_seqs, "seq_len": measure_len, "mode": measure_mode} if measure else None
     mtoks = calibration_chunks(model, texts, measure_len, measure_seqs) if measure else None

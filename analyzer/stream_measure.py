@@ -27,6 +27,7 @@ import numpy as np
 from core.errors import QuantGateError
 from core.progress import ProgressFn
 from quant.imatrix import Imatrix
+from analyzer.delta_block import PARAMS, BlockBase, rms_delta, supports_layer
 from runtime.layer_stream import LayerStream
 
 #: The type the per-block gains are calibrated at (falls back to Q8_0 for rows its 256-block does not divide).
@@ -55,16 +56,27 @@ class SweepResult:
     gain_detail: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def rel_weight_error(x: np.ndarray, xq: np.ndarray, w: np.ndarray | None) -> float:
-    """sum_ij w_j (x - xq)^2 / sum_ij w_j x^2 in float64, a few thousand rows at a time (bounded memory)."""
+def weight_energy(x: np.ndarray, w: np.ndarray | None) -> float:
+    """sum_ij w_j x_ij^2 in float64 (the denominator of rel_weight_error, the same for every type of a tensor)."""
     ww = (w if w is not None else np.ones(x.shape[1], np.float32)).astype(np.float64)
-    num = den = 0.0
+    den = 0.0
     for s in range(0, x.shape[0], _ROWS):
         a = x[s:s + _ROWS].astype(np.float64)
-        d = a - xq[s:s + _ROWS]
-        num += float(((d * d) @ ww).sum())
         den += float(((a * a) @ ww).sum())
-        del a, d
+        del a
+    return den
+
+
+def rel_weight_error(x: np.ndarray, xq: np.ndarray, w: np.ndarray | None, den: float | None = None) -> float:
+    """sum_ij w_j (x - xq)^2 / sum_ij w_j x^2 in float64, a few thousand rows at a time (bounded memory); `den`:
+    weight_energy(x, w) when already known."""
+    ww = (w if w is not None else np.ones(x.shape[1], np.float32)).astype(np.float64)
+    num = 0.0
+    for s in range(0, x.shape[0], _ROWS):
+        d = x[s:s + _ROWS].astype(np.float64) - xq[s:s + _ROWS]
+        num += float(((d * d) @ ww).sum())
+        del d
+    den = weight_energy(x, w) if den is None else den
     return num / den if den > 0 else 0.0
 
 
@@ -82,8 +94,22 @@ class _KLD:
         self.x = norm(h_final).reshape(-1, h_final.shape[-1])
         self.base = [torch.nn.functional.linear(self.x[s:s + 128], head_w) for s in range(0, self.x.shape[0], 128)]
 
-    def of_hidden(self, h, head_w=None) -> tuple[float, float]:
-        return self.of_normed(self.norm(h).reshape(-1, h.shape[-1]), head_w)
+    def of_delta(self, h, dh, head_dw=None) -> float:
+        """Mean per-token KL(base || perturbed) for final hidden states h + dh (the delta carried through the final
+        norm and the head as in analyzer.delta_block; `head_dw`: a bfloat16 delta of the head weight, if tied)."""
+        torch = self.torch
+        dx = rms_delta(torch, self.norm, h, dh).reshape(-1, h.shape[-1])
+        wb = self.head_w.to(torch.bfloat16)
+        kl = 0.0
+        for k, s in enumerate(range(0, dx.shape[0], 128)):
+            dl = torch.nn.functional.linear(dx[s:s + 128].to(torch.bfloat16), wb).float()
+            if head_dw is not None:
+                xf = (self.x[s:s + 128] + dx[s:s + 128]).to(torch.bfloat16)
+                dl = dl + torch.nn.functional.linear(xf, head_dw).float()
+            lb = torch.log_softmax(self.base[k].double(), dim=-1)
+            lq = torch.log_softmax(self.base[k].double() + dl.double(), dim=-1)
+            kl += float((lb.exp() * (lb - lq)).sum())
+        return max(kl / dx.shape[0], 0.0)
 
     def of_normed(self, x, head_w=None) -> tuple[float, float]:
         torch = self.torch
@@ -105,7 +131,8 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
                    progress: ProgressFn | None = None) -> SweepResult:
     """Measure the (tensor, type) pairs of `todo` (GGUF name -> types) and every tensor's gain in one sweep.
     `gguf_names(hf_names, n_layer)` maps HF weight names to GGUF names; `allowed(name, type)` says whether a type's
-    block divides the tensor's rows (for the calibration type)."""
+    block divides the tensor's rows (for the calibration type). Every perturbation is carried as a delta of the
+    clean activations (analyzer.delta_block)."""
     import torch
 
     res = SweepResult()
@@ -127,72 +154,78 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
             return imatrix.values(name) if imatrix is not None else None
 
         # ---- input: token_embd rows -------------------------------------------------------------------------
-        streams: list[dict[str, Any]] = []   # perturbed hidden states riding along the sweep
+        streams: list[dict[str, Any]] = []   # perturbation deltas of the hidden states riding along the sweep
         emb_name = names.get(ls.arch.embed)
         e = ls.tensor(ls.arch.embed)
         h = torch.nn.functional.embedding(ids, e)
         if emb_name is not None:
             x = e.numpy()
+            ct = cal_type(emb_name)
+            cal_xq = None
+            den = weight_energy(x, imat(emb_name))
             for qt in todo.get(emb_name, []):
                 xq = quant_dequant(x, qt, imat(emb_name))
-                row = TensorRow(rel_weight_error(x, xq, imat(emb_name)))
-                hq = torch.nn.functional.embedding(ids, torch.from_numpy(xq))
-                row.block_err = _rel(torch, hq - h, h)
+                row = TensorRow(rel_weight_error(x, xq, imat(emb_name), den))
+                row.block_err = _rel(torch, torch.nn.functional.embedding(ids, torch.from_numpy(xq) - e), h)
                 res.rows.setdefault(emb_name, {})[qt] = row
-                del xq, hq
-            ct = cal_type(emb_name)
-            xq = torch.from_numpy(quant_dequant(x, ct, imat(emb_name)))
-            hq = torch.nn.functional.embedding(ids, xq)
-            streams.append({"key": emb_name, "tensors": [emb_name], "h": hq, "err": _rel(torch, hq - h, h),
-                            "head": xq if ls.tied else None})
+                if qt == ct:
+                    cal_xq = xq
+                del xq
+            if cal_xq is None:
+                cal_xq = quant_dequant(x, ct, imat(emb_name))
+            dw = torch.from_numpy(cal_xq) - e
+            d = torch.nn.functional.embedding(ids, dw)
+            streams.append({"key": emb_name, "tensors": [emb_name], "d": d, "err": _rel(torch, d, h),
+                            "head": dw.to(torch.bfloat16) if ls.tied else None})
             if emb_name in todo:
                 tick(emb_name)
-            del xq
+            del cal_xq, dw
         del e
         ctx = ls.context(h)
+        cos, sin = ctx["position_embeddings"]
 
         # ---- blocks ---------------------------------------------------------------------------------------------
         for i in range(ls.n_layer):
             with ls.block(i) as layer:
+                if not supports_layer(layer):
+                    raise QuantGateError(f"block {i} of {model_path} does not have the llama block layout the "
+                                         "streamed measurement needs: use --measure-mode exact")
                 y = ls.run_block(layer, i, h, ctx)
                 upd = y - h
+                base = BlockBase(torch, layer, h, cos, sin, _window(ls, i))
                 params = dict(layer.named_parameters())
                 prefix = ls.arch.layer_prefix.format(i=i)
-                cal: dict[str, dict[str, np.ndarray]] = {}
-                for pname, p in params.items():
+                cal: dict[str, dict[str, Any]] = {}
+                for pname, key in PARAMS.items():
                     g = names.get(prefix + pname)
-                    if g is None or p.ndim != 2:
+                    if g is None:
                         continue
-                    x = p.data.numpy().copy()
-                    orig = p.data
+                    x = params[pname].data.numpy()
+                    ct = cal_type(g)
+                    cal_dw = None
+                    den = weight_energy(x, imat(g))
                     for qt in todo.get(g, []):
                         xq = quant_dequant(x, qt, imat(g))
-                        row = TensorRow(rel_weight_error(x, xq, imat(g)))
-                        if row.est_error > 0:
-                            p.data = torch.from_numpy(xq)
-                            row.block_err = _rel(torch, ls.run_block(layer, i, h, ctx) - y, upd)
-                            p.data = orig
-                        else:
-                            row.block_err = 0.0
+                        row = TensorRow(rel_weight_error(x, xq, imat(g), den))
+                        dw = torch.from_numpy(xq - x).to(torch.bfloat16)
+                        if qt == ct:
+                            cal_dw = dw
+                        row.block_err = _rel(torch, base.delta(dw={key: dw}), upd) if row.est_error > 0 else 0.0
                         res.rows.setdefault(g, {})[qt] = row
-                        del xq
-                    cal.setdefault(_group_of(pname), {})[pname] = quant_dequant(x, cal_type(g), imat(g))
+                        del xq, dw
+                    if cal_dw is None:
+                        cal_dw = torch.from_numpy(quant_dequant(x, ct, imat(g)) - x).to(torch.bfloat16)
+                    cal.setdefault(_group_of(pname), {})[key] = (g, cal_dw)
                     if g in todo:
                         tick(g)
-                    del x
                 # perturbed streams started earlier run through this block with its clean weights
-                _advance(ls, layer, i, streams, ctx)
+                _advance(base, streams)
                 # this block's calibration perturbations start their streams here
                 for grp, repl in cal.items():
-                    old = {n: params[n].data for n in repl}
-                    for n, v in repl.items():
-                        params[n].data = torch.from_numpy(v)
-                    yq = ls.run_block(layer, i, h, ctx)
-                    for n, v in old.items():
-                        params[n].data = v
-                    tnames = [names[prefix + n] for n in repl]
-                    streams.append({"key": f"blk.{i}.{grp}", "tensors": tnames, "h": yq, "err": _rel(torch, yq - y, upd)})
-                del cal
+                    d = base.delta(dw={k: v for k, (_, v) in repl.items()})
+                    streams.append({"key": f"blk.{i}.{grp}", "tensors": [g for g, _ in repl.values()], "d": d,
+                                    "err": _rel(torch, d, upd)})
+                del cal, base
             h = y
 
         # ---- head: output.weight exactly, then each stream's whole-model KLD -> gains ---------------------------
@@ -201,16 +234,17 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
             out_name = names.get(ls.arch.head) if not ls.tied else None
             if out_name is not None:
                 x = w.numpy()
+                den = weight_energy(x, imat(out_name))
                 for qt in todo.get(out_name, []):
                     xq = quant_dequant(x, qt, imat(out_name))
-                    row = TensorRow(rel_weight_error(x, xq, imat(out_name)))
+                    row = TensorRow(rel_weight_error(x, xq, imat(out_name), den))
                     row.measured_kld, row.measured_mse = kld.of_normed(kld.x, torch.from_numpy(xq))
                     res.rows.setdefault(out_name, {})[qt] = row
                     del xq
                 if out_name in todo:
                     tick(out_name)
             for s in streams:
-                k, _ = kld.of_hidden(s["h"], s.get("head"))
+                k = kld.of_delta(h, s["d"], s.get("head"))
                 gain = k / s["err"] if s["err"] > 0 else 0.0
                 res.gain_detail[s["key"]] = {"kld": k, "block_err": s["err"], "gain": gain}
                 for name in s["tensors"]:
@@ -221,21 +255,26 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
     return res
 
 
+def _window(ls: LayerStream, i: int) -> int | None:
+    """Block i's sliding attention window (None: full causal attention)."""
+    win = getattr(ls.config, "sliding_window", None)
+    if ls.layer_types[i] == "sliding_attention" or (ls.config.model_type == "mistral" and win):
+        return int(win) if win else None
+    return None
+
+
 def _rel(torch, d, ref) -> float:
     den = float((ref.double() ** 2).sum())
     return float((d.double() ** 2).sum()) / den if den > 0 else 0.0
 
 
-def _advance(ls: LayerStream, layer, i: int, streams: list[dict[str, Any]], ctx) -> None:
-    """Run every perturbed stream through block i (a few streams per call, stacked on the batch axis)."""
+def _advance(base: BlockBase, streams: list[dict[str, Any]]) -> None:
+    """Carry every perturbation delta through block i (clean weights), a few streams per call."""
     import torch
 
     for s in range(0, len(streams), _STREAMS_PER_CALL):
         part = streams[s:s + _STREAMS_PER_CALL]
-        b = part[0]["h"].shape[0]
-        stacked = torch.cat([p["h"] for p in part], dim=0)
-        c = ctx if len(part) == 1 else ls.context(stacked)
-        out = ls.run_block(layer, i, stacked, c)
+        out = base.delta(dh=torch.stack([p["d"] for p in part]))
         for k, p in enumerate(part):
-            p["h"] = out[k * b:(k + 1) * b].clone()
-        del stacked, out
+            p["d"] = out[k].clone()
+        del out

@@ -3,6 +3,7 @@
 `quantgate quantize --precision Q4_K_M` on the same checkpoint, and peak RSS of the evaluation passes.
 
     .venv/bin/python benchmarks/bench_stream_1b.py --workdir /tmp/qg-stream-1b [--eval-samples 8] [--max-tokens 64]
+                                                   [--skip-eval]   # only Q4_K_M, auto, Q4_K_M
 
 The checkpoint is `quantgate.sample` SHAPE_1B (TinyLlama's shape, F16, 1 GiB shards) with the bundled reference
 model's tokenizer files copied in (a sample has no tokenizer; its ids all fall inside the 32,000-row vocabulary).
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8, help="first N samples of data/eval.jsonl")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-auto", action="store_true", help="only Q4_K_M and the evaluation passes")
+    ap.add_argument("--skip-eval", action="store_true", help="only Q4_K_M, auto, Q4_K_M (no evaluation passes)")
     args = ap.parse_args()
 
     from quantgate.sample import SHAPE_1B, make_sample_checkpoint
@@ -93,12 +95,14 @@ def main() -> None:
                 f"backend='torch', max_tokens={args.max_tokens}, cache_dir={str(ecache)!r})")
     base_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     res.update(baseline_file_bytes=base_bytes, baseline_bound_bytes=base_bytes + int(1.5 * GiB))
-    save("baseline_pass", run_measured([py, "-c", base_cmd], env))
-    save("goal_baseline_rss", res["baseline_pass"]["peak_rss_bytes"] <= res["baseline_bound_bytes"])
+    if not args.skip_eval:
+        save("baseline_pass", run_measured([py, "-c", base_cmd], env))
+        save("goal_baseline_rss", res["baseline_pass"]["peak_rss_bytes"] <= res["baseline_bound_bytes"])
     save("q4km_1", quantize("Q4_K_M", q4))
-    res.update(candidate_file_bytes=q4.stat().st_size, candidate_bound_bytes=q4.stat().st_size + int(1.5 * GiB))
-    save("candidate_pass", run_measured([py, "-c", cand_cmd], env))
-    save("goal_candidate_rss", res["candidate_pass"]["peak_rss_bytes"] <= res["candidate_bound_bytes"])
+    if not args.skip_eval:
+        res.update(candidate_file_bytes=q4.stat().st_size, candidate_bound_bytes=q4.stat().st_size + int(1.5 * GiB))
+        save("candidate_pass", run_measured([py, "-c", cand_cmd], env))
+        save("goal_candidate_rss", res["candidate_pass"]["peak_rss_bytes"] <= res["candidate_bound_bytes"])
     if args.skip_auto:
         return
     cache = wd / "calib-cache"

@@ -135,7 +135,8 @@ def profile_cmd(
                              progress=progress, measure_mode=measure_mode)
         if imatrix_out is not None and prof.imatrix.get("source") == "collected":
             save_imatrix_gguf(cached_imatrix(model, cal, prof.model["sha256"], chunk_size=chunk_size,
-                                             n_chunks=chunks, cache=cache, tool_version=__version__), imatrix_out)
+                                             n_chunks=chunks, cache=cache, tool_version=__version__,
+                                             matmul_dtype=prof.imatrix.get("matmul", "float32")), imatrix_out)
     pol = make_policy(prof, model, mode=policy, target_bpw=target_bpw, target_size=target_size,
                       threshold=threshold_options(q2, q3, q4, q5, q6, q8, max_f16))
     plan_auto(model, prof, pol, ov)

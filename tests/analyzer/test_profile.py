@@ -20,7 +20,7 @@ def test_estimate_is_the_imatrix_weighted_relative_error(tiny_profile, tiny_mode
 
     with CalibrationCache(cache_dir) as cache:
         imat = cached_imatrix(tiny_model, calib_jsonl, tiny_profile.model["sha256"], chunk_size=CHUNK, n_chunks=None,
-                              cache=cache, tool_version=__version__)
+                              cache=cache, tool_version=__version__, matmul_dtype=tiny_profile.imatrix["matmul"])
     x = load_file(str(tiny_model / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"].astype(np.float32)
     w = imat.values("blk.0.ffn_down.weight").astype(np.float64)
     xq = quant.dequantize(quant.quantize(x, "Q4_K", imatrix=imat.values("blk.0.ffn_down.weight")), "Q4_K", x.shape)
