@@ -29,7 +29,7 @@ import numpy as np
 
 from analyzer.cache import CacheKey, CalibrationCache
 from analyzer.collect import collect_imatrix
-from analyzer.stream_measure import rel_weight_error, streamed_sweep
+from analyzer.stream_measure import can_stream, rel_weight_error, streamed_sweep
 from analyzer.policy import (
     CANDIDATE_TYPES,
     BudgetPolicy,
@@ -54,7 +54,7 @@ from quant.mixes import allows_quantization, current_type
 from quant.model_plan import plan_model
 from runtime.backends.torch_backend import load_torch_model
 from runtime.datasets import load_dataset
-from runtime.layer_stream import LayerStream, hf_config, supports
+from runtime.layer_stream import LayerStream, hf_config
 from runtime.tokenize import calibration_chunks
 
 PROFILE_SCHEMA = 1
@@ -336,8 +336,8 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
     model, calib = Path(model), Path(calib)
     if measure_mode not in MEASURE_MODES:
         raise QuantGateError(f"measure mode {measure_mode!r} is not one of {', '.join(MEASURE_MODES)}")
-    if measure and measure_mode == "stream" and not supports(model):
-        measure_mode = "exact"  # no layer-streaming adapter for this architecture: the whole-model reference
+    if measure and measure_mode == "stream" and not can_stream(model):
+        measure_mode = "exact"  # no streamed measurement for this architecture: the whole-model reference
     for t in candidate_types:
         if t not in CANDIDATE_TYPES:
             raise QuantGateError(f"candidate type {t!r} is not one of {', '.join(CANDIDATE_TYPES)}")
@@ -457,7 +457,7 @@ def _compute(model: Path, arch: str, chunks: list[list[int]] | None, todo, imatr
 def _weight_readers(model: Path, arch: str) -> Iterator[dict[str, Any]]:
     """GGUF name -> reader of its float32 HF-layout weight, one tensor at a time (layer-streamed checkpoints: no
     model in memory; other architectures: the whole transformers model)."""
-    if not supports(model):
+    if not can_stream(model):
         tm = load_torch_model(model)
         yield {g: (lambda p=p: np.ascontiguousarray(p.detach().float().numpy())) for g, p in
                _gguf_params(tm, arch).items()}

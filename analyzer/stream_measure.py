@@ -19,6 +19,8 @@ analyzer.profile (measure mode "exact").
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -28,7 +30,7 @@ from core.errors import QuantGateError
 from core.progress import ProgressFn
 from quant.imatrix import Imatrix
 from analyzer.delta_block import PARAMS, BlockBase, rms_delta, supports_layer
-from runtime.layer_stream import LayerStream
+from runtime.layer_stream import LayerStream, model_type_of
 
 #: The type the per-block gains are calibrated at (falls back to Q8_0 for rows its 256-block does not divide).
 CALIBRATION_TYPE = "Q3_K"
@@ -182,7 +184,6 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
             del cal_xq, dw
         del e
         ctx = ls.context(h)
-        cos, sin = ctx["position_embeddings"]
 
         # ---- blocks ---------------------------------------------------------------------------------------------
         for i in range(ls.n_layer):
@@ -192,6 +193,7 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
                                          "streamed measurement needs: use --measure-mode exact")
                 y = ls.run_block(layer, i, h, ctx)
                 upd = y - h
+                cos, sin = ctx["position_embeddings"][ls.layer_types[i]]  # per attention type (runtime.layer_stream)
                 base = BlockBase(torch, layer, h, cos, sin, _window(ls, i))
                 params = dict(layer.named_parameters())
                 prefix = ls.arch.layer_prefix.format(i=i)
@@ -253,6 +255,17 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
     if missing:
         raise QuantGateError(f"tensors {', '.join(missing[:5])} were not found in the model's blocks")
     return res
+
+
+#: architectures whose decoder block has the llama layout analyzer.delta_block computes deltas for (and whose
+#: weights map to GGUF names through the llama tables): the streamed measurement runs on these; the layer-streamed
+#: runtime knows more (runtime.layer_stream.ARCHS), which the analyzer measures with the exact whole-model path
+STREAM_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral"})
+
+
+def can_stream(path: "str | os.PathLike[str]") -> bool:
+    """Whether the streamed measurement (and the streamed weight readers) can run on this checkpoint."""
+    return model_type_of(path) in STREAM_MODEL_TYPES
 
 
 def _window(ls: LayerStream, i: int) -> int | None:

@@ -34,7 +34,7 @@ def _ref_delta(ls, ref, h, ctx, dh, dw):
 
     from analyzer.delta_block import PARAMS
 
-    c64 = {**ctx, "position_embeddings": tuple(t.double() for t in ctx["position_embeddings"])}
+    c64 = {**ctx, "position_embeddings": {k: tuple(t.double() for t in v) for k, v in ctx["position_embeddings"].items()}}
     mask = ctx["masks"]["full_attention"]
     c64["masks"] = {"full_attention": mask.double() if torch.is_tensor(mask) and mask.is_floating_point() else mask}
     y0 = ls.run_block(ref, 1, h.double(), c64)
@@ -59,7 +59,7 @@ def test_delta_matches_the_float64_block(block, case):
     from analyzer.delta_block import PARAMS, BlockBase
 
     ls, layer, ref, h, ctx = block
-    cos, sin = ctx["position_embeddings"]
+    cos, sin = ctx["position_embeddings"]["full_attention"]
     base = BlockBase(torch, layer, h, cos, sin)
     g = torch.Generator().manual_seed(1)
     params = dict(layer.named_parameters())
@@ -85,7 +85,7 @@ def test_stacked_streams_broadcast(block):
     from analyzer.delta_block import BlockBase
 
     ls, layer, ref, h, ctx = block
-    cos, sin = ctx["position_embeddings"]
+    cos, sin = ctx["position_embeddings"]["full_attention"]
     base = BlockBase(torch, layer, h, cos, sin)
     g = torch.Generator().manual_seed(2)
     d = torch.stack([1e-3 * h.std() * torch.randn(h.shape, generator=g) for _ in range(3)])
