@@ -204,3 +204,19 @@ def ggml_aborts(x: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) ->
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     return os.WIFSIGNALED(status)
+
+
+def llama_logits(path: "str | os.PathLike[str]", text: bytes = b"def add(a, b): return a + b",
+                 n_ctx: int = 256) -> np.ndarray:
+    """llama-cpp-python's logits for every token of `text` (BOS added) from a GGUF (a split set by its first part):
+    the independent runtime's view, for equality checks between files."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, seed=0, verbose=False)
+    try:
+        ids = llm.tokenize(text, add_bos=True, special=False)
+        llm.reset()
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()

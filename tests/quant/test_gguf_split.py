@@ -216,8 +216,9 @@ def test_split_input_loads_everywhere(tool, hf, tmp_path):
     """llama-gguf-split's parts as input: quantize (from any part), inspect and verify read the whole set; the same
     tensors as from the merged file; llama-cpp-python runs our split output (loading its first part) with the
     logits of the unsplit file."""
-    import llama_cpp
     from gguf import GGUFReader
+
+    from tests.ggml_oracle import llama_logits
 
     _cli_quantize(hf, tmp_path / "f16.gguf", "F16")
     _gguf_split(tool, "--split-max-tensors", "5", str(tmp_path / "f16.gguf"), str(tmp_path / "in"))
@@ -235,16 +236,7 @@ def test_split_input_loads_everywhere(tool, hf, tmp_path):
     assert len(table["totals"]["parts"]) == len(parts) and table["totals"]["tensors"] == len(a)
     assert runner.invoke(app, ["verify", str(tmp_path / "b-00001-of-00003.gguf")]).exit_code == 0
 
-    def logits(path: Path) -> np.ndarray:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=2, seed=0, verbose=False)
-        ids = llm.tokenize(b"def add(a, b): return a + b", add_bos=True, special=False)
-        llm.reset()
-        llm.eval(ids)
-        out = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-        llm.close()
-        return out
-
     # (F16: this machine's libggml-cpu build crashes evaluating Q8_0 files, split or not; see the report)
     _cli_quantize(hf, tmp_path / "c.gguf", "F16", "--split-max-size", "1M")
-    split_logits, whole_logits = logits(min(tmp_path.glob("c-*.gguf"))), logits(tmp_path / "f16.gguf")
+    split_logits, whole_logits = llama_logits(min(tmp_path.glob("c-*.gguf"))), llama_logits(tmp_path / "f16.gguf")
     assert np.isfinite(split_logits).all() and np.array_equal(split_logits, whole_logits)

@@ -76,21 +76,11 @@ def test_jobspec_and_canvas_carry_split():
 
 
 def test_llama_cpp_loads_split_parts(whole, tmp_path, require_oracle):
-    import llama_cpp
+    from tests.ggml_oracle import llama_logits
 
     art = quantize_step(REFERENCE, "F16", workdir=tmp_path, name="ref", split={"split_max_tensors": 8})
-
-    def logits(path: str) -> np.ndarray:
-        llm = llama_cpp.Llama(path, logits_all=True, n_ctx=128, n_threads=2, seed=0, verbose=False)
-        ids = llm.tokenize(b"def add(a, b): return a + b", add_bos=True, special=False)
-        llm.reset()
-        llm.eval(ids)
-        out = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
-        llm.close()
-        return out
-
-    split_logits = logits(art["parts"][0]["path"])
-    assert np.isfinite(split_logits).all() and np.array_equal(split_logits, logits(whole["path"]))
+    split_logits = llama_logits(art["parts"][0]["path"], n_ctx=128)
+    assert np.isfinite(split_logits).all() and np.array_equal(split_logits, llama_logits(whole["path"], n_ctx=128))
 
 
 def test_export_ollama_refuses_a_split_part_cli(tmp_path):
