@@ -19,15 +19,13 @@ import numpy as np
 
 from core.errors import CheckpointError, QuantGateError
 from core.progress import ProgressFn
+from analyzer.stream_measure import can_stream
 from quant.imatrix import Imatrix, ImatrixEntry
 from quant.loaders import open_checkpoint
 from quant.model_plan import plan_model
 from runtime.backends.torch_backend import load_torch_model
-from runtime.layer_stream import DEFAULT_ACTIVATION_BUDGET, LayerStream, group_by_budget, model_type_of
+from runtime.layer_stream import DEFAULT_ACTIVATION_BUDGET, LayerStream, group_by_budget
 from runtime.tokenize import DEFAULT_CHUNK_SIZE, CalibrationTokens, calibration_chunks
-
-#: architectures collected block by block (the rest: the whole model; as analyzer.stream_measure.STREAM_MODEL_TYPES)
-_STREAM_TYPES = frozenset({"llama", "qwen2", "mistral"})
 
 #: Precisions the collection's matmuls can run in (collect_imatrix's `matmul_dtype`).
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -85,7 +83,7 @@ def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], 
     import torch
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=matmul_dtype == "bfloat16"):
-        if model_type_of(model_path) in _STREAM_TYPES:  # the hooks' GGUF names follow the llama tables
+        if can_stream(model_path):  # block by block on the llama layout (the hooks' GGUF names follow its tables)
             _collect_streamed(model_path, arch, toks, process_output, add, progress)
         else:
             _collect_full(model_path, arch, toks, process_output, add, progress)
