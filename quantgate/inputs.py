@@ -78,9 +78,17 @@ class ModelInput:
                 "lineage": dict(self.lineage)}
 
 
+def _exists(text: str) -> bool:
+    try:
+        p = Path(text)
+        return p.exists() or p.is_symlink()
+    except (OSError, ValueError):  # NUL bytes, over-long components
+        return False
+
+
 def check_reference(value: object, repo: object = None, rev: object = None) -> None:
     """Refuse a model reference that no resolver step may see (ModelInputError): not text, empty, over-long,
-    control characters, or a revision that is not a plain git/Hub revision (`..`, a leading `-`). What a Celery
+    control characters (except in the name of a file that exists here), or a revision that is not a plain git/Hub revision (`..`, a leading `-`). What a Celery
     worker or a DVC stage reads from a message or source.json passes the same checks as a command-line value."""
     for what, v, limit in (("model", value, MAX_REF_CHARS), ("--model-repo", repo, MAX_REF_CHARS),
                            ("--model-rev", rev, 255)):
@@ -89,7 +97,10 @@ def check_reference(value: object, repo: object = None, rev: object = None) -> N
         if not isinstance(v, (str, os.PathLike)):
             raise ModelInputError(f"{what}: expected text, got {type(v).__name__}")
         t = os.fspath(v)
-        if not isinstance(t, str) or not t or len(t) > limit or any(ord(c) < 32 or ord(c) == 127 for c in t):
+        # a file that exists here may have any name (it is printed escaped everywhere); a reference may not
+        local = what == "model" and isinstance(t, str) and bool(t) and len(t) <= limit and _exists(t)
+        if not isinstance(t, str) or not t or len(t) > limit or (
+                not local and any(ord(c) < 32 or ord(c) == 127 for c in t)):
             raise ModelInputError(f"{what} {one_line(t, 200)!r}: empty, longer than {limit} characters, or "
                                   "holding control characters")
     if rev is not None and (not REVISION.match(str(rev)) or ".." in str(rev)):
