@@ -158,13 +158,15 @@ def _finish(v: Validation, results: list[GateResult]) -> Validation:
 
 
 def check_inputs(baseline: "str | os.PathLike[str]", candidate: "str | os.PathLike[str]") -> None:
-    """Refuse, before anything is written, a candidate that is not an existing regular file or a baseline that is
-    neither a regular file nor a folder: the error record would otherwise land beside /dev/null or a FIFO."""
+    """Refuse, before anything is written, a candidate that exists but is not a regular file or a baseline that
+    exists but is neither a regular file nor a folder: the error record would otherwise land beside /dev/null or a
+    FIFO. A missing input passes: validation then writes its error record (error.json, a JUnit error), which is
+    what a CI job whose artifact was never produced needs to see."""
     for role, path, folder_ok in (("candidate", candidate, False), ("baseline", baseline, True)):
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise UnusableInput(f"{os.fspath(path)}: {role} not found") from None
+            continue
         except OSError as e:
             raise UnusableInput(f"{os.fspath(path)}: {role} unreadable ({e.strerror or e})") from None
         if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):

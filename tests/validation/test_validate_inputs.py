@@ -1,5 +1,6 @@
-"""`quantgate validate` checks its inputs before run(): a non-regular --quantized (/dev/null, a FIFO) or a missing one
-is refused with one error line and exit 2, and nothing is written (no error record, report folder or audit event)."""
+"""`quantgate validate` checks its inputs before run(): a non-regular --quantized (/dev/null, a FIFO) is refused with
+one error line and exit 2, and nothing is written (no error record, report folder or audit event). A missing one is
+left to validation, which writes its error record (tests/validation/test_gate.py)."""
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def test_check_inputs_roles(tmp_path):
     check_inputs(REFERENCE, gguf)                 # a folder baseline and a regular candidate pass (content is later)
     with pytest.raises(UnusableInput, match="candidate is a folder"):
         check_inputs(REFERENCE, tmp_path)
-    with pytest.raises(UnusableInput, match="baseline not found"):
-        check_inputs(tmp_path / "nope", gguf)
+    check_inputs(tmp_path / "nope", gguf)          # missing: left to validation's error record (JUnit error)
+    check_inputs(REFERENCE, tmp_path / "nope.gguf")
     with pytest.raises(UnusableInput, match="baseline is a character device"):
         check_inputs(os.devnull, gguf)
