@@ -79,6 +79,7 @@ class ModelInput:
 
 
 def _exists(text: str) -> bool:
+    """Whether `text` names something on this machine's file system (a dangling symlink counts: it is local)."""
     try:
         p = Path(text)
         return p.exists() or p.is_symlink()
@@ -88,8 +89,9 @@ def _exists(text: str) -> bool:
 
 def check_reference(value: object, repo: object = None, rev: object = None) -> None:
     """Refuse a model reference that no resolver step may see (ModelInputError): not text, empty, over-long,
-    control characters (except in the name of a file that exists here), or a revision that is not a plain git/Hub revision (`..`, a leading `-`). What a Celery
-    worker or a DVC stage reads from a message or source.json passes the same checks as a command-line value."""
+    control characters (except in the name of a file that exists here), or a revision that is not a plain git/Hub
+    revision (`..`, a leading `-`). What a Celery worker or a DVC stage reads from a message or source.json passes
+    the same checks as a command-line value."""
     for what, v, limit in (("model", value, MAX_REF_CHARS), ("--model-repo", repo, MAX_REF_CHARS),
                            ("--model-rev", rev, 255)):
         if v is None and what != "model":
@@ -114,8 +116,7 @@ def names_remote_source(value: "str | os.PathLike[str]", repo: str | None = None
     text = os.fspath(value)
     if repo or text.startswith(MODELS_PREFIX):
         return True
-    p = Path(text)
-    return not (p.exists() or p.is_symlink()) and bool(HF_REPO_ID.match(text))
+    return not _exists(text) and bool(HF_REPO_ID.match(text))
 
 
 def is_repo_url(repo: str) -> bool:
@@ -136,7 +137,7 @@ def resolve_model(value: "str | os.PathLike[str]", *, repo: str | None = None, r
                                   f"{one_line(text, 200)}")
         return _from_mlflow(text, settings)
     p = Path(text)
-    if p.exists() or p.is_symlink() or not HF_REPO_ID.match(text):
+    if _exists(text) or not HF_REPO_ID.match(text):
         if rev:
             raise ModelInputError(f"--model-rev needs --model-repo (DVC) or a Hub id; {one_line(text, 200)} is a "
                                   "local path")
