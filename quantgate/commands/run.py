@@ -40,23 +40,21 @@ def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdi
     from quantgate.jobs import DEFAULT_AUTO_TARGET, PROFILE_OPTIONS, JobSpec
 
     p = read_params(params_file)
-    m = p.get("model") or {}
+    from_params = model is None
+    if from_params:
+        model, model_repo, model_rev, params_name = params_model(p, params_file, model_repo, model_rev)
+        model_name = model_name or params_name
     source_name = lineage = None
     ref: dict[str, Any] = {}
-    if model is not None and on_worker and names_remote_source(model, model_repo):
+    if on_worker and names_remote_source(model, model_repo):
         check_reference(model, model_repo, model_rev)
         repo = model_repo if not model_repo or is_repo_url(model_repo) else str(Path(model_repo).resolve())
         model_path, ref = model, {"model_ref": True, "model_repo": repo, "model_rev": model_rev}
-    elif model is not None:
-        src = resolve_model(model, repo=model_repo, rev=model_rev)
-        model_path, source_name, lineage = src.path, src.name, src.lineage_json()
     else:
-        if model_repo or model_rev:
-            fail("--model-repo/--model-rev need --model")
-        model_path = Path(m["path"]) if m.get("path") else None
-        model_name = model_name or m.get("name")
-    if model_path is None:
-        fail("no model: pass --model or set model.path in params.yaml")
+        src = resolve_model(model, repo=model_repo, rev=model_rev)
+        model_path, lineage = src.path, src.lineage_json()
+        # params' own plain path keeps its naming (outputs and registered name after params model.name)
+        source_name = None if from_params and src.is_local else src.name
     chosen = tuple(mixes) or tuple(p.get("mixes") or ())
     if not chosen:
         fail("no mixes: pass --mix (repeatable) or set mixes in params.yaml")
@@ -70,6 +68,23 @@ def build_spec(params_file: Path, model: Optional[str], mixes: list[str], workdi
                    profile_options={k: v for k, v in (p.get("profile") or {}).items() if k in PROFILE_OPTIONS},
                    auto_target=str(auto_target or (p.get("auto") or {}).get("target") or DEFAULT_AUTO_TARGET),
                    split=split_from(p, split_max_size, split_max_tensors), **ref)
+
+
+def params_model(params: dict[str, Any], params_file: Path, repo: Optional[str], rev: Optional[str]
+                 ) -> tuple[str, Optional[str], Optional[str], Optional[str]]:
+    """params.yaml's model as (reference, repo, rev, name): model.path is a model reference exactly like --model
+    (a local path is relative to the current directory, as the DVC prepare stage reads it), model.repo/model.rev
+    its DVC repository and revision (--model-repo/--model-rev win), model.name the registered name."""
+    m = params.get("model")
+    if m is None or (isinstance(m, dict) and m.get("path") in (None, "")):
+        fail(f"no model: pass --model or set model.path in {params_file}")
+    if not isinstance(m, dict):
+        fail(f"{params_file}: model must be a mapping (path, name, repo, rev), got {type(m).__name__}")
+    for key in ("path", "repo", "rev", "name"):
+        v = m.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
+            fail(f"{params_file}: model.{key} must be text, got {type(v).__name__}")
+    return str(m["path"]), repo or _opt(m.get("repo")), rev or _opt(m.get("rev")), _opt(m.get("name"))
 
 
 def split_from(params: dict[str, Any], max_size: Optional[str], max_tensors: Optional[int]) -> dict[str, int]:
@@ -302,11 +317,7 @@ def stage_prepare(
     from quantgate.source_record import prepare_source, write_source
 
     if model is None:
-        m = read_params(params).get("model") or {}
-        if not isinstance(m, dict) or not m.get("path"):
-            fail(f"no model: pass --model or set model.path in {params}")
-        model, model_repo, model_rev = (str(m["path"]), model_repo or _opt(m.get("repo")),
-                                        model_rev or _opt(m.get("rev")))
+        model, model_repo, model_rev, _name = params_model(read_params(params), params, model_repo, model_rev)
     rec, _ = prepare_source(model, repo=model_repo, rev=model_rev)
     write_source(rec, out)
     console.print(f"{lit(rec.ref)}: {lit(rec.resolved)} ({rec.kind}, {lit(rec.checkpoint_kind)}), sha256 "
