@@ -6,6 +6,11 @@ class QuantGateError(Exception):
     """Base class of every error quantgate reports to a user as one clear line."""
 
 
+class ServiceUnavailable(QuantGateError):
+    """A service the operation needs could not be reached (MLflow tracking server refused or timed out): the input
+    may be fine, so a Celery task retries it with backoff; a CLI command reports it as one error line."""
+
+
 class UnsupportedTypeError(QuantGateError, ValueError):
     """A ggml type or mix name we do not know or cannot produce."""
 

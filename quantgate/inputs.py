@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import QuantGateError
+from core.errors import QuantGateError, ServiceUnavailable
 from core.hashing import cache_dir, canonical_json, file_sha256, sha256_text
 from core.text import one_line
 
@@ -41,6 +41,11 @@ MAX_REF_CHARS = 1024
 
 class ModelInputError(QuantGateError):
     """A model reference that cannot be resolved (not cached, unknown version, unreachable repository...)."""
+
+
+class ModelSourceUnreachable(ModelInputError, ServiceUnavailable):
+    """The service holding a model reference (the MLflow registry) could not be reached: the reference may be
+    fine, so a Celery task retries it (tasks.tasks.transient_guard); the CLI prints it as one error line."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,8 @@ def _from_mlflow(ref: str, settings: Any) -> ModelInput:
         with unreachable_as_error(settings):
             mv = resolve(client, ref)
     except RegistryError as e:
-        raise ModelInputError(f"{one_line(ref, 200)}: {e}") from None
+        kind = ModelSourceUnreachable if isinstance(e, ServiceUnavailable) else ModelInputError
+        raise kind(f"{one_line(ref, 200)}: {e}") from None
     canonical = f"{MODELS_PREFIX}{mv.name}/{mv.version}"
     lineage = {"model": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
     alias = ref.removeprefix(MODELS_PREFIX).rpartition("@")[2] if "@" in ref else None
@@ -329,5 +335,5 @@ def _cached_download(key: tuple[str, ...], fetch: Any) -> Path:
     return folder
 
 
-__all__ = ["ModelInput", "ModelInputError", "resolve_model", "check_reference", "names_remote_source", "is_repo_url",
+__all__ = ["ModelInput", "ModelInputError", "ModelSourceUnreachable", "resolve_model", "check_reference", "names_remote_source", "is_repo_url",
            "hf_hub_cache", "HF_REPO_ID"]

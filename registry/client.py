@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from core.errors import QuantGateError
+from core.errors import QuantGateError, ServiceUnavailable
 from core.records import Verdict
 from core.text import one_line
 from registry.config import RegistrySettings
@@ -23,6 +23,10 @@ _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 class RegistryError(QuantGateError):
     """A registry operation that cannot be done as asked (unknown model, version, alias...)."""
+
+
+class RegistryUnreachable(RegistryError, ServiceUnavailable):
+    """The MLflow tracking / registry server could not be reached (refused, timed out, unknown host): transient."""
 
 
 class PromotionRefused(RegistryError):
@@ -95,6 +99,7 @@ def get_version(client: Any, name: str, version: str | int) -> Any:
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as e:
+        raise_unreachable(e, client)  # a server that is down is not a missing version
         raise RegistryError(f"no version {version} of registered model {name!r}") from e
 
 
@@ -126,6 +131,7 @@ def resolve(client: Any, ref: str) -> Any:
         try:
             return client.get_model_version_by_alias(name, alias)
         except MlflowException as e:
+            raise_unreachable(e, client)
             raise RegistryError(f"registered model {name!r} has no alias {alias!r}") from e
     if ver:
         return get_version(client, name, ver)
@@ -171,17 +177,34 @@ def _reason(msg: str) -> str:
 
 @contextlib.contextmanager
 def unreachable_as_error(settings: RegistrySettings) -> Iterator[None]:
-    """Turn "the MLflow server cannot be reached" (refused, timed out, unknown host) into one RegistryError line:
-    `MLflow at URI unreachable (reason)`. Other errors pass through unchanged."""
+    """Turn "the MLflow server cannot be reached" (refused, timed out, unknown host) into one RegistryUnreachable
+    line: `MLflow at URI unreachable (reason)` (a RegistryError, and a ServiceUnavailable that Celery tasks retry).
+    Other errors pass through unchanged."""
     try:
         yield
     except QuantGateError:
         raise
     except Exception as e:  # noqa: BLE001 - MlflowException or requests' errors, depending on where it failed
-        msg = str(e)
-        mod = type(e).__module__
-        if (mod.startswith(("mlflow", "requests", "urllib3")) or isinstance(e, (ConnectionError, TimeoutError))) \
-                and any(n in msg for n in _UNREACHABLE):
-            raise RegistryError(f"MLflow at {one_line(settings.tracking_uri, 200)} unreachable "
-                                f"({_reason(msg)})") from None
+        raise_unreachable(e, settings.tracking_uri)
         raise
+
+
+def unreachable_reason(e: BaseException) -> str | None:
+    """Why the MLflow server could not be reached when `e` says so (refused, timed out, unknown host), else None."""
+    msg = str(e)
+    mod = type(e).__module__
+    if (mod.startswith(("mlflow", "requests", "urllib3")) or isinstance(e, (ConnectionError, TimeoutError))) \
+            and any(n in msg for n in _UNREACHABLE):
+        return _reason(msg)
+    return None
+
+
+def raise_unreachable(e: BaseException, where: Any) -> None:
+    """Raise RegistryUnreachable when `e` means the server at `where` (a URI, or an MlflowClient) could not be
+    reached; return otherwise. For `except MlflowException` blocks that read a failure as "missing" or "exists"."""
+    reason = unreachable_reason(e)
+    if reason is None:
+        return
+    uri = where if isinstance(where, str) else (getattr(where, "_registry_uri", None)
+                                                  or getattr(where, "tracking_uri", None) or "?")
+    raise RegistryUnreachable(f"MLflow at {one_line(uri, 200)} unreachable ({reason})") from None

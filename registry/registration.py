@@ -34,6 +34,7 @@ from registry.client import (
     default_model_name,
     get_version,
     mlflow_client,
+    raise_unreachable,
     verdict_status,
 )
 from registry.config import RegistrySettings
@@ -135,7 +136,8 @@ def _ensure_experiment(client: Any, settings: RegistrySettings) -> str:
         return exp.experiment_id
     try:
         return client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
-    except MlflowException:  # created meanwhile by another worker
+    except MlflowException as e:  # created meanwhile by another worker
+        raise_unreachable(e, client)
         return client.get_experiment_by_name(settings.experiment).experiment_id
 
 
@@ -145,13 +147,14 @@ def _ensure_model(client: Any, name: str, f: GGUFFacts) -> None:
     try:
         client.get_registered_model(name)
         return
-    except MlflowException:
-        pass
+    except MlflowException as e:
+        raise_unreachable(e, client)  # down is not "no such model"
     try:
         client.create_registered_model(
             name, tags={"source_model": f.source_name, "source_sha256": f.source_sha256 or "", "source": f.source_ref},
             description=f"GGUF quantizations of {f.source_name} (source SHA-256 {f.source_sha256}) made by quantgate.")
-    except MlflowException:  # RESOURCE_ALREADY_EXISTS from a concurrent worker
+    except MlflowException as e:  # RESOURCE_ALREADY_EXISTS from a concurrent worker
+        raise_unreachable(e, client)
         client.get_registered_model(name)
 
 
@@ -160,7 +163,8 @@ def _find_existing(client: Any, name: str, sha: str, job: str) -> Any | None:
 
     try:
         found = client.search_model_versions(f"name='{name}' and tags.sha256='{sha}' and tags.job_key='{job}'")
-    except MlflowException:
+    except MlflowException as e:
+        raise_unreachable(e, client)  # down is not "not registered yet": that would register a second copy
         return None
     return min(found, key=lambda v: int(v.version)) if found else None
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 from celery import Task
 
-from core.errors import QuantGateError
+from core.errors import QuantGateError, ServiceUnavailable
 from core.progress import reporting_transfers
 from core.text import one_line
 from quant.gguf_split import check_split_fields
@@ -65,6 +65,8 @@ def is_transient(exc: BaseException) -> bool:
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 10:
+        if isinstance(e, ServiceUnavailable):
+            return True  # MLflow unreachable, reported by the registry / resolver as one error line
         if isinstance(e, QuantGateError):
             return False
         if isinstance(e, TRANSIENT):
@@ -82,10 +84,15 @@ def is_transient(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def transient_guard() -> Iterator[None]:
-    """Re-raise connection-level failures as TransientError (which autoretry retries); everything else as is."""
+    """Re-raise connection-level failures as TransientError (which autoretry retries): a ServiceUnavailable (MLflow
+    unreachable: RegistryUnreachable, ModelSourceUnreachable) or a connection error; everything else as is."""
     try:
         yield
-    except (QuantGateError, TransientError):
+    except TransientError:
+        raise
+    except ServiceUnavailable as e:
+        raise TransientError(str(e)) from e
+    except QuantGateError:
         raise
     except Exception as e:
         if is_transient(e):
@@ -120,15 +127,19 @@ def _open(source: Any) -> tuple[str, SourceRecord]:
         return str(open_source(rec).path), rec
 
 
+_SETTINGS = load_settings()  # the worker's, read once at start (QUANTGATE_MAX_RETRIES, QUANTGATE_RETRY_BACKOFF_MAX)
+
+
 class QuantgateTask(Task):
-    """Base task: autoretry transient errors with backoff, never bad input; throttled PROGRESS reports."""
+    """Base task: autoretry transient errors with backoff (2 s, 4 s, ... capped at settings retry_backoff_max, full
+    jitter, settings max_retries times), never bad input; throttled PROGRESS reports."""
 
     autoretry_for = (TransientError,)
     dont_autoretry_for = (QuantGateError,)
     retry_backoff = 2
-    retry_backoff_max = 300
+    retry_backoff_max = _SETTINGS.retry_backoff_max
     retry_jitter = True
-    max_retries = 5
+    max_retries = _SETTINGS.max_retries
     acks_late = True
     reject_on_worker_lost = True
 
