@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -114,3 +115,21 @@ def test_unreachable_registry_is_transient_a_bad_reference_is_not(tmp_path):
             raise down.value
     bad = jobs.JobPathError("model /etc lies outside the model roots")
     assert not is_transient(bad)
+
+
+def test_a_registry_that_never_answers_is_transient(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers: a timeout (MLFLOW_HTTP_REQUEST_TIMEOUT, 2 s here)."""
+    from quantgate.inputs import ModelSourceUnreachable, resolve_model
+    from registry.config import RegistrySettings
+    from tasks.tasks import is_transient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)                                                    # the kernel accepts; nobody answers
+        settings = RegistrySettings.from_env({"QUANTGATE_MLFLOW_URI": f"http://127.0.0.1:{srv.getsockname()[1]}",
+                                              "QUANTGATE_STORE_DIR": str(tmp_path / "store")})
+        with pytest.raises(ModelSourceUnreachable, match="timed out") as down:
+            resolve_model("models:/base@champion", settings=settings)
+    assert is_transient(down.value)
