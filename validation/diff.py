@@ -21,6 +21,7 @@ from core.atomic import atomic_write_text
 from core.png import legend_outside, png_data_uri, pyplot
 from core.templating import render
 from core.text import md_cell, md_code, md_escape, one_line
+from quant.gguf_split import SPLIT_KEYS, gguf_files
 from runtime.datasets import DEFAULT_EVAL
 from validation.evaluate import evaluate
 from validation.publish import (
@@ -86,11 +87,14 @@ def _display(v: Any) -> Any:
 
 
 def _file_facts(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[str, int, list[int]]]]:
-
+    """One side of the diff: a GGUF, or the whole split GGUF any part of which is `path` (every part must be
+    there: a missing one is a CheckpointError). `path` in the facts is the file llama.cpp is given (the first part),
+    `files` every part; the split layout keys (split.no/count/tensors.count) are left out of the metadata compared."""
     f = inspect_candidate(path)
-    meta = read_metadata(path)
-    facts = {"path": str(path), "sha256": f.sha256, "nbytes": f.nbytes, "file_type": f.file_type,
-             "precision": f.precision, "n_tensors": len(f.tensor_types),
+    files = [str(q) for q in gguf_files(path)]
+    meta = {k: v for k, v in read_metadata(path).items() if k not in SPLIT_KEYS}
+    facts = {"path": f.path, "files": files, "parts": len(files), "sha256": f.sha256, "nbytes": f.nbytes,
+             "file_type": f.file_type, "precision": f.precision, "n_tensors": len(f.tensor_types),
              "tensor_bytes": sum(f.tensor_bytes.values())}
     tensors = {n: (f.tensor_types[n], f.tensor_bytes[n], f.tensor_shapes[n]) for n in f.tensor_types}
     return facts, meta, tensors
@@ -134,14 +138,14 @@ def diff(a: "str | os.PathLike[str]", b: "str | os.PathLike[str]", baseline: "st
 
         ds = Path(dataset) if dataset is not None else DEFAULT_EVAL
         kw = dict(backend=backend, max_tokens=max_tokens, batch_size=batch_size, cache_dir=cache_dir)
-        rep_a = evaluate(baseline, a, ds, **kw)
-        rep_b = evaluate(baseline, b, ds, **kw)
+        rep_a = evaluate(baseline, Path(fa["path"]), ds, **kw)   # a split GGUF: its first part (as llama.cpp)
+        rep_b = evaluate(baseline, Path(fb["path"]), ds, **kw)
         source = "evaluation"
         base_info = {"path": str(baseline), "sha256": rep_a.baseline.sha256, "dataset": str(ds),
                      "dataset_sha256": rep_a.dataset_sha256, "max_tokens": max_tokens,
                      "baseline_cache_hit_b": rep_b.timings.baseline_cache_hit}
     else:
-        va, vb = _latest_validation(a, fa["sha256"]), _latest_validation(b, fb["sha256"])
+        va, vb = _latest_validation(Path(fa["path"]), fa["sha256"]), _latest_validation(Path(fb["path"]), fb["sha256"])
         if va and vb and "overall" in va and "overall" in vb:
             rep_a, rep_b = eval_report_of(va), eval_report_of(vb)
             source = "validation reports"
@@ -211,8 +215,9 @@ def summarize(r: DiffReport) -> str:
     added = [t for t in r.tensors if t["type_a"] is None]
     removed = [t for t in r.tensors if t["type_b"] is None]
     size = r.b["nbytes"] - r.a["nbytes"]
-    parts = [f"{b} ({r.b.get('precision') or '?'}, {r.b['nbytes']:,} bytes) vs {a} ({r.a.get('precision') or '?'}, "
-             f"{r.a['nbytes']:,} bytes): {size:+,} bytes ({100.0 * size / max(r.a['nbytes'], 1):+.1f}%)",
+    parts = [f"{b} ({_layout(r.b)}{r.b.get('precision') or '?'}, {r.b['nbytes']:,} bytes) vs {a} ({_layout(r.a)}"
+             f"{r.a.get('precision') or '?'}, {r.a['nbytes']:,} bytes): {size:+,} bytes "
+             f"({100.0 * size / max(r.a['nbytes'], 1):+.1f}%)",
              f"{len(retyped)} of {len(r.tensors)} tensors change type"
              + (f" ({len(added)} added, {len(removed)} removed)" if added or removed else ""),
              f"metadata: {len(r.metadata['added'])} keys added, {len(r.metadata['removed'])} removed, "
@@ -233,6 +238,12 @@ def summarize(r: DiffReport) -> str:
     if r.tolerance is not None:
         parts.append(f"regressions beyond {r.tolerance:g}: " + ("; ".join(r.regressions) if r.regressions else "none"))
     return "; ".join(parts) + "."
+
+
+def _layout(facts: dict[str, Any]) -> str:
+    """'N-part split, ' for a split GGUF side, '' for one file (reports of older versions have no 'parts')."""
+    n = facts.get("parts") or 1
+    return f"{n}-part split, " if n > 1 else ""
 
 
 def _md_row(cells: list[Any]) -> str:

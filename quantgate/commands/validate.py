@@ -91,8 +91,8 @@ def validate(
 @app.command()
 @handle_errors
 def diff(
-    a: Path = typer.Argument(..., help="First (older) quantized GGUF"),
-    b: Path = typer.Argument(..., help="Second (newer) quantized GGUF"),
+    a: Path = typer.Argument(..., help="First (older) quantized GGUF (any part of a split GGUF: the whole set)"),
+    b: Path = typer.Argument(..., help="Second (newer) quantized GGUF (any part of a split GGUF: the whole set)"),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Baseline model: adds per-tensor error and "
                                                                         "model-metric deltas (baseline logits cached)"),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Eval JSONL (default: data/eval.jsonl)"),
@@ -105,8 +105,9 @@ def diff(
     backend: str = typer.Option("torch", "--backend", help="Candidate runner: torch | llama.cpp"),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens per sample, BOS included"),
 ) -> None:
-    """Compare two quantized GGUFs: metadata, tensor types and sizes, per-tensor error and model metrics vs the
-    baseline, gate verdicts. Exit 1 on a regression beyond --fail-on-regression, 2 on unusable inputs."""
+    """Compare two quantized GGUFs (a split GGUF, named by any of its parts, as one model): metadata, tensor types
+    and sizes, per-tensor error and model metrics vs the baseline, gate verdicts. Exit 1 on a regression beyond
+    --fail-on-regression, 2 on unusable inputs (a missing part of a split GGUF included)."""
     from validation.diff import diff as run_diff
     from validation.diff import write_diff_reports
     from validation.thresholds import load_gates
