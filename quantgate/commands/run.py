@@ -120,7 +120,8 @@ _SPEC_HELP = dict(
     params=typer.Option(Path("params.yaml"), "--params", help="params.yaml to read model/mixes/gates from"),
     model=typer.Option(None, "--model", "-m", help="Checkpoint (HF folder, GGUF, Hub id in the HF cache, "
                                                    "models:/NAME/VERSION, or a path in --model-repo); outputs and the "
-                                                   "registered model are named after it; default: params model.path"),
+                                                   "registered model are named after it; default: params model.path, "
+                                                   "the same kind of reference (model.repo/model.rev)"),
     model_repo=model_repo_option(),
     model_rev=model_rev_option(),
     mix=typer.Option([], "--mix", help="Mix to produce (repeatable); default: params mixes"),
