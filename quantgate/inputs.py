@@ -335,5 +335,5 @@ def _cached_download(key: tuple[str, ...], fetch: Any) -> Path:
     return folder
 
 
-__all__ = ["ModelInput", "ModelInputError", "ModelSourceUnreachable", "resolve_model", "check_reference", "names_remote_source", "is_repo_url",
-           "hf_hub_cache", "HF_REPO_ID"]
+__all__ = ["ModelInput", "ModelInputError", "ModelSourceUnreachable", "resolve_model", "check_reference",
+           "names_remote_source", "is_repo_url", "hf_hub_cache", "HF_REPO_ID"]
