@@ -29,6 +29,7 @@ import numpy as np
 
 from analyzer.cache import CacheKey, CalibrationCache
 from analyzer.collect import collect_imatrix
+from analyzer.param_slots import ParamSlot, param_slots
 from analyzer.stream_measure import can_stream, rel_weight_error, streamed_sweep
 from analyzer.policy import (
     CANDIDATE_TYPES,
@@ -277,36 +278,21 @@ class _Measurer:
         with self.torch.inference_mode():
             return self.model(input_ids=self.batch, use_cache=False).logits.float()
 
-    def measure(self, param, new_value: np.ndarray) -> tuple[float, float]:
-        """(mean per-token KLD(base || quantized), mean squared logit difference) with `param` set to new_value."""
+    def measure(self, slot: ParamSlot, new_value: np.ndarray) -> tuple[float, float]:
+        """(mean per-token KLD(base || quantized), mean squared logit difference) with `slot` (a 2-D parameter or
+        a fused expert tensor, analyzer.param_slots) set to new_value; MoE blocks route with their real router."""
         torch = self.torch
-        old = param.data.clone()
-        with torch.no_grad():
-            param.data.copy_(torch.from_numpy(new_value))
+        old = slot.param.data.clone()
+        slot.write(new_value)
         try:
             logits = self._logits()
         finally:
             with torch.no_grad():
-                param.data.copy_(old)
+                slot.param.data.copy_(old)
         lq = torch.log_softmax(logits, dim=-1)
         kld = (self.base_lp.exp() * (self.base_lp - lq)).sum(-1).mean().item()
         mse = ((logits - self.base_logits) ** 2).mean().item()
         return max(float(kld), 0.0), float(mse)
-
-
-def _gguf_params(model, arch: str) -> dict[str, Any]:
-    """GGUF tensor name -> transformers parameter, for every 2-D parameter."""
-    import gguf
-
-    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    name_map = gguf.get_tensor_name_map(archs[arch], int(model.config.num_hidden_layers))
-    out = {}
-    for pname, p in model.named_parameters():
-        if p.ndim == 2:
-            g = name_map.get_name(key=pname, try_suffixes=(".weight", ".bias"))
-            if g is not None:
-                out[g] = p
-    return out
 
 
 def _quant_dequant(x: np.ndarray, qtype: str, w: np.ndarray | None) -> np.ndarray:
@@ -314,6 +300,10 @@ def _quant_dequant(x: np.ndarray, qtype: str, w: np.ndarray | None) -> np.ndarra
 
     if qtype == "F16":
         return x.astype(np.float16).astype(np.float32)
+    if x.ndim == 3:  # fused experts: each expert's matrix with its own imatrix row, as llama-quantize slices it
+        from quant.api import quantize_tensor
+
+        return quant.dequantize(quantize_tensor(x, qtype, imatrix=w), qtype, x.shape)
     return quant.dequantize(quant.quantize(x, qtype, imatrix=w), qtype, x.shape)
 
 
@@ -348,10 +338,6 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         tensors = [(t.name, tuple(int(d) for d in t.shape), current_type(plan, t),
                     allows_quantization(t.name, tuple(t.shape), plan.arch)) for t in plan.tensors]
         arch = plan.arch
-    experts = [name for name, shape, *_ in tensors if "_exps." in name or len(shape) > 2]
-    if measure and experts:  # the measurements perturb 2-D transformers parameters; fused experts are 3-D
-        raise QuantGateError(f"--precision auto does not measure MoE expert tensors yet ({experts[0]} and "
-                             f"{len(experts) - 1} more); use a named mix such as Q4_K_M (docs/ANALYZER.md)")
     ds = load_dataset(calib)
     texts = [s.text for s in ds.usable()]
     t_hash = time.perf_counter()
@@ -430,13 +416,13 @@ def _compute(model: Path, arch: str, chunks: list[list[int]] | None, todo, imatr
     with ExitStack() as stack:
         if chunks is not None:
             meas = _Measurer(model, chunks)
-            params = _gguf_params(meas.model, arch)
-            read = {g: (lambda p=p: np.ascontiguousarray(p.detach().float().numpy())) for g, p in params.items()}
+            params = param_slots(meas.model, arch)
+            read = {g: p.read for g, p in params.items()}
         else:
             meas, params, read = None, {}, stack.enter_context(_weight_readers(model, arch))
         for i, (tp, missing, keys) in enumerate(todo):
             if tp.name not in read:
-                raise QuantGateError(f"tensor {tp.name} has no 2-D transformers parameter to measure")
+                raise QuantGateError(f"tensor {tp.name} has no transformers parameter to measure")
             x = read[tp.name]()
             w = imatrix.values(tp.name) if imatrix is not None else None
             for qt in missing:
@@ -459,8 +445,7 @@ def _weight_readers(model: Path, arch: str) -> Iterator[dict[str, Any]]:
     model in memory; other architectures: the whole transformers model)."""
     if not can_stream(model):
         tm = load_torch_model(model)
-        yield {g: (lambda p=p: np.ascontiguousarray(p.detach().float().numpy())) for g, p in
-               _gguf_params(tm, arch).items()}
+        yield {g: p.read for g, p in param_slots(tm, arch).items()}
         return
     with LayerStream(model) as ls:
         yield {g: (lambda hf=hf: ls.weights.read(hf)) for hf, g in _hf_to_gguf(ls.weights.names, arch,

@@ -58,26 +58,42 @@ class SweepResult:
     gain_detail: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _matrices(x: np.ndarray, w: np.ndarray | None):
+    """(matrix, its imatrix vector) pairs: a 2-D weight itself; a 3-D fused expert tensor (n_expert, rows, cols)
+    expert by expert, with that expert's imatrix row (w of n_expert * cols values, as llama-imatrix stores it)."""
+    if x.ndim != 3:
+        yield x, w
+        return
+    cols = x.shape[-1]
+    per_expert = w is not None and w.size == x.shape[0] * cols
+    for e in range(x.shape[0]):
+        yield x[e], (w[e * cols:(e + 1) * cols] if per_expert else w)
+
+
 def weight_energy(x: np.ndarray, w: np.ndarray | None) -> float:
-    """sum_ij w_j x_ij^2 in float64 (the denominator of rel_weight_error, the same for every type of a tensor)."""
-    ww = (w if w is not None else np.ones(x.shape[1], np.float32)).astype(np.float64)
+    """sum_ij w_j x_ij^2 in float64 (the denominator of rel_weight_error, the same for every type of a tensor);
+    a 3-D expert tensor sums its experts, each weighted by its own imatrix row."""
     den = 0.0
-    for s in range(0, x.shape[0], _ROWS):
-        a = x[s:s + _ROWS].astype(np.float64)
-        den += float(((a * a) @ ww).sum())
-        del a
+    for xm, wm in _matrices(x, w):
+        ww = (wm if wm is not None else np.ones(xm.shape[1], np.float32)).astype(np.float64)
+        for s in range(0, xm.shape[0], _ROWS):
+            a = xm[s:s + _ROWS].astype(np.float64)
+            den += float(((a * a) @ ww).sum())
+            del a
     return den
 
 
 def rel_weight_error(x: np.ndarray, xq: np.ndarray, w: np.ndarray | None, den: float | None = None) -> float:
     """sum_ij w_j (x - xq)^2 / sum_ij w_j x^2 in float64, a few thousand rows at a time (bounded memory); `den`:
-    weight_energy(x, w) when already known."""
-    ww = (w if w is not None else np.ones(x.shape[1], np.float32)).astype(np.float64)
+    weight_energy(x, w) when already known. A 3-D expert tensor: the sums run over every expert, each with its
+    own imatrix row (the relative output error of the whole MoE matmul under routed activations)."""
     num = 0.0
-    for s in range(0, x.shape[0], _ROWS):
-        d = x[s:s + _ROWS].astype(np.float64) - xq[s:s + _ROWS]
-        num += float(((d * d) @ ww).sum())
-        del d
+    for (xm, wm), qm in zip(_matrices(x, w), xq if x.ndim == 3 else [xq]):
+        ww = (wm if wm is not None else np.ones(xm.shape[1], np.float32)).astype(np.float64)
+        for s in range(0, xm.shape[0], _ROWS):
+            d = xm[s:s + _ROWS].astype(np.float64) - qm[s:s + _ROWS]
+            num += float(((d * d) @ ww).sum())
+            del d
     den = weight_energy(x, w) if den is None else den
     return num / den if den > 0 else 0.0
 

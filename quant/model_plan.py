@@ -196,7 +196,7 @@ def _gguf_value(kvs: list[KV], key: str, default: Any = None) -> Any:
 # is read.
 
 #: architectures whose required tensors and shapes are checked (llama.cpp's llama / qwen2 loaders)
-CHECKED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
+CHECKED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
 MAX_HPARAM_INT = 2**31 - 1          # llama.cpp keeps every hyperparameter in an int32_t / uint32_t
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -253,8 +253,8 @@ def _hp_positive_float(kv: dict[str, Any], key: str, problems: list[str]) -> Non
 
 
 def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Problems that make the model unbuildable: zero tensors; for CHECKED_ARCHS (llama incl. mixtral, qwen2, qwen3,
-    qwen3moe, gemma2, gemma3, phi3) also a missing or
+    """Problems that make the model unbuildable: zero tensors; for CHECKED_ARCHS (llama incl. mixtral, qwen2,
+    qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3) also a missing or
     non-positive/non-finite hyperparameter, a tensor a block needs that is absent, a shape that disagrees with the
     hyperparameters, a block beyond block_count, a tensor the architecture does not have. `shapes` are numpy-order
     (rows, cols); `kv` maps GGUF keys to values (per-layer arrays allowed). Other architectures: zero tensors only."""
@@ -274,11 +274,15 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     ffs = _hp_layers(kv, f"{arch}.feed_forward_length", problems, nl, required=False)
     dk = _hp_int(kv, f"{arch}.attention.key_length", problems, required=False)
     dv = _hp_int(kv, f"{arch}.attention.value_length", problems, required=False)
-    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=arch == "qwen3moe")
-    # qwen3moe (llama.cpp models/qwen3moe.cpp): expert width expert_feed_forward_length, else n_ff / n_expert_used
+    qwen_moe = arch in ("qwen2moe", "qwen3moe")
+    n_expert = _hp_int(kv, f"{arch}.expert_count", problems, required=qwen_moe)
+    # qwen2moe/qwen3moe (llama.cpp models/qwen*moe.cpp): expert width expert_feed_forward_length, else
+    # n_ff / n_expert_used; qwen2moe's shared expert: expert_shared_feed_forward_length, else n_ff
     ff_exp = _hp_layers(kv, f"{arch}.expert_feed_forward_length", problems, n_layer or 1, required=False) \
-        if arch == "qwen3moe" else None
-    used = _hp_int(kv, f"{arch}.expert_used_count", problems, required=arch == "qwen3moe")
+        if qwen_moe else None
+    used = _hp_int(kv, f"{arch}.expert_used_count", problems, required=qwen_moe)
+    ff_shexp = _hp_int(kv, f"{arch}.expert_shared_feed_forward_length", problems, required=False) \
+        if arch == "qwen2moe" else None
     for key in ("context_length", "vocab_size", "rope.dimension_count"):
         _hp_int(kv, f"{arch}.{key}", problems, required=False)
     for key in ("rope.freq_base", "rope.freq_scale", "rope.scaling.factor", "attention.layer_norm_rms_epsilon"):
@@ -303,9 +307,12 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
     v, e = n_vocab, n_embd
     want: dict[str, tuple[int | None, ...]] = {"token_embd.weight": (v, e), "output_norm.weight": (e,)}
     optional: dict[str, tuple[int | None, ...]] = {"output.weight": (v, e), "rope_freqs.weight": (dk // 2,)}
+    if arch == "qwen2moe":  # models/qwen2moe.cpp creates output without TENSOR_NOT_REQUIRED (no tied fallback)
+        want["output.weight"] = optional.pop("output.weight")
     for i in range(n_layer):
         b, h, hk, ff = f"blk.{i}.", heads[i], heads_kv[i], (ffs[i] if ffs else None)
-        if arch == "qwen3moe":
+        ff_dense = ff
+        if qwen_moe:
             ff = ff_exp[i] if ff_exp else (ff // used if ff and used else None)
         if arch in ("qwen3", "qwen3moe", "gemma3"):   # models/qwen3*.cpp, gemma3.cpp: per-head RMS norms of q and k
             want |= {b + "attn_q_norm.weight": (dk,), b + "attn_k_norm.weight": (dk,)}
@@ -317,6 +324,11 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
                      b + "ffn_up_exps.weight": (n_expert, ff, e), b + "ffn_down_exps.weight": (n_expert, e, ff)}
         else:
             want |= {b + "ffn_gate.weight": (ff, e), b + "ffn_up.weight": (ff, e), b + "ffn_down.weight": (e, ff)}
+        if arch == "qwen2moe":  # models/qwen2moe.cpp: wq and wo are n_embd x n_embd; the shared expert and its gate
+            fs = ff_shexp or ff_dense
+            want |= {b + "attn_q.weight": (e, e), b + "attn_output.weight": (e, e),
+                     b + "ffn_gate_inp_shexp.weight": (e,), b + "ffn_gate_shexp.weight": (fs, e),
+                     b + "ffn_down_shexp.weight": (e, fs), b + "ffn_up_shexp.weight": (fs, e)}
         biases = {b + "attn_q.bias": (h * dk,), b + "attn_k.bias": (hk * dk,), b + "attn_v.bias": (hk * dv,)}
         (want if arch == "qwen2" else optional).update(biases)
         optional |= {b + "attn_output.bias": (e,)}
@@ -349,7 +361,10 @@ def check_architecture(arch: str, kv: dict[str, Any], shapes: dict[str, tuple[in
             elif name not in (known := known if known is not None else _arch_tensor_names(arch, n_layer)):
                 problems.append(f"tensor {name!r} is not a tensor of the {arch} architecture")
             continue
-        if len(shape) != len(exp) or any(x is not None and x != s for x, s in zip(exp, shape)):
+        got = shape
+        if len(got) > len(exp) and all(d == 1 for d in got[:len(got) - len(exp)]):
+            got = got[len(got) - len(exp):]  # ggml pads ne with 1s: (1, n) is the vector {n} llama.cpp wants
+        if len(got) != len(exp) or any(x is not None and x != s for x, s in zip(exp, got)):
             problems.append(f"tensor {name!r} has shape {list(shape)} but the hyperparameters give "
                             f"{[x if x is not None else '*' for x in exp]}")
     return problems

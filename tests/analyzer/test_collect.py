@@ -104,3 +104,110 @@ def test_quantization_with_our_imatrix_is_bit_exact_with_ggml(require_oracle, co
         ours = quant.quantize(x, qtype, imatrix=w)
         ref = require_oracle.ggml_quantize(x, qtype, w)
         assert np.array_equal(ours, ref), f"{gg} {qtype}"
+
+
+#: tiny MoE arch -> (per-expert HF weight names: gate, up, down; router), as the checkpoints store them
+_MOE_NAMES = {
+    "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                "block_sparse_moe.experts.{e}.w2", "block_sparse_moe.gate"),
+    "qwen2moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj", "mlp.gate"),
+    "qwen3moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj", "mlp.gate"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_MOE_NAMES))
+def test_moe_imatrix_is_per_expert_as_llama_imatrix_collects_mul_mat_id(arch, calib_jsonl, tmp_path):
+    """Fused experts (llama.cpp's MUL_MAT_ID, imatrix.cpp collect_imatrix): per expert, the sums of squared inputs
+    of the tokens routed to it (gate/up: the MoE block's input; down: that expert's SwiGLU output) and one count per
+    routed (token, slot); stored n_expert x cols with n_expert counts. Checked against a direct numpy computation
+    from the checkpoint's per-expert weights, with the routing recomputed from the router weight (softmax, top-k)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from analyzer.collect import collect_imatrix
+    from quant.imatrix import load_imatrix, save_imatrix_gguf
+    from runtime.datasets import load_dataset
+    from runtime.tokenize import calibration_chunks
+    from tests.quantgate.tiny_hf import make_tiny_model
+
+    hf = make_tiny_model(tmp_path / arch, arch, seed=5)
+    texts = [s.text for s in load_dataset(calib_jsonl).usable()]
+    toks = calibration_chunks(hf, texts, CHUNK, 3)
+    im = collect_imatrix(hf, [], tokens=toks)          # block by block (runtime.layer_stream), float32
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    cfg = model.config
+    n_exp, k = int(getattr(cfg, "num_local_experts", None) or cfg.num_experts), int(cfg.num_experts_per_tok)
+    moe_in: dict[int, list[np.ndarray]] = {}
+    hooks = [layer.mlp.register_forward_hook(
+        lambda _m, a, _o, i=i: moe_in.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]).numpy().copy()))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for c in toks.chunks:
+            model(torch.tensor([c]))
+    for h in hooks:
+        h.remove()
+    g_name, u_name, d_name, r_name = _MOE_NAMES[arch]
+    f = safe_open(str(hf / "model.safetensors"), "np")
+    for i in range(cfg.num_hidden_layers):
+        w = lambda n, e=0: f.get_tensor(f"model.layers.{i}.{n.format(e=e)}.weight").astype(np.float64)  # noqa: E731
+        x = np.concatenate(moe_in[i]).astype(np.float64)
+        logits = x @ w(r_name).T
+        top = np.argsort(-logits, axis=1)[:, :k]                    # softmax is monotone: top-k of the logits
+        want = {t: (np.zeros((n_exp, x.shape[1] if t != "down" else w(d_name).shape[1])), np.zeros(n_exp))
+                for t in ("gate", "up", "down")}
+        for e in range(n_exp):
+            xe = x[(top == e).any(axis=1)]
+            g, u = xe @ w(g_name, e).T, xe @ w(u_name, e).T
+            act = g / (1.0 + np.exp(-g)) * u
+            for t, v in (("gate", xe), ("up", xe), ("down", act)):
+                want[t][0][e] += (v * v).sum(axis=0)
+                want[t][1][e] += len(xe)
+        for t in ("gate", "up", "down"):
+            got = im.entries[f"blk.{i}.ffn_{t}_exps.weight"]
+            assert got.counts.tolist() == want[t][1].tolist(), (i, t)
+            assert got.sums.shape == (want[t][0].size,)
+            np.testing.assert_allclose(got.sums.reshape(n_exp, -1), want[t][0], rtol=2e-4, atol=1e-6)
+        assert want["gate"][1].sum() == len(toks.chunks) * CHUNK * k   # every token counted once per used expert
+        router = im.entries[f"blk.{i}.ffn_gate_inp.weight"]              # a dense MUL_MAT, as llama-imatrix has it
+        assert router.counts.tolist() == [len(toks.chunks) * CHUNK]
+        np.testing.assert_allclose(router.sums, (x * x).sum(axis=0), rtol=2e-4)
+    # the GGUF file holds them as llama-imatrix writes 3-D entries: in_sum2 ne (cols, n_expert), counts (1, n_expert)
+    save_imatrix_gguf(im, tmp_path / "i.gguf")
+    import gguf
+
+    r = gguf.GGUFReader(str(tmp_path / "i.gguf"))
+    by = {t.name: t for t in r.tensors}
+    assert [int(d) for d in by["blk.0.ffn_down_exps.weight.in_sum2"].shape] == [w(d_name).shape[1], n_exp]
+    assert [int(d) for d in by["blk.0.ffn_down_exps.weight.counts"].shape] == [1, n_exp]
+    back = load_imatrix(tmp_path / "i.gguf")
+    e = im.entries["blk.1.ffn_up_exps.weight"]
+    vals = back.values("blk.1.ffn_up_exps.weight").reshape(n_exp, -1)   # what llama-quantize hands each expert
+    for x in range(n_exp):
+        np.testing.assert_array_equal(vals[x], (e.sums.reshape(n_exp, -1)[x] / e.counts[x]).astype(np.float32)
+                                      if e.counts[x] else np.ones(vals.shape[1], np.float32))
+
+
+def test_moe_imatrix_streamed_equals_whole_model_and_gguf_source(calib_jsonl, tmp_path, monkeypatch):
+    """The block-by-block collection of a MoE model (one block in memory) gives the whole-model hooks' values,
+    and the model's F16 GGUF gives the HF folder's (same token ids)."""
+    from analyzer import collect
+    from quantgate.convert import convert_model
+    from runtime.datasets import load_dataset
+    from runtime.tokenize import calibration_chunks
+    from tests.quantgate.tiny_hf import make_tiny_model
+
+    hf = make_tiny_model(tmp_path / "q2", "qwen2moe", seed=6)
+    convert_model(hf, tmp_path / "q2.gguf", "f16")
+    toks = calibration_chunks(hf, [s.text for s in load_dataset(calib_jsonl).usable()], CHUNK, 2)
+    streamed = collect.collect_imatrix(hf, [], tokens=toks)
+    from_gguf = collect.collect_imatrix(tmp_path / "q2.gguf", [], tokens=toks)
+    monkeypatch.setattr(collect, "MOE_STREAM_TYPES", frozenset())
+    whole = collect.collect_imatrix(hf, [], tokens=toks)
+    assert set(streamed.entries) == set(whole.entries) == set(from_gguf.entries)
+    assert any(n.endswith("_exps.weight") for n in streamed.entries)
+    assert "blk.0.ffn_gate_inp_shexp.weight" in streamed.entries and "blk.0.ffn_up_shexp.weight" in streamed.entries
+    for n, e in streamed.entries.items():
+        for other in (whole, from_gguf):
+            assert np.array_equal(e.counts, other.entries[n].counts), n
+            np.testing.assert_allclose(e.sums, other.entries[n].sums, rtol=1e-5, err_msg=n)

@@ -229,13 +229,175 @@ def test_cli_imatrix_profile_and_quantize_auto_within_a_target_size(tiny_model, 
     assert r.exit_code == 2 and "--overrides" in r.output
 
 
-def test_auto_on_a_moe_model_is_refused_with_one_clear_error(tmp_path, calib_jsonl, cache_dir):
-    """Mixtral's stacked 3-D experts have no 2-D parameter the measurements can perturb: refused before any pass."""
-    from core.errors import QuantGateError
+MOE_TYPES = ("Q4_K", "Q8_0")
+MOE_ARCHS = ("mixtral", "qwen2moe", "qwen3moe")
 
-    from analyzer.profile import build_profile
+
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe_profile(request, tmp_path_factory, calib_jsonl, cache_dir):
+    """(arch, tiny MoE HF folder, its profile, the imatrix it collected): fused experts measured in the exact mode
+    (whole model, real router)."""
+    from analyzer.cache import CalibrationCache
+    from analyzer.profile import build_profile, cached_imatrix, imatrix_digest
+    from core.version import __version__
+
     from tests.quantgate.tiny_hf import make_tiny_model
 
-    mix = make_tiny_model(tmp_path / "mix", "mixtral", seed=1)
-    with pytest.raises(QuantGateError, match=r"does not measure MoE expert tensors yet \(blk\.0\.ffn_"):
-        build_profile(mix, calib_jsonl)
+    hf = make_tiny_model(tmp_path_factory.mktemp("moe") / request.param, request.param, seed=11)
+    with CalibrationCache(cache_dir) as cache:
+        prof = build_profile(hf, calib_jsonl, chunk_size=CHUNK, n_chunks=3, candidate_types=MOE_TYPES, cache=cache,
+                             **MEASURE)
+        imat = cached_imatrix(hf, calib_jsonl, prof.model["sha256"], chunk_size=CHUNK, n_chunks=3, cache=cache,
+                              tool_version=__version__, matmul_dtype=prof.imatrix["matmul"])
+    assert imatrix_digest(imat) == prof.imatrix["digest"]
+    return request.param, hf, prof, imat
+
+
+def test_moe_profile_measures_fused_experts_shared_experts_and_keeps_the_router(moe_profile):
+    """Every fused 3-D expert tensor gets each candidate applied to all its experts: exact bytes, the per-expert
+    imatrix-weighted estimate, and the whole-model KLD with the real router (measure mode exact); the router
+    (ffn_gate_inp) and qwen2moe's shared-expert gate stay unquantized as llama.cpp keeps them; shared experts are
+    measured like dense tensors."""
+    from analyzer.profile import _quant_dequant
+    from analyzer.stream_measure import rel_weight_error
+    from quant.formats import get_qtype
+
+    arch, hf, prof, imat = moe_profile
+    assert prof.measure["mode"] == "exact" and prof.imatrix["used"]
+    by = {t.name: t for t in prof.tensors}
+    experts = [t for t in prof.tensors if t.name.endswith("_exps.weight")]
+    n_layer = 2
+    assert len(experts) == 3 * n_layer and all(len(t.shape) == 3 for t in experts)
+    for t in experts:
+        assert t.quantizable and list(t.candidates) == list(MOE_TYPES), t.name
+        for qt, st in t.candidates.items():
+            assert st.size_bytes == get_qtype(qt).nbytes(tuple(t.shape)) == t.shape[0] * t.shape[1] * \
+                get_qtype(qt).row_bytes(t.shape[2])
+            assert st.est_error > 0 and st.measured_kld is not None and st.measured_kld >= 0
+            assert st.measured_mse is not None and st.predicted is not None
+        assert t.gain is not None and np.isfinite(t.gain) and t.gain > 0
+    assert sum(t.candidates["Q4_K"].measured_kld for t in experts) > sum(t.candidates["Q8_0"].measured_kld
+                                                                          for t in experts)
+    for i in range(n_layer):
+        r = by[f"blk.{i}.ffn_gate_inp.weight"]
+        assert not r.quantizable and r.source_type == "F32" and not r.candidates
+    if arch == "qwen2moe":
+        assert not by["blk.0.ffn_gate_inp_shexp.weight"].quantizable
+        sh = by["blk.1.ffn_down_shexp.weight"]
+        assert sh.quantizable and all(s.measured_kld is not None for s in sh.candidates.values())
+    # the estimate of a fused tensor: every expert's matrix with its own imatrix row (checked directly)
+    t = by["blk.1.ffn_down_exps.weight"]
+    w = imat.values(t.name).reshape(t.shape[0], t.shape[2])
+    x = _gguf_tensor(hf, t.name)
+    num = den = 0.0
+    for e in range(t.shape[0]):
+        xq = _quant_dequant(np.ascontiguousarray(x[e]), "Q4_K", w[e])
+        num += float((((x[e].astype(np.float64) - xq) ** 2) @ w[e].astype(np.float64)).sum())
+        den += float(((x[e].astype(np.float64) ** 2) @ w[e].astype(np.float64)).sum())
+    assert t.candidates["Q4_K"].est_error == pytest.approx(num / den, rel=1e-9)
+    assert rel_weight_error(x, _quant_dequant(x, "Q4_K", imat.values(t.name)), imat.values(t.name)) == \
+        pytest.approx(num / den, rel=1e-9)
+
+
+def _gguf_tensor(hf, name: str) -> np.ndarray:
+    """One tensor of the model in the GGUF layout (float32), as the pipeline reads it."""
+    from quant.loaders import open_checkpoint
+    from quant.model_plan import plan_model
+
+    with open_checkpoint(hf, allow_requantize=True) as ck:
+        pt = next(t for t in plan_model(ck).tensors if t.name == name)
+        x = pt.source.read()
+        x = pt.transform(x) if pt.transform is not None else x
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _moe_auto(moe_profile, tmp_path, cache_dir, target_bpw: float = 6.0):
+    """The auto file of a MoE profile under a bits-per-weight budget (profile saved, then auto_request)."""
+    import copy
+
+    from analyzer.auto import auto_request
+    from quantgate.pipeline import quantize_model
+
+    arch, hf, prof, imat = moe_profile
+    copy.deepcopy(prof).save(tmp_path / "p.json")
+    with auto_request(hf, tmp_path / f"{arch}-auto.gguf", profile=tmp_path / "p.json", policy="budget",
+                      target_bpw=target_bpw, cache_dir=cache_dir) as (req, plan):
+        return quantize_model(req), plan
+
+
+def test_moe_auto_file_holds_the_measured_types_and_what_was_measured(moe_profile, tmp_path, cache_dir):
+    """--precision auto on a MoE model: the budget policy chooses the fused experts' types from their measured
+    predictions and real byte sizes, within the bits-per-weight target; `gguf` reads back exactly those types, the
+    router F32; each expert tensor dequantizes to the Q_T(W) the profile measured (per-expert imatrix slices, as
+    llama-quantize applies them); verify passes."""
+    import gguf
+
+    from analyzer.profile import _quant_dequant
+    from quant.verify import verify_gguf
+
+    arch, hf, prof, imat = moe_profile
+    art, plan = _moe_auto(moe_profile, tmp_path, cache_dir)
+    assert art.bits_per_weight <= 6.0 and art.recipe.precision == "AUTO"
+    r = gguf.GGUFReader(str(art.path))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == plan.type_map
+    chosen = {t.name: t for t in plan.profile.tensors}
+    experts = [n for n in types if n.endswith("_exps.weight")]
+    assert len(experts) == 6 and all(types[n] in MOE_TYPES for n in experts)
+    assert all(chosen[n].reason and "override" not in chosen[n].reason for n in experts)
+    assert {types[n] for n in plan.type_map if chosen[n].quantizable} == set(MOE_TYPES)  # the budget mixes both
+    assert all(types[f"blk.{i}.ffn_gate_inp.weight"] == "F32" for i in range(2))
+    by = {t.name: t for t in r.tensors}
+    for name in ("blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"):
+        t = by[name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(chosen[name].shape)
+        x = _gguf_tensor(hf, name)
+        np.testing.assert_array_equal(got, _quant_dequant(x, types[name], imat.values(name)))
+    rep = verify_gguf(art.path)
+    assert rep.ok, rep.problems
+
+
+@pytest.mark.oracle
+def test_moe_auto_file_runs_in_llama_cpp(require_oracle, moe_profile, tmp_path, cache_dir):
+    """llama.cpp loads each MoE auto file and evaluates it (finite logits, its file type)."""
+    import llama_cpp
+
+    art, _ = _moe_auto(moe_profile, tmp_path, cache_dir)
+    llm = llama_cpp.Llama(model_path=str(art.path), n_ctx=64, verbose=False, logits_all=True)
+    toks = llm.tokenize(b"def return import class print", add_bos=True)
+    llm.eval(toks)
+    logits = np.array(llm.scores[:len(toks)])
+    assert logits.shape == (len(toks), 512) and np.all(np.isfinite(logits))
+    assert llm.metadata["general.file_type"] == str(art.file_type)
+
+
+def test_cli_profile_and_quantize_auto_on_a_moe_model(tmp_path, calib_jsonl, cache_dir):
+    """`quantgate profile` + `quantgate quantize --precision auto` on a Qwen3-MoE checkpoint, and its F16 GGUF
+    profiled the same way (same model identity and rows: one cache)."""
+    from typer.testing import CliRunner
+
+    from quantgate.cli import app
+    from quantgate.convert import convert_model
+    from tests.quantgate.tiny_hf import make_tiny_model
+
+    hf = make_tiny_model(tmp_path / "q3", "qwen3moe", seed=12)
+    convert_model(hf, tmp_path / "q3.gguf", "f16")
+    run = CliRunner().invoke
+    for src in (hf, tmp_path / "q3.gguf"):
+        common = ["--model", str(src), "--calib", str(calib_jsonl), "--cache-dir", str(cache_dir),
+                  "--chunk-size", str(CHUNK), "--chunks", "2"]
+        r = run(app, ["profile", *common, "--out", str(tmp_path / "p.json"), "--types", "Q4_K,Q6_K",
+                      "--measure-seqs", "2", "--measure-len", "32", "--policy", "budget", "--target-bpw", "5.5",
+                      "--imatrix-out", str(tmp_path / "i.gguf"), "-q"])
+        assert r.exit_code == 0, r.output
+        r = run(app, ["quantize", "--model", str(src), "--precision", "auto", "--profile", str(tmp_path / "p.json"),
+                      "--imatrix", str(tmp_path / "i.gguf"), "--out", str(tmp_path / "a.gguf"), "--json"])
+        assert r.exit_code == 0, r.output
+        art = json.loads(r.stdout)
+        assert art["bits_per_weight"] <= 5.5
+        assert {art["tensor_types"][f"blk.{i}.ffn_{p}_exps.weight"] for i in (0, 1) for p in ("gate", "up", "down")
+                } <= {"Q4_K", "Q6_K"}
+        prof = json.loads((tmp_path / "p.json").read_text())
+        assert prof["measure"]["mode"] == "exact"
+        assert all(t["candidates"]["Q4_K"]["measured_kld"] is not None for t in prof["tensors"]
+                   if t["name"].endswith("_exps.weight"))

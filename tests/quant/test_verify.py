@@ -189,3 +189,37 @@ def test_fuzz_byte_flips_never_crash(tmp_path, flips, cut):
         read_gguf(p).close()
     except GGUFFormatError:
         assert not r.ok
+
+
+def test_qwen2moe_is_shape_checked_as_llama_cpp_loads_it(tmp_path):
+    """qwen2moe (llama.cpp models/qwen2moe.cpp at the pinned version): routed experts of expert_feed_forward_length,
+    the shared expert ffn_{gate,up,down}_shexp of expert_shared_feed_forward_length, its gate ffn_gate_inp_shexp
+    {n_embd} (written (1, n_embd) by the converter), wq/wo n_embd x n_embd, output required, biases optional."""
+    from quant.gguf_reader import read_gguf
+    from quant.model_plan import CHECKED_ARCHS, check_architecture
+    from quantgate.convert import convert_model
+    from tests.quantgate.tiny_hf import make_tiny_model
+
+    hf = make_tiny_model(tmp_path / "hf", "qwen2moe", seed=3)
+    convert_model(hf, tmp_path / "m.gguf", "f16")
+    with read_gguf(tmp_path / "m.gguf") as g:
+        kv = {k.key: k.value for k in g.kv}
+        shapes = {t.name: tuple(t.shape) for t in g.tensors}
+    assert "qwen2moe" in CHECKED_ARCHS and check_architecture("qwen2moe", kv, shapes) == []
+    assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == (1, 256)
+    assert check_architecture("qwen2moe", kv, {**shapes, "blk.0.ffn_gate_inp_shexp.weight": (256,)}) == []
+    for name, shape in (("blk.0.ffn_gate_shexp.weight", (256, 256)),      # shared width is 512, not the experts' 256
+                        ("blk.1.ffn_down_exps.weight", (4, 256, 512)),     # routed width is 256
+                        ("blk.0.ffn_gate_inp_shexp.weight", (2, 256))):
+        problems = check_architecture("qwen2moe", kv, {**shapes, name: shape})
+        assert len(problems) == 1 and repr(name) in problems[0] and "has shape" in problems[0], problems
+    for gone in ("output.weight", "blk.1.ffn_up_shexp.weight", "blk.0.ffn_gate_inp_shexp.weight"):
+        problems = check_architecture("qwen2moe", kv, {k: v for k, v in shapes.items() if k != gone})
+        assert len(problems) == 1 and gone in problems[0] and "missing" in problems[0], problems
+    no_bias = {k: v for k, v in shapes.items() if not k.endswith(".bias")}
+    assert check_architecture("qwen2moe", kv, no_bias) == []
+    no_width = {k: v for k, v in kv.items() if k != "qwen2moe.expert_shared_feed_forward_length"}
+    problems = check_architecture("qwen2moe", no_width, shapes)  # falls back to n_ff = 768: the shexp shapes differ
+    assert problems and all("shexp" in p for p in problems)
+    no_exp = {k: v for k, v in kv.items() if k != "qwen2moe.expert_count"}
+    assert any("qwen2moe.expert_count is missing" in p for p in check_architecture("qwen2moe", no_exp, shapes))

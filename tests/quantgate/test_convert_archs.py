@@ -415,6 +415,8 @@ def test_llama3_rope_scaling_same_file_as_convert_hf_to_gguf(tmp_path):
     ("gemma3", "blk.1.attn_q_norm.weight", "blk.0.post_attention_norm.weight"),
     ("phi3", "blk.0.ffn_up.weight", "blk.1.ffn_down.weight"),
     ("mixtral", "blk.0.ffn_gate_exps.weight", "blk.1.ffn_gate_inp.weight"),
+    ("qwen2moe", "blk.0.ffn_down_shexp.weight", "blk.1.ffn_gate_inp_shexp.weight"),
+    ("qwen2moe", "blk.1.ffn_gate_inp_shexp.weight", "blk.0.ffn_up_exps.weight"),
 ])
 def test_verify_shape_checks_per_arch(converted, arch, tensor, needed):
     """Each converter architecture is shape-checked: the converter's file passes; one wrong shape, or a missing tensor
