@@ -87,7 +87,11 @@ def _dirty_mb() -> float:
 
 def _tree_rss(p: psutil.Process) -> int:
     total = 0
-    for q in [p, *p.children(recursive=True)]:
+    try:
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:  # a child (or the stage itself) exited between listing and reading: poll again next tick
+        return 0
+    for q in procs:
         try:
             total += q.memory_info().rss
         except psutil.Error:
