@@ -1,7 +1,8 @@
-"""Where a quantize's time goes, stage by stage, in one process: read (mapped bytes -> float32), finite check,
+"""Where a quantize's time goes, stage by stage, in one process: read (pread + widening to float32), finite check,
 kernel, output SHA-256 and write, per tensor type, for one F16/BF16/F32 GGUF and one llama.cpp mix.
 
-    .venv/bin/python benchmarks/profile_quantize.py --model f16.gguf --precision Q8_0 --threads 2 [--fingerprint-in-pass]
+    .venv/bin/python benchmarks/profile_quantize.py --model f16.gguf --precision Q8_0 --threads 2
+    .venv/bin/python benchmarks/profile_quantize.py --model f16.gguf --precision Q8_0 --fingerprint-in-pass
 
 Runs the same steps `quantize_model` runs (llama-quantize's tensor order, the mix's types), but serially and timed
 separately (the pipeline overlaps hashing/writing with the next tensor in a writer thread), plus the source's
