@@ -29,7 +29,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
-LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10}
+LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10, "Q4_0": 2,
+                "IQ4_XS": 30}
 
 # The llama.cpp side of quantize: the whole-model quantizer llama-quantize runs, through llama-cpp-python.
 _LLAMA_QUANTIZE = """
