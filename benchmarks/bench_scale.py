@@ -29,7 +29,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
-LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10}
+LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10, "Q4_0": 2,
+                "IQ4_XS": 30}
 
 # The llama.cpp side of quantize: the whole-model quantizer llama-quantize runs, through llama-cpp-python.
 _LLAMA_QUANTIZE = """
@@ -70,6 +71,7 @@ class StageResult:
     rc: int | None = None
     wall_s: float = 0.0
     maxrss_mb: float = 0.0          # wait4 ru_maxrss of the stage process
+    cpu_s: float = 0.0              # wait4 user + system CPU seconds of the stage process (less load-dependent)
     tree_peak_mb: float = 0.0       # watchdog's polled peak RSS of the process and its children
     dirty_peak_mb: float = 0.0      # largest system-wide Dirty: while it ran (other jobs write too)
     killed: bool = False
@@ -86,7 +88,11 @@ def _dirty_mb() -> float:
 
 def _tree_rss(p: psutil.Process) -> int:
     total = 0
-    for q in [p, *p.children(recursive=True)]:
+    try:
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:  # a child (or the stage itself) exited between listing and reading: poll again next tick
+        return 0
+    for q in procs:
         try:
             total += q.memory_info().rss
         except psutil.Error:
@@ -132,6 +138,7 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
     proc.returncode = os.waitstatus_to_exitcode(status)
     res.rc = proc.returncode
     res.maxrss_mb = ru.ru_maxrss / 1024
+    res.cpu_s = ru.ru_utime + ru.ru_stime
     out.close()
     text = stdout.decode(errors="replace").strip()
     if text.startswith("{"):
@@ -142,7 +149,8 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
     elif text:
         res.extra["stdout_tail"] = text[-300:]
     state = "KILLED by watchdog" if res.killed else f"rc {res.rc}"
-    print(f"  {stage}/{who}: {state}, {res.wall_s:.1f} s, maxrss {res.maxrss_mb:.0f} MB, "
+    print(f"  {stage}/{who}: {state}, {res.wall_s:.1f} s (CPU {res.cpu_s:.1f} s, load {os.getloadavg()[0]:.1f}), "
+          f"maxrss {res.maxrss_mb:.0f} MB, "
           f"tree peak {res.tree_peak_mb:.0f} MB, dirty peak {res.dirty_peak_mb:.0f} MB", flush=True)
     return res
 
@@ -163,6 +171,14 @@ def tensors_equal(a: Path, b: Path) -> bool:
             ga.release(t)
             gb.release(u)
     return True
+
+
+def _forget_fingerprint(cache: Path, path: Path) -> None:
+    """Drop `path`'s entries from the fingerprint cache (quant.fingerprint's JSON file)."""
+    f = cache / "fingerprint_cache.json"
+    if f.exists():
+        data = json.loads(f.read_text())
+        f.write_text(json.dumps({k: v for k, v in data.items() if str(path.resolve()) not in k}))
 
 
 def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
@@ -202,6 +218,12 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and GGUFs")
+    ap.add_argument("--baseline-root", type=Path, default=None,
+                    help="also quantize with the quantgate checkout at this path (e.g. `git archive main`), "
+                         "interleaved: ours, baseline, llama.cpp")
+    ap.add_argument("--cold", action="store_true",
+                    help="forget the F16 GGUF's cached weights fingerprint before every quantgate quantize "
+                         "(each run is a first quantize of the file)")
     args = ap.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     wd = (args.workdir / args.shape).resolve()
@@ -213,9 +235,9 @@ def main() -> None:
     hf, f16 = wd / "hf", wd / "f16.gguf"
     results: list[StageResult] = []
 
-    def stage(name: str, who: str, cmd: list) -> StageResult:
-        r = run_stage(name, who, cmd, limit_gb=args.limit_gb, min_free_gb=args.min_free_gb, env=env, cwd=wd,
-                      nice=args.nice)
+    def stage(name: str, who: str, cmd: list, env_over: dict | None = None) -> StageResult:
+        r = run_stage(name, who, cmd, limit_gb=args.limit_gb, min_free_gb=args.min_free_gb, env=env_over or env,
+                      cwd=wd, nice=args.nice)
         results.append(r)
         return r
 
@@ -226,13 +248,28 @@ def main() -> None:
         f16.unlink(missing_ok=True)
         stage("convert", "quantgate", qg + ["convert", "--model", hf, "--out", f16, "--json"])
     q4 = wd / "ours-Q4_K_M.gguf"
+    warm = wd / "warm-f16.gguf"  # the bundled model as F16 GGUF: warm-up quantizes before the timed runs
+    if "quantize" in stages and not warm.exists():
+        subprocess.run(qg + ["convert", "--model", ROOT / "models/reference", "--out", warm], env=env, cwd=wd,
+                       check=True, capture_output=True)
     if "quantize" in stages:
         for qtype in [t.strip() for t in args.types.split(",") if t.strip()]:
             ours, theirs = wd / f"ours-{qtype}.gguf", wd / f"llama-{qtype}.gguf"
+            sides = [("quantgate", env, ours)]
+            if args.baseline_root is not None:
+                sides.insert(0, ("baseline", {**env, "PYTHONPATH": str(args.baseline_root.resolve())},
+                                 wd / f"baseline-{qtype}.gguf"))
+            for who, side_env, out in sides:  # untimed: numba compiles/loads each side's kernels for this type
+                subprocess.run(qg + ["quantize", "--model", warm, "--precision", qtype, "--out", wd / "warm-q.gguf"],
+                               env=side_env, cwd=wd, capture_output=True)
             for i in range(args.repeat):
-                r = stage(f"quantize {qtype}", "quantgate", qg + ["quantize", "--model", f16, "--precision", qtype,
-                                                                  "--threads", args.threads, "--out", ours, "--json"])
-                r.extra["run"] = i + 1
+                for who, side_env, out in sides:
+                    if args.cold:
+                        _forget_fingerprint(wd / "cache", f16)
+                    r = stage(f"quantize {qtype}", who, qg + ["quantize", "--model", f16, "--precision", qtype,
+                                                              "--threads", args.threads, "--out", out, "--json"],
+                              side_env)
+                    r.extra["run"] = i + 1
                 r = stage(f"quantize {qtype}", "llama.cpp", [PY, "-c", _LLAMA_QUANTIZE, f16, theirs,
                                                              LLAMA_FTYPES[qtype], args.threads])
                 r.extra["run"] = i + 1
@@ -274,7 +311,8 @@ def main() -> None:
                                          "--out", wd / "ours-auto.gguf", "--cache-dir", wd / "calib-cache", "--json"])
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    print("\n| stage | who | wall s | peak RSS MB (maxrss / tree) | max Dirty MB | note |\n|---|---|---|---|---|---|")
+    print("\n| stage | who | wall s | CPU s | peak RSS MB (maxrss / tree) | max Dirty MB | note |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         note = "KILLED (watchdog)" if r.killed else ("ok" if r.rc == 0 else f"rc {r.rc}")
         t = r.extra.get("json", {}).get("timings") if isinstance(r.extra.get("json"), dict) else None
@@ -282,7 +320,7 @@ def main() -> None:
             note += "; " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if isinstance(v, (int, float)))
         if "tensor_bytes_identical" in r.extra:
             note += f"; bytes identical: {r.extra['tensor_bytes_identical']}"
-        print(f"| {r.stage} | {r.who} | {r.wall_s:.1f} | {r.maxrss_mb:.0f} / {r.tree_peak_mb:.0f} | "
+        print(f"| {r.stage} | {r.who} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.maxrss_mb:.0f} / {r.tree_peak_mb:.0f} | "
               f"{r.dirty_peak_mb:.0f} | {note} |")
     if not args.keep:
         for p in (hf, f16, q4, wd / "ours-auto.gguf"):

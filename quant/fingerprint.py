@@ -31,7 +31,7 @@ import numpy as np
 from core.errors import CheckpointError
 from core.hashing import cache_dir, load_json_cache, store_json_cache
 from quant.gguf_reader import read_gguf
-from quant.loaders import Checkpoint, open_checkpoint
+from quant.loaders import Checkpoint, SourceTensor, open_checkpoint
 
 VERSION = "quantgate-weights-v1"
 _CHUNK = 1 << 22  # elements rounded per step
@@ -126,6 +126,74 @@ def _store(path: Path, key: str, value: str) -> None:
     store_json_cache(path, data)
 
 
+def cached_fingerprint(files: "list[Path]") -> tuple[bool, str | None]:
+    """(True, fingerprint or None) when the cache holds the fingerprint of the checkpoint made of `files`, else
+    (False, None): nothing is read but the cache."""
+    hit = load_json_cache(cache_dir() / _CACHE_NAME).get(_cache_key(files))
+    if isinstance(hit, str) and (hit == "none" or len(hit) == 64):
+        return True, None if hit == "none" else hit
+    return False, None
+
+
+class FingerprintTap:
+    """The weights fingerprint of an opened checkpoint computed from the float32 tensors another pass reads anyway
+    (the quantize loop): `add(source tensor, its float32 values)` for each tensor as it is read, `finish()` reads
+    the few mapped tensors that pass did not (if any), combines and caches. Same definition and result as
+    weights_fingerprint; only the read is shared. `open` returns None where the checkpoint cannot be tapped (a
+    split GGUF, a GGUF whose names cannot be mapped back): use weights_fingerprint there."""
+
+    def __init__(self, ckpt: Checkpoint, names: "dict[str, object]", hf_of) -> None:
+        self._ckpt, self._names, self._hf_of = ckpt, names, hf_of
+        self._by_name = {t.name: t for t in ckpt.tensors}
+        self.entries: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._done: set[str] = set()
+
+    @classmethod
+    def open(cls, ckpt: Checkpoint) -> "FingerprintTap | None":
+        """A tap for `ckpt` (GGUF: one file whose tensors map back to HF names; HF folders and state dicts)."""
+        if ckpt.kind == "gguf":
+            from quant.gguf_to_hf import hf_arrays_of, hf_config_from_gguf, hf_tensor_map  # lazy, as _gguf_entries
+
+            if len(ckpt.files) != 1:
+                return None
+            try:
+                with read_gguf(ckpt.files[0]) as g:
+                    tmap = hf_tensor_map(g, hf_config_from_gguf(g))
+            except CheckpointError:
+                return None
+            return cls(ckpt, dict(tmap.hf_name), lambda name, arr: hf_arrays_of(tmap, name, arr))
+        from quant.model_plan import text_model_name  # lazy, as _hf_entries
+
+        cfg = ckpt.config or {}
+        text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
+        names = {}
+        for t in ckpt.tensors:
+            name = text_model_name(cfg, t.name)
+            if name is not None and not _skip(name, tied):
+                names[t.name] = name
+        return cls(ckpt, names, lambda name, arr: [(names[name], arr)])
+
+    def add(self, source: SourceTensor, arr: np.ndarray) -> None:
+        """Digest `arr`, the float32 values `source` (one of the checkpoint's own tensors) read as, if it counts."""
+        if source.name not in self._names or source.name in self._done or self._by_name.get(source.name) is not source:
+            return
+        for name, a in self._hf_of(source.name, np.asarray(arr, dtype=np.float32).reshape(source.shape)):
+            if not _skip(name, False):
+                self.entries[name] = (tuple(a.shape), tensor_digest(a))
+        self._done.add(source.name)
+
+    def finish(self) -> str:
+        """The fingerprint (tensors not added are read here), stored in the cache as weights_fingerprint stores it."""
+        for name in self._names:
+            if name not in self._done:
+                t = self._by_name[name]
+                self.add(t, t.read())
+        fp = combine(self.entries)
+        _store(cache_dir() / _CACHE_NAME, _cache_key(self._ckpt.files), fp)
+        return fp
+
+
 def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
     """The weights fingerprint of a checkpoint (HF folder, .safetensors, .bin, GGUF), or None for a GGUF whose
     architecture or tensors cannot be mapped back to HF names (quant.gguf_to_hf: llama and qwen2 families)."""
@@ -152,4 +220,5 @@ def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
     return fp
 
 
-__all__ = ["VERSION", "bf16_bits", "tensor_digest", "combine", "weights_fingerprint"]
+__all__ = ["VERSION", "bf16_bits", "tensor_digest", "combine", "weights_fingerprint", "cached_fingerprint",
+           "FingerprintTap"]

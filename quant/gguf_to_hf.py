@@ -280,11 +280,16 @@ def hf_tensors_of(g: GGUFFile, tmap: HFTensorMap, t: TensorInfo) -> Iterator[tup
     """The (HF name, float32 array) pairs one mapped GGUF tensor stands for: itself, Q/K un-permuted, Gemma's norm
     shift undone, or one (rows, cols) weight per expert of a stacked expert tensor (shared by iter_hf_tensors and
     the layer-streamed runtime, which reads one block's tensors at a time)."""
-    arr = read_tensor_f32(g, t)
-    if t.name in tmap.unpermute_heads:
-        arr = unpermute_qk(arr, tmap.unpermute_heads[t.name], tmap.unpermute_heads[t.name])
-    name = tmap.hf_name[t.name]
-    if t.name in tmap.experts:
+    yield from hf_arrays_of(tmap, t.name, read_tensor_f32(g, t))
+
+
+def hf_arrays_of(tmap: HFTensorMap, gguf_name: str, arr: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """hf_tensors_of for a mapped GGUF tensor already read as float32 (`arr`, GGUF layout): the (HF name, array)
+    pairs it stands for (used by the quantize loop's fingerprint, which reads each tensor once for both jobs)."""
+    if gguf_name in tmap.unpermute_heads:
+        arr = unpermute_qk(arr, tmap.unpermute_heads[gguf_name], tmap.unpermute_heads[gguf_name])
+    name = tmap.hf_name[gguf_name]
+    if gguf_name in tmap.experts:
         for x in range(arr.shape[0]):
             yield name.format(x=x), arr[x]
     elif name.endswith("shared_expert_gate.weight"):

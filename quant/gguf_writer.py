@@ -278,6 +278,31 @@ def _drop_written(f, upto: int) -> None:
         os.posix_fadvise(f.fileno(), 0, upto, os.POSIX_FADV_DONTNEED)
 
 
+_REHASH_CHUNK = 8 << 20
+
+
+def _rewrite_header(f: BinaryIO, old: bytes, new: bytes, end: int) -> "hashlib._Hash":
+    """Overwrite the header `old` at the start of the open output with `new` (same length) and return the SHA-256
+    of the whole file, its data read back in chunks (the temp file's descriptor is open read-write: mkstemp)."""
+    if len(new) != len(old):
+        raise GGUFFormatError(f"the final KVs change the header's length ({len(old)} -> {len(new)} bytes); late "
+                              "values must have the length of their placeholders")
+    f.flush()
+    fd = f.fileno()
+    os.pwrite(fd, new, 0)
+    h = hashlib.sha256(new)
+    buf = bytearray(_REHASH_CHUNK)
+    mv = memoryview(buf)
+    pos = len(new)
+    while pos < end:
+        n = os.preadv(fd, [mv[:min(_REHASH_CHUNK, end - pos)]], pos)
+        if n <= 0:
+            raise GGUFFormatError(f"output ended at {pos} of {end} bytes while being hashed")
+        h.update(mv[:n])
+        pos += n
+    return h
+
+
 def write_gguf(
     path: "str | os.PathLike[str]",
     *,
@@ -286,6 +311,7 @@ def write_gguf(
     alignment: int = GGUF_DEFAULT_ALIGNMENT,
     on_tensor: Callable[[int, int, str], None] | None = None,
     before_publish: Callable[[WriteResult], None] | None = None,
+    final_kv: Callable[[], Sequence[KV]] | None = None,
 ) -> WriteResult:
     """Write a GGUF v3 file atomically, streaming tensors one at a time; returns its SHA-256 and layout.
 
@@ -294,21 +320,27 @@ def write_gguf(
     Invalid input raises GGUFFormatError before anything is written; a failure mid-file leaves no file.
     `before_publish(result)` runs once the bytes are durable in the temp file and before it is renamed to `path`
     (the pipeline appends its audit event there); if it raises, no file is published.
+    `final_kv()`, when given, runs after the last tensor is written and returns the KVs the header really holds:
+    values known only once every tensor has been produced (the source's weights fingerprint, computed from the
+    tensors as the producers read them). They must encode to the same length as `kv` (same keys, fixed-length
+    values: placeholders of the digests' length); the header is rewritten in place and the file's SHA-256 is then
+    computed by reading the data back (one sequential read of the output, instead of a second pass over the input).
     """
     meta, offsets, sizes = build_metadata(kv, tensors, alignment)
     target = Path(path)
-    h = hashlib.sha256(meta)
+    h = [hashlib.sha256(meta)]
     pos = len(meta)
     seconds = {"produce": 0.0, "hash": 0.0, "write": 0.0}
 
     def result() -> WriteResult:
-        return WriteResult(target, h.hexdigest(), pos, {s.name: len(meta) + o for s, o in zip(tensors, offsets)},
+        return WriteResult(target, h[0].hexdigest(), pos, {s.name: len(meta) + o for s, o in zip(tensors, offsets)},
                            dict(seconds))
 
     def emit(f: BinaryIO, buf: memoryview, pad: bytes, end: int) -> None:
         t1 = time.perf_counter()
-        h.update(buf)  # hashlib and file writes release the GIL: this overlaps the next tensor's production
-        h.update(pad)
+        if final_kv is None:  # else hashed once the final header is known (_rehash)
+            h[0].update(buf)  # hashlib and file writes release the GIL: this overlaps the next tensor's production
+            h[0].update(pad)
         t2 = time.perf_counter()
         f.write(buf)
         f.write(pad)
@@ -339,6 +371,10 @@ def write_gguf(
                 pending.result()
                 if on_tensor is not None:
                     on_tensor(len(tensors), len(tensors), tensors[-1].name)
+            if final_kv is not None:
+                t0 = time.perf_counter()
+                h[0] = _rewrite_header(f, meta, build_metadata(final_kv(), tensors, alignment)[0], pos)
+                seconds["hash"] += time.perf_counter() - t0
         finally:
             if pending is not None:
                 wait([pending])  # never leave the with-block (close, unlink) while a write is in flight

@@ -16,7 +16,7 @@ from core.errors import CheckpointError, UnsupportedTypeError
 from core.hashing import checkpoint_sha256, remember_file_sha256
 from core.records import QuantizedArtifact, Recipe, job_key
 from core.version import __version__
-from quant.fingerprint import weights_fingerprint
+from quant.fingerprint import FingerprintTap, cached_fingerprint, weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
@@ -82,16 +82,35 @@ def convert_model(
                             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32)]
         types = {pt.name: converted_type(pt.name, tuple(pt.shape), outtype) for pt in plan.tensors}
         key = job_key(source_sha, recipe, __version__)
-        fingerprint = weights_fingerprint(source)  # lineage by content from this file on (docs/LINEAGE.md)
+        # lineage by content from this file on (docs/LINEAGE.md); uncached, it is computed from the tensors the
+        # loop below reads (one read of the source) and written into the header after the last tensor
+        cached, fingerprint = cached_fingerprint(ckpt.files)
+        tap = None if cached else FingerprintTap.open(ckpt)
+        if not cached and tap is None:
+            fingerprint = weights_fingerprint(source)
         t_fp = time.perf_counter()
-        kv += identity_kv(recipe, source_sha, ckpt.kind, key, fingerprint, source_lineage=source_lineage)
-        tok = plan.tokenizer
-        if tok is not None and tok.pre_source is not None:
-            kv.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))
+        head = list(kv)
+
+        def tail(fp: str | None) -> list[KV]:
+            out = identity_kv(recipe, source_sha, ckpt.kind, key, fp, source_lineage=source_lineage)
+            tok = plan.tokenizer
+            if tok is not None and tok.pre_source is not None:
+                out.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))
+            return out
+
+        kv = head + tail("0" * 64 if tap is not None else fingerprint)
+
+        def final_kv() -> list[KV]:
+            return head + tail(tap.finish())
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             def produce() -> np.ndarray:
-                x = pt.read()
+                x = pt.source.read()
+                if tap is not None:
+                    tap.add(pt.source, x)
+                if pt.transform is not None:
+                    x = pt.transform(x)
+                x = np.ascontiguousarray(x, dtype=np.float32).reshape(pt.shape)  # as PlannedTensor.read
                 m = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
                 return quant.quantize(m, qtype, name=pt.name).reshape(-1)
 
@@ -101,7 +120,8 @@ def convert_model(
                         n_dims=len(pt.shape))
                  for pt in plan.tensors]  # the converter's order: extra tensors first, then as the source lists them
         with quant.threads(threads):
-            result = write_gguf(out, kv=kv, tensors=specs, on_tensor=on_tensor)
+            result = write_gguf(out, kv=kv, tensors=specs, on_tensor=on_tensor,
+                                final_kv=final_kv if tap is not None else None)
         remember_file_sha256(result.path, result.sha256)  # a quantize of this file need not hash it again
         t_write = time.perf_counter()
 

@@ -30,7 +30,7 @@ from core.records import (
 )
 from core.version import __version__
 from quant.api import quantize_tensor
-from quant.fingerprint import weights_fingerprint
+from quant.fingerprint import FingerprintTap, cached_fingerprint, weights_fingerprint
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_split import plan_parts, split_path, split_prefix, write_split_gguf
@@ -50,6 +50,8 @@ from quant.verify import GGML_QNT_VERSION
 from quantgate.config import registry_settings
 from validation.gate import UnusableInput, gate_and_report
 
+#: The header's fingerprint value while the quantize loop computes it (a digest's length: the header keeps its size).
+_FP_PLACEHOLDER = "0" * 64
 #: Keys the pipeline owns in every file it writes; a source's copies of them are replaced.
 _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
@@ -250,23 +252,37 @@ def quantize_model(
             KV("general.quantization_version", GGML_QNT_VERSION, GGUFValueType.UINT32),
             KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
         ]
-        fingerprint = weights_fingerprint(req.source)
+        split_req = req.split_max_bytes is not None or req.split_max_tensors is not None
+        cached, fingerprint = cached_fingerprint(ckpt.files)
+        # Not cached: computed from the tensors as this loop reads them (one read of the source, not two), its
+        # header value filled in after the last tensor (write_gguf final_kv); a split output or a checkpoint
+        # that cannot be tapped is fingerprinted first, in a pass of its own.
+        tap = None if cached or split_req else FingerprintTap.open(ckpt)
+        if not cached and tap is None:
+            fingerprint = weights_fingerprint(req.source)
         t_fp = time.perf_counter()
-        kv += _provenance_kv(recipe, source_sha, ckpt.kind, key, types, fingerprint, req.source_lineage)
-        spent = {"read": 0.0, "quantize": 0.0}
+        meta_kv = list(kv)
+        kv = meta_kv + _provenance_kv(recipe, source_sha, ckpt.kind, key, types,
+                                      _FP_PLACEHOLDER if tap is not None else fingerprint, req.source_lineage)
+        spent = {"read": 0.0, "quantize": 0.0, "fingerprint_in_pass": 0.0}
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:
             qt = get_qtype(qtype)
 
             def produce() -> np.ndarray:
                 t_a = time.perf_counter()
-                x = pt.source.read()
+                x = pt.source.read_scratch()  # valid until the next tensor's read: quantized (copied) below
+                t_r = t_t = time.perf_counter()
+                if tap is not None:
+                    tap.add(pt.source, x)
+                    t_t = time.perf_counter()
+                    spent["fingerprint_in_pass"] += t_t - t_r
                 if pt.transform is not None:
                     x = pt.transform(x)
                 w = imat.values(pt.name) if (imat is not None and not qt.is_float) else None
                 t_b = time.perf_counter()
                 out = quantize_tensor(x, qt.name, imatrix=w, name=pt.name)  # 3-D experts: per-expert imatrix
-                spent["read"] += t_b - t_a
+                spent["read"] += (t_r - t_a) + (t_b - t_t)
                 spent["quantize"] += time.perf_counter() - t_b
                 return out
 
@@ -281,11 +297,20 @@ def quantize_model(
         total = sum(tensor_bytes.values())
         made: list[QuantizedArtifact] = []
         split = None
-        if req.split_max_bytes is not None or req.split_max_tensors is not None:
+        if split_req:
             split = plan_parts([tensor_bytes[s.name] for s in specs], max_bytes=req.split_max_bytes,
                                max_tensors=req.split_max_tensors)
             for i in range(len(split)):
                 check_output_target(split_path(split_prefix(req.out), i, len(split)), ckpt.files)
+
+        def final_kv() -> list[KV]:
+            """The header's KVs with the fingerprint the loop computed (same length as the placeholder's)."""
+            nonlocal fingerprint
+            t_f = time.perf_counter()
+            fingerprint = tap.finish()
+            spent["fingerprint_in_pass"] += time.perf_counter() - t_f
+            return meta_kv + _provenance_kv(recipe, source_sha, ckpt.kind, key, types, fingerprint,
+                                            req.source_lineage)
 
         def publish(result) -> None:
             """Runs with the bytes durable in the temp file, before the rename: the audit event exists before the
@@ -328,7 +353,8 @@ def quantize_model(
                 write_split_gguf(split_prefix(req.out), kv=kv, tensors=specs, parts=split, on_tensor=on_tensor,
                                  before_publish=publish)
             else:
-                write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish)
+                write_gguf(req.out, kv=kv, tensors=specs, on_tensor=on_tensor, before_publish=publish,
+                           final_kv=final_kv if tap is not None else None)
     art = made[0]
     # hashed while writing: validate/registration need not re-read them (a split's sha256 is the set's, not a file's)
     for p in art.parts or [{"path": art.path, "sha256": art.sha256}]:

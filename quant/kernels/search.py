@@ -187,15 +187,15 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
         return scale, -min_
     for is_ in range(nstep + 1):
         iscale = (rmin_f + rdelta_f * f32(is_) + f32(nmax)) / (max_ - min_)
-        sum_l = f32(0.0)
+        for i in range(n):  # the levels first (nothing carried between elements: LLVM vectorizes this loop) ...
+            l = nearest_int(iscale * (x[i] - min_))
+            Laux[i] = max(0, min(nmax, l))
+        sum_l = f32(0.0)  # ... then C's sums, in C's order (float32, not reassociated): the same values
         sum_l2 = f32(0.0)
         sum_xl = f32(0.0)
         for i in range(n):
-            l = nearest_int(iscale * (x[i] - min_))
-            l = max(0, min(nmax, l))
-            Laux[i] = l
             w = weights[i]
-            fl = f32(l)
+            fl = f32(Laux[i])
             sum_l += w * fl
             sum_l2 += w * fl * fl
             sum_xl += w * fl * x[i]

@@ -87,6 +87,8 @@ class SourceTensor:
     shape: tuple[int, ...]     # numpy/torch order: the last axis is the contiguous row
     dtype: str                 # ggml type name of the stored data: F32/F16/BF16 or a quantized type (GGUF)
     reader: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    # loaders that can: the values into a float32 buffer the checkpoint reuses for the next read_scratch()
+    scratch_reader: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def read(self) -> np.ndarray:
         """Load this tensor as a float32 array of `shape` (dequantizing GGUF quantized data)."""
@@ -94,6 +96,14 @@ class SourceTensor:
         if arr.dtype != np.float32:
             arr = arr.astype(np.float32)
         return arr.reshape(self.shape)
+
+    def read_scratch(self) -> np.ndarray:
+        """As read(), but the array may be a view of a buffer the checkpoint reuses: the next read_scratch() of any
+        of its tensors overwrites it. For one consumer that is done with the values before it reads the next tensor
+        (the quantize loop: no fresh float32 pages to fault in per tensor); read() where a loader has no buffer."""
+        if self.scratch_reader is None:
+            return self.read()
+        return self.scratch_reader().reshape(self.shape)
 
     @property
     def n_elements(self) -> int:

@@ -94,3 +94,44 @@ def test_fingerprint_is_cached_by_path_size_and_mtime(models, tmp_path):
     st = gguf_path.stat()
     os.utime(gguf_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert weights_fingerprint(gguf_path) == fp
+
+
+@pytest.mark.parametrize("container", ["hf", "ours-f16", "llama.cpp-bf16"])
+def test_tap_gives_weights_fingerprint_from_the_tensors_read_once(tmp_path, monkeypatch, container):
+    """FingerprintTap (the quantize loop's one-read fingerprint): the tensors a pass reads, added as read (here:
+    every other one; finish() reads the rest), give weights_fingerprint's value, and it is cached."""
+    from quant.fingerprint import FingerprintTap, cached_fingerprint
+    from quant.loaders import open_checkpoint
+
+    hf = make_tiny_model(tmp_path / "hf", "llama", seed=0)  # a fresh path: not in the fingerprint cache yet
+    path = {"hf": hf, "ours-f16": tmp_path / "o.gguf", "llama.cpp-bf16": tmp_path / "l.gguf"}[container]
+    if container == "ours-f16":
+        convert_model(hf, path, "f16")
+    elif container == "llama.cpp-bf16":
+        llama_cpp_convert(hf, path, "bf16")
+    with open_checkpoint(path) as ck:
+        assert cached_fingerprint(ck.files) == (False, None)
+        tap = FingerprintTap.open(ck)
+        for t in ck.tensors[::2]:
+            tap.add(t, t.read_scratch())
+        fp = tap.finish()
+        assert cached_fingerprint(ck.files) == (True, fp)
+    assert fp == weights_fingerprint(hf)
+    monkeypatch.setenv("QUANTGATE_CACHE_DIR", str(tmp_path / "cold"))  # the pass-of-its-own definition, uncached
+    assert weights_fingerprint(path) == fp
+
+
+def test_tap_refuses_what_it_cannot_map(tmp_path):
+    """A GGUF whose tensors have no HF names gets no tap (quantize then fingerprints it in a pass of its own)."""
+    from gguf.constants import GGUFValueType as V
+
+    from quant.fingerprint import FingerprintTap
+    from quant.gguf_kv import KV
+    from quant.gguf_writer import TensorSpec, write_gguf
+    from quant.loaders import open_checkpoint
+
+    x = np.ones((2, 32), np.float32)
+    write_gguf(tmp_path / "x.gguf", kv=[KV("general.architecture", "llama", V.STRING)],
+               tensors=[TensorSpec("mystery", x.shape, "F32", lambda: x.view(np.uint8))])
+    with open_checkpoint(tmp_path / "x.gguf") as ck:
+        assert FingerprintTap.open(ck) is None

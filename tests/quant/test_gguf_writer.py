@@ -296,3 +296,30 @@ def test_ggml_rewrites_identical_metadata(tmp_path, require_oracle, alignment):
     finally:
         lib.gguf_free(ctx)
     assert (tmp_path / "meta.bin").read_bytes() == meta
+
+
+def test_final_kv_rewrites_the_header_and_hashes_the_whole_file(tmp_path):
+    """final_kv: values known only after the tensors (the fingerprint the quantize loop computes) replace their
+    same-length placeholders; the returned SHA-256 is the final file's."""
+    x = RNG.standard_normal((4, 64)).astype(np.float32)
+    specs = [_spec("a", x, "F32"), _spec("b", x[:1], "F32")]
+    placeholder = [KV("general.architecture", "llama", V.STRING), KV("q.fp", "0" * 64, V.STRING)]
+    final = [placeholder[0], KV("q.fp", "ab" * 32, V.STRING)]
+    calls = []
+    res = write_gguf(tmp_path / "m.gguf", kv=placeholder, tensors=specs,
+                     final_kv=lambda: calls.append(1) or final)
+    data = (tmp_path / "m.gguf").read_bytes()
+    assert calls == [1] and res.sha256 == hashlib.sha256(data).hexdigest()
+    ref = write_gguf(tmp_path / "ref.gguf", kv=final, tensors=specs)
+    assert data == (tmp_path / "ref.gguf").read_bytes() and res.sha256 == ref.sha256
+    with read_gguf(tmp_path / "m.gguf") as g:
+        assert g.value("q.fp") == "ab" * 32
+
+
+def test_final_kv_of_another_length_is_refused_and_nothing_published(tmp_path):
+    x = RNG.standard_normal((2, 32)).astype(np.float32)
+    kv = [KV("q.fp", "0" * 64, V.STRING)]
+    with pytest.raises(GGUFFormatError, match="header's length"):
+        write_gguf(tmp_path / "m.gguf", kv=kv, tensors=[_spec("a", x, "F32")],
+                   final_kv=lambda: [KV("q.fp", "short", V.STRING)])
+    assert list(tmp_path.iterdir()) == []

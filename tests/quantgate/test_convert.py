@@ -166,3 +166,23 @@ def test_model_card_metadata_arrays(models, tmp_path):
     convert_model(src, tmp_path / "m.gguf")
     assert _kv(tmp_path / "m.gguf", "general.tags") == ["tiny", "test"]
     assert _kv(tmp_path / "m.gguf", "general.languages") == ["en"]
+
+
+def test_cold_fingerprint_computed_in_the_convert_pass(tmp_path, monkeypatch):
+    """Uncached, convert digests the tensors as it reads them (one read of the source) and fills the header in after
+    the last tensor: same bytes and recorded SHA-256 as a conversion with the fingerprint cached."""
+    import hashlib
+
+    from quant.fingerprint import weights_fingerprint
+
+    hf = make_tiny_model(tmp_path / "hf", "llama", seed=5)
+    monkeypatch.setenv("QUANTGATE_CACHE_DIR", str(tmp_path / "cold"))
+    cold = convert_model(hf, tmp_path / "cold.gguf", "f16")
+    monkeypatch.setenv("QUANTGATE_CACHE_DIR", str(tmp_path / "ref"))
+    want = weights_fingerprint(hf)
+    warm = convert_model(hf, tmp_path / "warm.gguf", "f16")
+    data = (tmp_path / "cold.gguf").read_bytes()
+    assert data == (tmp_path / "warm.gguf").read_bytes() and cold.sha256 == warm.sha256
+    assert cold.sha256 == hashlib.sha256(data).hexdigest() and want.encode() in data
+    monkeypatch.setenv("QUANTGATE_CACHE_DIR", str(tmp_path / "cold"))
+    assert weights_fingerprint(hf) == want  # cached by the convert pass

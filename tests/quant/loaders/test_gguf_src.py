@@ -114,3 +114,30 @@ def test_corrupt_and_missing_files(tmp_path):
     p.write_bytes(p.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="beyond the end of the file"):
         open_gguf_checkpoint(p)
+
+
+def test_read_scratch_same_values_in_one_reused_buffer(tmp_path):
+    """read_scratch (the quantize loop's read: pread into a staging buffer, widened into one reused float32 buffer)
+    gives read()'s values; successive calls share the buffer, read() never does."""
+    p = tmp_path / "m.gguf"
+    write_gguf(p, kv=KVS, tensors=_floats())
+    with open_gguf_checkpoint(p) as ck:
+        seen = []
+        for t in ck.tensors:
+            s = t.read_scratch()
+            np.testing.assert_array_equal(s, t.read())
+            assert s.dtype == np.float32 and s.shape == t.shape
+            seen.append(s)
+        assert np.shares_memory(seen[0], seen[1]) and np.shares_memory(seen[1], seen[2])
+        a, b = ck.tensors[0].read(), ck.tensors[0].read()
+        assert not np.shares_memory(a, b) and not np.shares_memory(a, seen[0])
+
+
+def test_truncated_after_open_is_one_clear_error(tmp_path):
+    p = tmp_path / "m.gguf"
+    write_gguf(p, kv=KVS, tensors=_floats())
+    with open_gguf_checkpoint(p) as ck:
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size - 64)
+        with pytest.raises(CheckpointError, match="truncated while being read"):
+            ck.tensors[-1].read()
