@@ -29,6 +29,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
+#: Shapes made here from quantgate.sample's (8b: `quantgate sample --shape 8b` itself).
+SHAPE_CODE = {"1b": "dataclasses.replace(SHAPE_1B, n_vocab=4096)",
+              "smoke": "dataclasses.replace(SHAPE_8B, n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2)"}
 LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10}
 
 # The llama.cpp side of quantize: the whole-model quantizer llama-quantize runs, through llama-cpp-python.
@@ -95,9 +98,11 @@ def _tree_rss(p: psutil.Process) -> int:
 
 
 def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free_gb: float, env: dict, cwd: Path,
-              nice: int) -> StageResult:
-    """Run cmd as its own process group under the watchdog (killed above limit_gb); refused when the machine has
-    less than min_free_gb available before it starts. Returns its wall time and memory figures."""
+              nice: int, cap_s: float | None = None) -> StageResult:
+    """Run cmd as its own process group under the watchdog (killed above limit_gb, or after cap_s seconds of wall
+    time: recorded as `capped`); refused when the machine has less than min_free_gb available before it starts.
+    Its stderr goes to STAGE-WHO.log, each line prefixed with the seconds since the stage started (how far a capped
+    stage got). Returns its wall time and memory figures."""
     res = StageResult(stage, who, [str(c) for c in cmd])
     free = psutil.virtual_memory().available / 2**30
     if free < min_free_gb:
@@ -106,8 +111,8 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
         return res
     out = open(cwd / f"{stage}-{who}.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(res.cmd, stdout=subprocess.PIPE, stderr=out, env=env, cwd=cwd, start_new_session=True,
-                            preexec_fn=lambda: os.nice(nice))
+    proc = subprocess.Popen(res.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
+                            start_new_session=True, preexec_fn=lambda: os.nice(nice))
     ps = psutil.Process(proc.pid)
     stop = threading.Event()
 
@@ -120,10 +125,21 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
                 res.killed = True
                 os.killpg(proc.pid, 9)
                 return
+            if cap_s is not None and time.perf_counter() - t0 > cap_s:
+                res.extra["capped"] = f"stopped after the {cap_s:.0f} s cap"
+                os.killpg(proc.pid, 9)
+                return
             stop.wait(0.25)
+
+    def log_stderr() -> None:
+        for line in iter(proc.stderr.readline, b""):
+            out.write(f"[{time.perf_counter() - t0:9.1f} s] {line.decode(errors='replace').rstrip()}\n")
+            out.flush()
 
     w = threading.Thread(target=watch, daemon=True)
     w.start()
+    e = threading.Thread(target=log_stderr, daemon=True)
+    e.start()
     stdout = proc.stdout.read()
     _, status, ru = os.wait4(proc.pid, 0)
     res.wall_s = time.perf_counter() - t0
@@ -132,6 +148,7 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
     proc.returncode = os.waitstatus_to_exitcode(status)
     res.rc = proc.returncode
     res.maxrss_mb = ru.ru_maxrss / 1024
+    e.join(5)
     out.close()
     text = stdout.decode(errors="replace").strip()
     if text.startswith("{"):
@@ -141,7 +158,7 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
             pass
     elif text:
         res.extra["stdout_tail"] = text[-300:]
-    state = "KILLED by watchdog" if res.killed else f"rc {res.rc}"
+    state = "KILLED by watchdog" if res.killed else res.extra.get("capped", f"rc {res.rc}")
     print(f"  {stage}/{who}: {state}, {res.wall_s:.1f} s, maxrss {res.maxrss_mb:.0f} MB, "
           f"tree peak {res.tree_peak_mb:.0f} MB, dirty peak {res.dirty_peak_mb:.0f} MB", flush=True)
     return res
@@ -169,13 +186,15 @@ def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
     """The checkpoint: `quantgate sample --shape` with the reference model's 4k BPE tokenizer, so that validate can
     tokenize text (1b: its vocabulary shrunk to those 4,096 tokens; 8b: Llama-3-8B's 128,256-row embedding and head
     kept, the tokenizer's 4,096 tokens padded to 128,256 with [PADi] entries when converted, as llama.cpp's
-    converter pads a vocabulary smaller than `vocab_size`)."""
+    converter pads a vocabulary smaller than `vocab_size`; smoke: two small blocks with the 8b's 128,256-row
+    embedding and head and its padded tokenizer, a minutes-long check of the 8b's code paths before an hours-long
+    run)."""
     if (hf / "config.json").exists():
         return
     t = time.perf_counter()
-    if shape == "1b":
-        code = ("import dataclasses, sys; from quantgate.sample import SHAPE_1B, make_sample_checkpoint; "
-                "make_sample_checkpoint(sys.argv[1], dataclasses.replace(SHAPE_1B, n_vocab=4096), seed=1)")
+    if shape in SHAPE_CODE:
+        code = ("import dataclasses, sys; from quantgate.sample import SHAPE_1B, SHAPE_8B, make_sample_checkpoint; "
+                f"make_sample_checkpoint(sys.argv[1], {SHAPE_CODE[shape]}, seed=1)")
         subprocess.run([PY, "-c", code, str(hf)], check=True, env=env, cwd=cwd)
     else:
         subprocess.run([PY, "-m", "quantgate.cli", "sample", "--shape", shape, "--out", str(hf)], check=True,
@@ -188,7 +207,7 @@ def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=("1b", "8b"), default="1b")
+    ap.add_argument("--shape", choices=("1b", "8b", "smoke"), default="1b")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qg-scale"))
     ap.add_argument("--stages", default="convert,quantize,validate,auto")
     ap.add_argument("--types", default="Q4_K_M", help="quantize types compared with llama.cpp (comma-separated)")
@@ -202,6 +221,10 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and GGUFs")
+    ap.add_argument("--skip-llama-quantize", action="store_true",
+                    help="quantize: ours only (llama.cpp's side already measured on these shapes)")
+    ap.add_argument("--auto-cap-s", type=float, default=None,
+                    help="auto: stop the stage after this many seconds (its log shows how far it got)")
     args = ap.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     wd = (args.workdir / args.shape).resolve()
@@ -213,9 +236,9 @@ def main() -> None:
     hf, f16 = wd / "hf", wd / "f16.gguf"
     results: list[StageResult] = []
 
-    def stage(name: str, who: str, cmd: list) -> StageResult:
+    def stage(name: str, who: str, cmd: list, cap_s: float | None = None) -> StageResult:
         r = run_stage(name, who, cmd, limit_gb=args.limit_gb, min_free_gb=args.min_free_gb, env=env, cwd=wd,
-                      nice=args.nice)
+                      nice=args.nice, cap_s=cap_s)
         results.append(r)
         return r
 
@@ -233,6 +256,8 @@ def main() -> None:
                 r = stage(f"quantize {qtype}", "quantgate", qg + ["quantize", "--model", f16, "--precision", qtype,
                                                                   "--threads", args.threads, "--out", ours, "--json"])
                 r.extra["run"] = i + 1
+                if args.skip_llama_quantize:
+                    continue
                 r = stage(f"quantize {qtype}", "llama.cpp", [PY, "-c", _LLAMA_QUANTIZE, f16, theirs,
                                                              LLAMA_FTYPES[qtype], args.threads])
                 r.extra["run"] = i + 1
@@ -271,12 +296,13 @@ def main() -> None:
         calib = ROOT / "data/calibration.jsonl"
         stage("auto", "quantgate", qg + ["quantize", "--model", f16, "--precision", "auto", "--target-bpw",
                                          args.target_bpw, "--calib", calib, "--threads", args.threads,
-                                         "--out", wd / "ours-auto.gguf", "--cache-dir", wd / "calib-cache", "--json"])
+                                         "--out", wd / "ours-auto.gguf", "--cache-dir", wd / "calib-cache", "--json"],
+              cap_s=args.auto_cap_s)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     print("\n| stage | who | wall s | peak RSS MB (maxrss / tree) | max Dirty MB | note |\n|---|---|---|---|---|---|")
     for r in results:
-        note = "KILLED (watchdog)" if r.killed else ("ok" if r.rc == 0 else f"rc {r.rc}")
+        note = "KILLED (watchdog)" if r.killed else r.extra.get("capped") or ("ok" if r.rc == 0 else f"rc {r.rc}")
         t = r.extra.get("json", {}).get("timings") if isinstance(r.extra.get("json"), dict) else None
         if t:
             note += "; " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if isinstance(v, (int, float)))
