@@ -223,6 +223,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and GGUFs")
     ap.add_argument("--skip-llama-quantize", action="store_true",
                     help="quantize: ours only (llama.cpp's side already measured on these shapes)")
+    ap.add_argument("--backend", choices=("llama.cpp", "torch"), default="llama.cpp",
+                    help="validate: the candidate's runner (torch where llama.cpp's CPU backend crashes, e.g. AMX)")
+    ap.add_argument("--no-llama-eval", action="store_true", help="validate: skip llama.cpp's scoring pass")
     ap.add_argument("--auto-cap-s", type=float, default=None,
                     help="auto: stop the stage after this many seconds (its log shows how far it got)")
     args = ap.parse_args()
@@ -278,7 +281,7 @@ def main() -> None:
             data.write_text("\n".join(lines) + "\n")
             stage("validate", "quantgate", qg + ["validate", "--baseline", hf, "--quantized", q4, "--dataset", data,
                                                  "--gates", ROOT / "gates.yaml",
-                                                 "--max-tokens", args.tokens, "--backend", "llama.cpp",
+                                                 "--max-tokens", args.tokens, "--backend", args.backend,
                                                  "--no-expectations", "--report-dir", wd / "reports", "--quiet"])
             for rep in sorted((wd / "reports").glob("*/validation.json")):  # our passes' own timings
                 t = json.loads(rep.read_text()).get("timings", {})
@@ -290,7 +293,8 @@ def main() -> None:
                     "from runtime.tokenize import tokenize_samples; ds = load_dataset(sys.argv[2]); "
                     "ids = tokenize_samples(sys.argv[1], [s.text for s in ds.usable()], int(sys.argv[3])); "
                     "json.dump(ids, open(sys.argv[4], 'w'))")
-            if subprocess.run([PY, "-c", code, hf, data, str(args.tokens), ids_file], env=env, cwd=wd).returncode == 0:
+            if not args.no_llama_eval and subprocess.run([PY, "-c", code, hf, data, str(args.tokens), ids_file],
+                                                         env=env, cwd=wd).returncode == 0:
                 stage("validate (scoring pass)", "llama.cpp", [PY, "-c", _LLAMA_EVAL, q4, ids_file, args.threads])
     if "auto" in stages and f16.exists():
         calib = ROOT / "data/calibration.jsonl"
