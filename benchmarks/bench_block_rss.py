@@ -1,6 +1,6 @@
 """RSS after each block of a layer-streamed pass: the profile's bfloat16 imatrix collection (analyzer.collect) on one
-512-token chunk of data/calibration.jsonl, stopped after N blocks. `before` disables the GGUF page release (the
-reader before stop 19); `now` is the code as it is. Run it on an 8B-shaped F16 GGUF (docs/BENCHMARKS.md, "8B-shaped
+512-token chunk of data/calibration.jsonl, stopped after N blocks. `before`: the GGUF page release and the per-block
+heap trim disabled (the code before stop 19); `notrim`: only the heap trim disabled; `now`: the code as it is. Run it on an 8B-shaped F16 GGUF (docs/BENCHMARKS.md, "8B-shaped
 run, stop 19"):
 
     .venv/bin/python benchmarks/bench_block_rss.py now /tmp/qg-scale/8b/f16.gguf 8
@@ -25,6 +25,10 @@ class _Stop(Exception):
 
 def main() -> None:
     mode, model, n_blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 6
+    if mode in ("before", "notrim"):
+        import runtime.layer_stream as ls
+
+        ls.release_freed_heap = lambda: False
     if mode == "before":  # mapped pages never released
         import quant.gguf_reader as gr
         import quant.gguf_split as gs
