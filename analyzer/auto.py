@@ -29,6 +29,7 @@ from analyzer.profile import (
 )
 from core.errors import QuantGateError
 from core.hashing import canonical_json
+from core.progress import ProgressFn
 from core.records import AUTO, QuantizeRequest
 from core.version import __version__
 from quant.formats import get_qtype
@@ -133,12 +134,12 @@ def auto_request(model: "str | os.PathLike[str]", out: "str | os.PathLike[str]",
                  policy: str | None = None, target_bpw: float | None = None, target_size: str | None = None,
                  threshold: ThresholdPolicy | None = None, overrides: Sequence[tuple[str, str]] = (),
                  imatrix: "str | os.PathLike[str] | None" = None, cache_dir: "str | os.PathLike[str] | None" = None,
-                 profile_out: "str | os.PathLike[str] | None" = None, threads: int | None = None
-                 ) -> Iterator[tuple[Any, AutoPlan]]:
-    """Everything `quantize --precision auto` needs: load `profile` (or build one on `calib`, cached), apply the
-    policy (none given with a profile: its recorded choices), and yield (QuantizeRequest, AutoPlan). The imatrix
-    the estimates assumed is used for quantizing: `imatrix` (its content must match) or, for a collected one,
-    the cached copy written to a temporary file."""
+                 profile_out: "str | os.PathLike[str] | None" = None, threads: int | None = None,
+                 progress: ProgressFn | None = None) -> Iterator[tuple[Any, AutoPlan]]:
+    """Everything `quantize --precision auto` needs: load `profile` (or build one on `calib`, cached, reporting
+    to `progress`), apply the policy (none given with a profile: its recorded choices), and yield
+    (QuantizeRequest, AutoPlan). The imatrix the estimates assumed is used for quantizing: `imatrix` (its content
+    must match) or, for a collected one, the cached copy written to a temporary file."""
 
     model = Path(model)
     with open_checkpoint(model, allow_requantize=True) as ckpt:
@@ -149,7 +150,7 @@ def auto_request(model: "str | os.PathLike[str]", out: "str | os.PathLike[str]",
             prof = Profile.load(profile)
         else:
             prof = build_profile(model, Path(calib) if calib else DEFAULT_CALIBRATION, imatrix=imat,
-                                 imatrix_label=str(imatrix or ""), cache=cache)
+                                 imatrix_label=str(imatrix or ""), cache=cache, progress=progress)
         pol = None
         if policy is not None or profile is None or target_bpw is not None or target_size is not None:
             mode = policy or ("budget" if target_bpw is not None or target_size is not None else "threshold")

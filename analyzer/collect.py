@@ -145,7 +145,8 @@ def _moe_hooks(model, arch: str, add) -> list:
 def _collect_streamed(model_path, arch: str, toks: CalibrationTokens, process_output: bool, add,
                       progress: ProgressFn | None) -> None:
     """One block in memory at a time; chunks in order within each block, so the float64 sums add up in the same
-    order as the whole-model loop. MoE blocks' experts and routers are hooked on the stream's skeleton."""
+    order as the whole-model loop. MoE blocks' experts and routers are hooked on the stream's skeleton; `progress`
+    hears of every block done, for each group of chunks."""
     with LayerStream(model_path) as ls:
         names = linear_gguf_names(ls.skeleton, arch)
         groups = group_by_budget([len(c) for c in toks.chunks], ls.n_embd, DEFAULT_ACTIVATION_BUDGET)
@@ -162,24 +163,26 @@ def _stream_groups(ls: LayerStream, names: dict[str, str], groups, toks: Calibra
     """The chunk groups through the stream's blocks (nn.Linear hooks per block) and the head."""
     import torch
 
-    done = 0
-    for g in groups:
+    n_chunks, steps = len(toks.chunks), len(groups) * ls.n_layer
+    for k, g in enumerate(groups):
+        def on_layer(i: int, n: int, k: int = k, g: list[int] = g) -> None:
+            if progress is not None:
+                progress(k * ls.n_layer + i, steps, f"imatrix: chunks {g[0] + 1}-{g[-1] + 1} of {n_chunks}, "
+                                                    f"block {i}/{n} done")
+
         def on_block(i: int, layer):
             prefix = ls.arch.layer_prefix.format(i=i).rstrip(".")
             mods = dict(layer.named_modules())
             return [mods[m[len(prefix) + 1:]].register_forward_hook(_hook(add, gn))
                     for m, gn in names.items() if m.startswith(prefix + ".")]
 
-        hs = ls.hidden_states([toks.chunks[i] for i in g], on_block=on_block)
+        hs = ls.hidden_states([toks.chunks[i] for i in g], on_block=on_block, progress=on_layer)
         head_mod = next((m for m, gn in names.items() if gn == "output.weight"), None)
         if process_output and head_mod is not None:
             with torch.inference_mode(), ls.head() as (norm, _w):
                 for h in hs:
                     add("output.weight", norm(h))
         del hs
-        done += len(g)
-        if progress is not None:
-            progress(done, len(toks.chunks), "imatrix")
 
 
 def _collect_full(model_path, arch: str, toks: CalibrationTokens, process_output: bool, add,

@@ -222,10 +222,10 @@ def _imatrix_from_arrays(a: dict[str, np.ndarray], datasets: list[str]) -> Imatr
 
 def cached_imatrix(model: Path, calib: Path, model_sha: str, *, chunk_size: int, n_chunks: int | None,
                    cache: CalibrationCache | None, tool_version: str, process_output: bool = True,
-                   matmul_dtype: str = "float32") -> Imatrix:
-    """The collected imatrix of (model, calibration set, config), from the cache or collected (and stored). The
-    key holds the token ids fed (the tokenizer's effect), so an HF folder and its GGUF share the entry, and the
-    matmul precision when it is not float32 (analyzer.collect)."""
+                   matmul_dtype: str = "float32", progress: ProgressFn | None = None) -> Imatrix:
+    """The collected imatrix of (model, calibration set, config), from the cache or collected (and stored;
+    the collection reports to `progress`). The key holds the token ids fed (the tokenizer's effect), so an HF
+    folder and its GGUF share the entry, and the matmul precision when it is not float32 (analyzer.collect)."""
 
     ds = load_dataset(calib)
     toks = calibration_chunks(model, [s.text for s in ds.usable()], chunk_size, n_chunks)
@@ -237,7 +237,7 @@ def cached_imatrix(model: Path, calib: Path, model_sha: str, *, chunk_size: int,
     if hit is not None:
         return _imatrix_from_arrays(hit, [calib.name])
     imat = collect_imatrix(model, [], chunk_size=chunk_size, n_chunks=n_chunks, process_output=process_output,
-                           dataset_name=calib.name, tokens=toks, matmul_dtype=matmul_dtype)
+                           dataset_name=calib.name, tokens=toks, matmul_dtype=matmul_dtype, progress=progress)
     if cache is not None:
         cache.put_arrays(key, _imatrix_to_arrays(imat))
     return imat
@@ -347,7 +347,7 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         imat_info = {"used": True, "source": imatrix_label or "file", "digest": imatrix_digest(imatrix)}
     elif use_imatrix:
         imatrix = cached_imatrix(model, calib, model_sha, chunk_size=chunk_size, n_chunks=n_chunks, cache=cache,
-                                 tool_version=__version__, matmul_dtype=imatrix_matmul)
+                                 tool_version=__version__, matmul_dtype=imatrix_matmul, progress=progress)
         imat_info = {"used": True, "source": "collected", "digest": imatrix_digest(imatrix),
                      "chunk_size": imatrix.chunk_size, "chunk_count": imatrix.chunk_count, "n_chunks": n_chunks,
                      "matmul": imatrix_matmul}

@@ -29,6 +29,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
+#: Shapes made here from quantgate.sample's (8b: `quantgate sample --shape 8b` itself).
+SHAPE_CODE = {"1b": "dataclasses.replace(SHAPE_1B, n_vocab=4096)",
+              "smoke": "dataclasses.replace(SHAPE_8B, n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2)"}
 LLAMA_FTYPES = {"Q4_K_M": 15, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10, "Q4_0": 2,
                 "IQ4_XS": 30}
 
@@ -101,9 +104,11 @@ def _tree_rss(p: psutil.Process) -> int:
 
 
 def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free_gb: float, env: dict, cwd: Path,
-              nice: int) -> StageResult:
-    """Run cmd as its own process group under the watchdog (killed above limit_gb); refused when the machine has
-    less than min_free_gb available before it starts. Returns its wall time and memory figures."""
+              nice: int, cap_s: float | None = None) -> StageResult:
+    """Run cmd as its own process group under the watchdog (killed above limit_gb, or after cap_s seconds of wall
+    time: recorded as `capped`); refused when the machine has less than min_free_gb available before it starts.
+    Its stderr goes to STAGE-WHO.log, each line prefixed with the seconds since the stage started (how far a capped
+    stage got). Returns its wall time and memory figures."""
     res = StageResult(stage, who, [str(c) for c in cmd])
     free = psutil.virtual_memory().available / 2**30
     if free < min_free_gb:
@@ -112,8 +117,8 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
         return res
     out = open(cwd / f"{stage}-{who}.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(res.cmd, stdout=subprocess.PIPE, stderr=out, env=env, cwd=cwd, start_new_session=True,
-                            preexec_fn=lambda: os.nice(nice))
+    proc = subprocess.Popen(res.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd,
+                            start_new_session=True, preexec_fn=lambda: os.nice(nice))
     ps = psutil.Process(proc.pid)
     stop = threading.Event()
 
@@ -126,10 +131,21 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
                 res.killed = True
                 os.killpg(proc.pid, 9)
                 return
+            if cap_s is not None and time.perf_counter() - t0 > cap_s:
+                res.extra["capped"] = f"stopped after the {cap_s:.0f} s cap"
+                os.killpg(proc.pid, 9)
+                return
             stop.wait(0.25)
+
+    def log_stderr() -> None:
+        for line in iter(proc.stderr.readline, b""):
+            out.write(f"[{time.perf_counter() - t0:9.1f} s] {line.decode(errors='replace').rstrip()}\n")
+            out.flush()
 
     w = threading.Thread(target=watch, daemon=True)
     w.start()
+    e = threading.Thread(target=log_stderr, daemon=True)
+    e.start()
     stdout = proc.stdout.read()
     _, status, ru = os.wait4(proc.pid, 0)
     res.wall_s = time.perf_counter() - t0
@@ -139,6 +155,7 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
     res.rc = proc.returncode
     res.maxrss_mb = ru.ru_maxrss / 1024
     res.cpu_s = ru.ru_utime + ru.ru_stime
+    e.join(5)
     out.close()
     text = stdout.decode(errors="replace").strip()
     if text.startswith("{"):
@@ -148,7 +165,7 @@ def run_stage(stage: str, who: str, cmd: list[str], *, limit_gb: float, min_free
             pass
     elif text:
         res.extra["stdout_tail"] = text[-300:]
-    state = "KILLED by watchdog" if res.killed else f"rc {res.rc}"
+    state = "KILLED by watchdog" if res.killed else res.extra.get("capped", f"rc {res.rc}")
     print(f"  {stage}/{who}: {state}, {res.wall_s:.1f} s (CPU {res.cpu_s:.1f} s, load {os.getloadavg()[0]:.1f}), "
           f"maxrss {res.maxrss_mb:.0f} MB, "
           f"tree peak {res.tree_peak_mb:.0f} MB, dirty peak {res.dirty_peak_mb:.0f} MB", flush=True)
@@ -185,13 +202,15 @@ def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
     """The checkpoint: `quantgate sample --shape` with the reference model's 4k BPE tokenizer, so that validate can
     tokenize text (1b: its vocabulary shrunk to those 4,096 tokens; 8b: Llama-3-8B's 128,256-row embedding and head
     kept, the tokenizer's 4,096 tokens padded to 128,256 with [PADi] entries when converted, as llama.cpp's
-    converter pads a vocabulary smaller than `vocab_size`)."""
+    converter pads a vocabulary smaller than `vocab_size`; smoke: two small blocks with the 8b's 128,256-row
+    embedding and head and its padded tokenizer, a minutes-long check of the 8b's code paths before an hours-long
+    run)."""
     if (hf / "config.json").exists():
         return
     t = time.perf_counter()
-    if shape == "1b":
-        code = ("import dataclasses, sys; from quantgate.sample import SHAPE_1B, make_sample_checkpoint; "
-                "make_sample_checkpoint(sys.argv[1], dataclasses.replace(SHAPE_1B, n_vocab=4096), seed=1)")
+    if shape in SHAPE_CODE:
+        code = ("import dataclasses, sys; from quantgate.sample import SHAPE_1B, SHAPE_8B, make_sample_checkpoint; "
+                f"make_sample_checkpoint(sys.argv[1], {SHAPE_CODE[shape]}, seed=1)")
         subprocess.run([PY, "-c", code, str(hf)], check=True, env=env, cwd=cwd)
     else:
         subprocess.run([PY, "-m", "quantgate.cli", "sample", "--shape", shape, "--out", str(hf)], check=True,
@@ -204,7 +223,7 @@ def make_source(shape: str, hf: Path, env: dict, cwd: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=("1b", "8b"), default="1b")
+    ap.add_argument("--shape", choices=("1b", "8b", "smoke"), default="1b")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qg-scale"))
     ap.add_argument("--stages", default="convert,quantize,validate,auto")
     ap.add_argument("--types", default="Q4_K_M", help="quantize types compared with llama.cpp (comma-separated)")
@@ -224,6 +243,13 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true",
                     help="forget the F16 GGUF's cached weights fingerprint before every quantgate quantize "
                          "(each run is a first quantize of the file)")
+    ap.add_argument("--skip-llama-quantize", action="store_true",
+                    help="quantize: ours only (llama.cpp's side already measured on these shapes)")
+    ap.add_argument("--backend", choices=("llama.cpp", "torch"), default="llama.cpp",
+                    help="validate: the candidate's runner (torch where llama.cpp's CPU backend crashes, e.g. AMX)")
+    ap.add_argument("--no-llama-eval", action="store_true", help="validate: skip llama.cpp's scoring pass")
+    ap.add_argument("--auto-cap-s", type=float, default=None,
+                    help="auto: stop the stage after this many seconds (its log shows how far it got)")
     args = ap.parse_args()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     wd = (args.workdir / args.shape).resolve()
@@ -235,9 +261,9 @@ def main() -> None:
     hf, f16 = wd / "hf", wd / "f16.gguf"
     results: list[StageResult] = []
 
-    def stage(name: str, who: str, cmd: list, env_over: dict | None = None) -> StageResult:
+    def stage(name: str, who: str, cmd: list, env_over: dict | None = None, cap_s: float | None = None) -> StageResult:
         r = run_stage(name, who, cmd, limit_gb=args.limit_gb, min_free_gb=args.min_free_gb, env=env_over or env,
-                      cwd=wd, nice=args.nice)
+                      cwd=wd, nice=args.nice, cap_s=cap_s)
         results.append(r)
         return r
 
@@ -270,6 +296,8 @@ def main() -> None:
                                                               "--threads", args.threads, "--out", out, "--json"],
                               side_env)
                     r.extra["run"] = i + 1
+                if args.skip_llama_quantize:
+                    continue
                 r = stage(f"quantize {qtype}", "llama.cpp", [PY, "-c", _LLAMA_QUANTIZE, f16, theirs,
                                                              LLAMA_FTYPES[qtype], args.threads])
                 r.extra["run"] = i + 1
@@ -290,7 +318,7 @@ def main() -> None:
             data.write_text("\n".join(lines) + "\n")
             stage("validate", "quantgate", qg + ["validate", "--baseline", hf, "--quantized", q4, "--dataset", data,
                                                  "--gates", ROOT / "gates.yaml",
-                                                 "--max-tokens", args.tokens, "--backend", "llama.cpp",
+                                                 "--max-tokens", args.tokens, "--backend", args.backend,
                                                  "--no-expectations", "--report-dir", wd / "reports", "--quiet"])
             for rep in sorted((wd / "reports").glob("*/validation.json")):  # our passes' own timings
                 t = json.loads(rep.read_text()).get("timings", {})
@@ -302,19 +330,21 @@ def main() -> None:
                     "from runtime.tokenize import tokenize_samples; ds = load_dataset(sys.argv[2]); "
                     "ids = tokenize_samples(sys.argv[1], [s.text for s in ds.usable()], int(sys.argv[3])); "
                     "json.dump(ids, open(sys.argv[4], 'w'))")
-            if subprocess.run([PY, "-c", code, hf, data, str(args.tokens), ids_file], env=env, cwd=wd).returncode == 0:
+            if not args.no_llama_eval and subprocess.run([PY, "-c", code, hf, data, str(args.tokens), ids_file],
+                                                         env=env, cwd=wd).returncode == 0:
                 stage("validate (scoring pass)", "llama.cpp", [PY, "-c", _LLAMA_EVAL, q4, ids_file, args.threads])
     if "auto" in stages and f16.exists():
         calib = ROOT / "data/calibration.jsonl"
         stage("auto", "quantgate", qg + ["quantize", "--model", f16, "--precision", "auto", "--target-bpw",
                                          args.target_bpw, "--calib", calib, "--threads", args.threads,
-                                         "--out", wd / "ours-auto.gguf", "--cache-dir", wd / "calib-cache", "--json"])
+                                         "--out", wd / "ours-auto.gguf", "--cache-dir", wd / "calib-cache", "--json"],
+              cap_s=args.auto_cap_s)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     print("\n| stage | who | wall s | CPU s | peak RSS MB (maxrss / tree) | max Dirty MB | note |\n"
           "|---|---|---|---|---|---|---|")
     for r in results:
-        note = "KILLED (watchdog)" if r.killed else ("ok" if r.rc == 0 else f"rc {r.rc}")
+        note = "KILLED (watchdog)" if r.killed else r.extra.get("capped") or ("ok" if r.rc == 0 else f"rc {r.rc}")
         t = r.extra.get("json", {}).get("timings") if isinstance(r.extra.get("json"), dict) else None
         if t:
             note += "; " + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if isinstance(v, (int, float)))

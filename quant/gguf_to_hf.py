@@ -261,10 +261,16 @@ def hf_tensor_map(g: GGUFFile, config: dict[str, Any]) -> HFTensorMap:
 
 
 def read_tensor_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
-    """One GGUF tensor as float32 of its numpy-order shape, dequantized with quant.dequantize."""
+    """One GGUF tensor as float32 of its numpy-order shape, dequantized with quant.dequantize; the tensor's mapped
+    pages are dropped once it is copied out (GGUFFile.release), so reading a model tensor by tensor (a layer-
+    streamed pass, the tensor-error check) keeps about one tensor of the file resident, not every page read."""
     raw = g.tensor_data(t)
     out = dequantize(raw, t.qtype, t.shape or (1,)).reshape(t.shape)
-    return out.copy() if np.shares_memory(out, raw) else out  # never hand out a view of the mapped file
+    if np.shares_memory(out, raw):
+        out = out.copy()  # never hand out a view of the mapped file
+    del raw
+    g.release(t)
+    return out
 
 
 def iter_hf_tensors(g: GGUFFile, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:

@@ -131,6 +131,28 @@ class _Weights:
             self._ckpt.close()
 
 
+def release_freed_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim; False where there is none). After a block's
+    float32 weights are freed, glibc keeps the pages of the allocations below its (dynamic, up to 32 MiB) mmap
+    threshold in a fragmented heap: at Llama-3-8B's shapes RSS grew ~96 MB a block without this, ~0 with it."""
+    global _libc
+    if _libc is None:
+        import ctypes  # lazy: only layer-streamed passes need it
+
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    _libc.malloc_trim(0)
+    return True
+
+
+_libc: Any = None
+
+
 def model_type_of(path: "str | os.PathLike[str]") -> str | None:
     """The HF model_type a checkpoint runs as (GGUF: through quant.gguf_to_hf), None when it cannot be told."""
     p = Path(path)
@@ -234,6 +256,7 @@ class LayerStream:
             yield layer
         finally:
             layer.to("meta")
+            release_freed_heap()
 
     def embed(self, ids: Sequence[Sequence[int]]) -> list[Any]:
         """Input hidden states (1, n, hidden) of each sequence (the embedding is read, used, and dropped)."""

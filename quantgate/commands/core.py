@@ -88,10 +88,15 @@ def quantize(
 
         if dry_run and profile_out is not None:
             raise QuantGateError("--dry-run writes nothing: drop --profile-out")
+
+        def profile_progress(i: int, n: int, name: str) -> None:  # as `quantgate profile` prints it, on stderr
+            if not quiet:
+                err_console.print(f"[dim]profile {i}/{n} {lit(one_line(name, 120))}[/]", highlight=False)
+
         with auto_request(src.path, out, profile=profile, calib=calib, policy=policy, target_bpw=target_bpw,
                           target_size=target_size, overrides=load_overrides(str(overrides)) if overrides else (),
                           imatrix=imatrix, cache_dir=cache_dir, profile_out=profile_out,
-                          threads=threads or None) as (req, _plan):
+                          threads=threads or None, progress=profile_progress) as (req, _plan):
             _run_quantize(dataclasses.replace(req, source_lineage=lineage, **split), as_json, quiet, dry_run)
         return
     if any(v is not None for v in (profile, policy, target_bpw, target_size, overrides, profile_out)):

@@ -211,3 +211,22 @@ def test_moe_imatrix_streamed_equals_whole_model_and_gguf_source(calib_jsonl, tm
         for other in (whole, from_gguf):
             assert np.array_equal(e.counts, other.entries[n].counts), n
             np.testing.assert_allclose(e.sums, other.entries[n].sums, rtol=1e-5, err_msg=n)
+
+
+def test_streamed_collection_reports_every_block_of_every_chunk_group(tiny_model, calib_jsonl, monkeypatch):
+    """Layer by layer, progress hears of each block done per group of chunks (how far an hours-long collection on
+    an 8B model got), ending at n/n; the sums do not depend on the grouping."""
+    import analyzer.collect as collect
+    from runtime.datasets import load_dataset
+
+    texts = [s.text for s in load_dataset(calib_jsonl).usable()]
+    one_group = collect.collect_imatrix(tiny_model, texts, chunk_size=CHUNK, n_chunks=3)
+    monkeypatch.setattr(collect, "DEFAULT_ACTIVATION_BUDGET", 2 * 4 * CHUNK * 256)  # one chunk per group
+    events = []
+    grouped = collect.collect_imatrix(tiny_model, texts, chunk_size=CHUNK, n_chunks=3,
+                                      progress=lambda i, n, what: events.append((i, n, what)))
+    assert [(i, n) for i, n, _ in events] == [(i, 6) for i in range(1, 7)]  # 3 groups x 2 blocks
+    assert events[0][2] == "imatrix: chunks 1-1 of 3, block 1/2 done"
+    assert events[-1][2] == "imatrix: chunks 3-3 of 3, block 2/2 done"
+    for name, e in one_group.entries.items():
+        np.testing.assert_array_equal(grouped.entries[name].sums, e.sums, err_msg=name)

@@ -401,3 +401,24 @@ def test_cli_profile_and_quantize_auto_on_a_moe_model(tmp_path, calib_jsonl, cac
         assert prof["measure"]["mode"] == "exact"
         assert all(t["candidates"]["Q4_K"]["measured_kld"] is not None for t in prof["tensors"]
                    if t["name"].endswith("_exps.weight"))
+
+
+def test_quantize_auto_reports_the_profile_it_builds_on_stderr(tiny_model, tmp_path):
+    """`quantize --precision auto` without --profile shows how far the profile got (imatrix blocks, then tensors),
+    as `quantgate profile` does, on stderr: stdout stays the artifact's JSON."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from quantgate.cli import app
+
+    calib = Path(__file__).resolve().parents[2] / "data/calibration.jsonl"
+    r = CliRunner().invoke(app, ["quantize", "--model", str(tiny_model), "--precision", "auto", "--target-bpw", "6",
+                                 "--calib", str(calib), "--cache-dir", str(tmp_path / "cache"),
+                                 "--out", str(tmp_path / "a.gguf"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["recipe"]["precision"] == "AUTO"
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("profile ") and "imatrix: chunks 1-" in line and "block 1/2 done" in line
+               for line in lines), r.stderr[-2000:]
+    assert any(line.startswith("profile ") and "blk.1.ffn_down.weight" in line for line in lines), r.stderr[-2000:]

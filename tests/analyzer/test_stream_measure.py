@@ -91,3 +91,32 @@ def test_hf_folder_and_its_gguf_share_cache_rows(tmp_path):
     assert again.model["sha256"] == hf.model["sha256"]
     assert again.timings["computed_tensors"] == 0
     assert [t.candidates for t in again.tensors] == [t.candidates for t in hf.tensors]
+
+
+def test_token_embd_rows_measure_the_selected_rows_of_the_whole_delta(tmp_path):
+    """token_embd's block error and calibration stream are computed from the rows the tokens select (no second
+    vocabulary-sized temporary: 2.1 GB at Llama-3-8B's shapes) and equal the whole-matrix delta's rows exactly."""
+    import numpy as np
+    import torch
+
+    from analyzer.profile import _hf_to_gguf, _quant_dequant
+    from analyzer.stream_measure import _rel, streamed_sweep
+    from runtime.layer_stream import LayerStream
+    from runtime.tokenize import calibration_chunks
+    from runtime.datasets import load_dataset
+
+    chunks = calibration_chunks(REF, [s.text for s in load_dataset(CALIB).usable()], 32, 2).chunks
+    types = ["Q4_K", "Q8_0"]
+    res = streamed_sweep(REF, chunks, {"token_embd.weight": types}, imatrix=None, quant_dequant=_quant_dequant,
+                         gguf_names=lambda names, n: _hf_to_gguf(names, "llama", n), allowed=lambda n, t: True)
+    with LayerStream(REF) as ls:
+        e = ls.tensor(ls.arch.embed)
+    ids = torch.tensor(chunks, dtype=torch.long)
+    h = torch.nn.functional.embedding(ids, e)
+    for qt in types:
+        whole = torch.from_numpy(_quant_dequant(e.numpy(), qt, None)) - e  # the delta of the whole matrix
+        assert res.rows["token_embd.weight"][qt].block_err == _rel(torch, torch.nn.functional.embedding(ids, whole), h)
+    cal = torch.from_numpy(_quant_dequant(e.numpy(), "Q3_K", None)) - e
+    d = torch.nn.functional.embedding(ids, cal)
+    assert res.gain_detail["token_embd.weight"]["block_err"] == _rel(torch, d, h) > 0
+    assert np.isfinite(res.gains["token_embd.weight"])
