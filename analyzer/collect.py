@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from core.errors import CheckpointError, QuantGateError
+from core.memory import release_free_memory
 from core.progress import ProgressFn
 from analyzer.stream_measure import can_stream
 from quant.imatrix import Imatrix, ImatrixEntry
@@ -68,17 +69,23 @@ def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], 
     arch = _arch_of(model_path)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
+    last: list = [None, None]  # (input tensor, its column sums): q/k/v and gate/up are fed the same tensor
 
     def add(gname: str, x) -> None:
         import torch
 
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        s = (x * x).sum(dim=0).numpy()
+        if last[0] is x:  # the same tensor object (held here, so its memory cannot be reused by another)
+            s, n = last[1]
+        else:
+            xd = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            s, n = (xd * xd).sum(dim=0).numpy(), int(xd.shape[0])
+            last[0], last[1] = x, (s, n)
+            del xd
         if gname in sums:
             sums[gname] += s
         else:
-            sums[gname] = s
-        counts[gname] = counts.get(gname, 0) + int(x.shape[0])
+            sums[gname] = s.copy()
+        counts[gname] = counts.get(gname, 0) + n
 
     import torch
 
@@ -87,6 +94,8 @@ def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], 
             _collect_streamed(model_path, arch, toks, process_output, add, progress)
         else:
             _collect_full(model_path, arch, toks, process_output, add, progress)
+    last[0] = last[1] = None
+    release_free_memory()
     entries = {}
     for gname, s in sums.items():
         if not np.all(np.isfinite(s)):
@@ -123,7 +132,7 @@ def _collect_streamed(model_path, arch: str, toks: CalibrationTokens, process_ou
             hs = ls.hidden_states([toks.chunks[i] for i in g], on_block=on_block)
             head_mod = next((m for m, gn in names.items() if gn == "output.weight"), None)
             if process_output and head_mod is not None:
-                with torch.inference_mode(), ls.head() as (norm, _w):
+                with torch.inference_mode(), ls.head(weight=False) as (norm, _w):
                     for h in hs:
                         add("output.weight", norm(h))
             del hs

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from core.errors import CheckpointError
+from core.memory import release_free_memory
 from quant.gguf_split import open_gguf
 from quant.loaders import open_checkpoint
 from runtime.backends import is_gguf
@@ -234,6 +235,7 @@ class LayerStream:
             yield layer
         finally:
             layer.to("meta")
+            release_free_memory()  # the block's weights and temporaries: give their heap pages back
 
     def embed(self, ids: Sequence[Sequence[int]]) -> list[Any]:
         """Input hidden states (1, n, hidden) of each sequence (the embedding is read, used, and dropped)."""
@@ -275,16 +277,18 @@ class LayerStream:
                      position_ids=ctx["position_ids"], use_cache=False)
 
     @contextmanager
-    def head(self) -> Iterator[tuple[Any, Any]]:
-        """(final norm module, lm_head weight) loaded; freed on exit. Tied models use the embedding."""
+    def head(self, weight: bool = True) -> Iterator[tuple[Any, Any]]:
+        """(final norm module, lm_head weight) loaded; freed on exit. Tied models use the embedding. `weight`
+        False: only the norm is read (the weight is None), for callers that need the normed states alone."""
         norm = self.decoder.norm
         norm.load_state_dict({"weight": self.tensor(self.arch.norm)}, strict=True, assign=True)
-        w = self.tensor(self.arch.embed if self.tied else self.arch.head)
+        w = self.tensor(self.arch.embed if self.tied else self.arch.head) if weight else None
         try:
             yield norm, w
         finally:
             norm.to("meta")
             del w
+            release_free_memory()
 
     def logits(self, norm: Any, w: Any, h: Any):
         """Logits of final-block hidden states h (1, n, hidden): final norm, head, and the architecture's
@@ -307,8 +311,9 @@ class LayerStream:
             for i in range(self.n_layer):
                 with self.block(i) as layer:
                     handles = on_block(i, layer) if on_block is not None else None
-                    try:
-                        hs = [self.run_block(layer, i, h, c) for h, c in zip(hs, ctxs)]
+                    try:  # in place: each sequence's input states are freed as its output is made
+                        for j, c in enumerate(ctxs):
+                            hs[j] = self.run_block(layer, i, hs[j], c)
                     finally:
                         for hd in handles or ():
                             hd.remove()
