@@ -48,6 +48,10 @@ def main() -> None:
             time.sleep(0.05)
 
     def set_phase(name: str) -> None:
+        prev = peaks.get(phase[0])
+        if prev is not None:  # progress as it goes (a long run stopped early still says where it got)
+            print(f"# {time.perf_counter() - t0:8.1f} s  {phase[0]:22s} peak so far {prev['peak_rss'] / 1e9:6.3f} GB",
+                  flush=True)
         phase[0] = name
 
     orig_block, orig_head = ls_mod.LayerStream.block, ls_mod.LayerStream.head
