@@ -66,9 +66,9 @@ def main() -> None:
         set_phase(f"{where[0]}:between")
 
     @contextmanager
-    def head(self):
+    def head(self, *a, **k):
         set_phase(f"{where[0]}:head")
-        with orig_head(self) as x:
+        with orig_head(self, *a, **k) as x:
             yield x
         set_phase(f"{where[0]}:after-head")
 
