@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from core.errors import CheckpointError, QuantGateError
+from core.memory import release_free_memory
 from core.progress import ProgressFn
 from analyzer.param_slots import experts_modules, expert_gguf_names, router_modules
 from analyzer.stream_measure import can_stream
@@ -75,16 +76,23 @@ def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], 
     arch = _arch_of(model_path)
     sums: dict[str, np.ndarray] = {}     # (n_mat, cols): one row per expert (1 for a dense tensor)
     counts: dict[str, np.ndarray] = {}   # (n_mat,) token counts
+    last: list = [None, None]  # (input tensor, its column sums): q/k/v and gate/up are fed the same tensor
 
     def add(gname: str, x, expert: int = 0, n_expert: int = 1) -> None:
         import torch
 
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if last[0] is x:  # the same tensor object (held here, so its memory cannot be reused by another)
+            s, n = last[1]
+        else:
+            xd = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            s, n = (xd * xd).sum(dim=0).numpy(), int(xd.shape[0])
+            last[0], last[1] = x, (s, n)
+            del xd
         if gname not in sums:
-            sums[gname] = np.zeros((n_expert, x.shape[-1]), np.float64)
+            sums[gname] = np.zeros((n_expert, s.shape[-1]), np.float64)
             counts[gname] = np.zeros(n_expert, np.int64)
-        sums[gname][expert] += (x * x).sum(dim=0).numpy()
-        counts[gname][expert] += int(x.shape[0])
+        sums[gname][expert] += s
+        counts[gname][expert] += n
 
     import torch
 
@@ -93,6 +101,8 @@ def collect_imatrix(model_path: "str | os.PathLike[str]", texts: Sequence[str], 
             _collect_streamed(model_path, arch, toks, process_output, add, progress)
         else:
             _collect_full(model_path, arch, toks, process_output, add, progress)
+    last[0] = last[1] = None
+    release_free_memory()
     entries = {}
     for gname, s in sums.items():
         if not np.all(np.isfinite(s)):
@@ -179,7 +189,7 @@ def _stream_groups(ls: LayerStream, names: dict[str, str], groups, toks: Calibra
         hs = ls.hidden_states([toks.chunks[i] for i in g], on_block=on_block, progress=on_layer)
         head_mod = next((m for m, gn in names.items() if gn == "output.weight"), None)
         if process_output and head_mod is not None:
-            with torch.inference_mode(), ls.head() as (norm, _w):
+            with torch.inference_mode(), ls.head(weight=False) as (norm, _w):
                 for h in hs:
                     add("output.weight", norm(h))
         del hs

@@ -30,7 +30,7 @@ import numpy as np
 from analyzer.cache import CacheKey, CalibrationCache
 from analyzer.collect import collect_imatrix
 from analyzer.param_slots import ParamSlot, param_slots
-from analyzer.stream_measure import can_stream, rel_weight_error, streamed_sweep
+from analyzer.stream_measure import STREAM_VERSION, can_stream, rel_weight_error, streamed_sweep
 from analyzer.policy import (
     CANDIDATE_TYPES,
     BudgetPolicy,
@@ -45,6 +45,7 @@ from analyzer.policy import (
 from core.atomic import atomic_write
 from core.errors import QuantGateError
 from core.hashing import canonical_json, checkpoint_sha256
+from core.memory import release_free_memory
 from core.progress import ProgressFn
 from core.version import __version__
 from quant.fingerprint import weights_fingerprint
@@ -353,6 +354,8 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
                      "matmul": imatrix_matmul}
     t_imat = time.perf_counter()
     measure_cfg = {"n_seqs": measure_seqs, "seq_len": measure_len, "mode": measure_mode} if measure else None
+    if measure_cfg is not None and measure_mode == "stream":
+        measure_cfg["version"] = STREAM_VERSION  # in every row's key: a changed measurement never hits old rows
     mtoks = calibration_chunks(model, texts, measure_len, measure_seqs) if measure else None
     tokens = tokens_sha256(mtoks.chunks) if mtoks is not None else None
     gains: dict[str, float] = {}
@@ -387,6 +390,7 @@ def build_profile(model: "str | os.PathLike[str]", calib: "str | os.PathLike[str
         gains.update(_compute_streamed(model, arch, mtoks.chunks, todo, imatrix, cache, progress))
     elif todo:
         _compute(model, arch, mtoks.chunks if mtoks is not None else None, todo, imatrix, cache, progress)
+    release_free_memory()  # the sweep's heap pages, before the caller (quantize --precision auto) quantizes
     t_measure = time.perf_counter()
     for tp in profiles:
         tp.candidates = {qt: tp.candidates[qt] for qt in candidate_types if qt in tp.candidates}

@@ -34,8 +34,13 @@ from runtime.layer_stream import LayerStream, model_type_of
 
 #: The type the per-block gains are calibrated at (falls back to Q8_0 for rows its 256-block does not divide).
 CALIBRATION_TYPE = "Q3_K"
-#: Perturbed streams run through a block together, this many at a time (bounds the block's intermediate tensors).
-_STREAMS_PER_CALL = 4
+#: Perturbed streams run through a block together, this many at a time (bounds the block's intermediate tensors:
+#: each stream in a call holds ~0.1 GB of float32 temporaries at SHAPE_1B; 1 also gives every stream and every
+#: measurement the same matmul shapes, so a stream's numbers never depend on how many others share its call).
+_STREAMS_PER_CALL = 1
+#: Version of the streamed measurement's numbers: part of every stream-mode cache key (via the measure config), so
+#: rows computed by an earlier version never hit. 2: one stream per delta call (was 4), 2026-12-04.
+STREAM_VERSION = 2
 _ROWS = 4096  # rows per step of the float64 error sums
 
 
@@ -111,13 +116,20 @@ class _KLD:
         self.torch, self.norm, self.head_w = torch, norm, head_w
         self.x = norm(h_final).reshape(-1, h_final.shape[-1])
         self.base = [torch.nn.functional.linear(self.x[s:s + 128], head_w) for s in range(0, self.x.shape[0], 128)]
+        self._wb = None  # the head in bfloat16 for of_delta, made once
+
+    def drop_bf16(self) -> None:
+        """Free the bfloat16 head copy of_delta made (no further deltas to score)."""
+        self._wb = None
 
     def of_delta(self, h, dh, head_dw=None) -> float:
         """Mean per-token KL(base || perturbed) for final hidden states h + dh (the delta carried through the final
         norm and the head as in analyzer.delta_block; `head_dw`: a bfloat16 delta of the head weight, if tied)."""
         torch = self.torch
         dx = rms_delta(torch, self.norm, h, dh).reshape(-1, h.shape[-1])
-        wb = self.head_w.to(torch.bfloat16)
+        if self._wb is None:
+            self._wb = self.head_w.to(torch.bfloat16)
+        wb = self._wb
         kl = 0.0
         for k, s in enumerate(range(0, dx.shape[0], 128)):
             dl = torch.nn.functional.linear(dx[s:s + 128].to(torch.bfloat16), wb).float()
@@ -252,12 +264,23 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
                     d = base.delta(dw={k: v for k, (_, v) in repl.items()})
                     streams.append({"key": f"blk.{i}.{grp}", "tensors": [g for g, _ in repl.values()], "d": d,
                                     "err": _rel(torch, d, upd)})
-                del cal, base
+                del cal, base, params, upd
+                x = None
             h = y
 
-        # ---- head: output.weight exactly, then each stream's whole-model KLD -> gains ---------------------------
+        # ---- head: each stream's whole-model KLD -> gains (streams freed as they are done), then output.weight
+        # exactly (its candidates' full quantized copies never share memory with the streams) ----------------------
         with ls.head() as (norm, w):
             kld = _KLD(torch, norm, w, h)
+            while streams:
+                s = streams.pop(0)
+                k = kld.of_delta(h, s["d"], s.get("head"))
+                gain = k / s["err"] if s["err"] > 0 else 0.0
+                res.gain_detail[s["key"]] = {"kld": k, "block_err": s["err"], "gain": gain}
+                for name in s["tensors"]:
+                    res.gains[name] = gain
+                del s
+            kld.drop_bf16()
             out_name = names.get(ls.arch.head) if not ls.tied else None
             if out_name is not None:
                 x = w.numpy()
@@ -270,12 +293,6 @@ def streamed_sweep(model_path, chunks: list[list[int]], todo: dict[str, list[str
                     del xq
                 if out_name in todo:
                     tick(out_name)
-            for s in streams:
-                k = kld.of_delta(h, s["d"], s.get("head"))
-                gain = k / s["err"] if s["err"] > 0 else 0.0
-                res.gain_detail[s["key"]] = {"kld": k, "block_err": s["err"], "gain": gain}
-                for name in s["tensors"]:
-                    res.gains[name] = gain
     missing = [n for n in todo if n not in res.rows]
     if missing:
         raise QuantGateError(f"tensors {', '.join(missing[:5])} were not found in the model's blocks")

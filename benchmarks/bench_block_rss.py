@@ -28,7 +28,7 @@ def main() -> None:
     if mode in ("before", "notrim"):
         import runtime.layer_stream as ls
 
-        ls.release_freed_heap = lambda: False
+        ls.release_free_memory = lambda: False
     if mode == "before":  # mapped pages never released
         import quant.gguf_reader as gr
         import quant.gguf_split as gs

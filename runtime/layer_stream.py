@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from core.errors import CheckpointError
+from core.memory import release_free_memory
 from quant.gguf_split import open_gguf
 from quant.loaders import open_checkpoint
 from runtime.backends import is_gguf
@@ -131,27 +132,6 @@ class _Weights:
             self._ckpt.close()
 
 
-def release_freed_heap() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc malloc_trim; False where there is none). After a block's
-    float32 weights are freed, glibc keeps the pages of the allocations below its (dynamic, up to 32 MiB) mmap
-    threshold in a fragmented heap: at Llama-3-8B's shapes RSS grew ~96 MB a block without this, ~0 with it."""
-    global _libc
-    if _libc is None:
-        import ctypes  # lazy: only layer-streamed passes need it
-
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc:
-        return False
-    _libc.malloc_trim(0)
-    return True
-
-
-_libc: Any = None
-
 
 def model_type_of(path: "str | os.PathLike[str]") -> str | None:
     """The HF model_type a checkpoint runs as (GGUF: through quant.gguf_to_hf), None when it cannot be told."""
@@ -256,7 +236,7 @@ class LayerStream:
             yield layer
         finally:
             layer.to("meta")
-            release_freed_heap()
+            release_free_memory()  # the block's weights and temporaries: give their heap pages back
 
     def embed(self, ids: Sequence[Sequence[int]]) -> list[Any]:
         """Input hidden states (1, n, hidden) of each sequence (the embedding is read, used, and dropped)."""
@@ -298,16 +278,18 @@ class LayerStream:
                      position_ids=ctx["position_ids"], use_cache=False)
 
     @contextmanager
-    def head(self) -> Iterator[tuple[Any, Any]]:
-        """(final norm module, lm_head weight) loaded; freed on exit. Tied models use the embedding."""
+    def head(self, weight: bool = True) -> Iterator[tuple[Any, Any]]:
+        """(final norm module, lm_head weight) loaded; freed on exit. Tied models use the embedding. `weight`
+        False: only the norm is read (the weight is None), for callers that need the normed states alone."""
         norm = self.decoder.norm
         norm.load_state_dict({"weight": self.tensor(self.arch.norm)}, strict=True, assign=True)
-        w = self.tensor(self.arch.embed if self.tied else self.arch.head)
+        w = self.tensor(self.arch.embed if self.tied else self.arch.head) if weight else None
         try:
             yield norm, w
         finally:
             norm.to("meta")
             del w
+            release_free_memory()
 
     def logits(self, norm: Any, w: Any, h: Any):
         """Logits of final-block hidden states h (1, n, hidden): final norm, head, and the architecture's
@@ -330,8 +312,9 @@ class LayerStream:
             for i in range(self.n_layer):
                 with self.block(i) as layer:
                     handles = on_block(i, layer) if on_block is not None else None
-                    try:
-                        hs = [self.run_block(layer, i, h, c) for h, c in zip(hs, ctxs)]
+                    try:  # in place: each sequence's input states are freed as its output is made
+                        for j, c in enumerate(ctxs):
+                            hs[j] = self.run_block(layer, i, hs[j], c)
                     finally:
                         for hd in handles or ():
                             hd.remove()
