@@ -96,18 +96,28 @@ def _gguf_entries(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         return out
 
 
-def _hf_entries(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
+def _hf_fingerprint_names(ckpt: Checkpoint) -> dict[str, str]:
+    """HF folder tensor name -> the text model's name the fingerprint hashes it under (multimodal prefixes dropped;
+    tensors the fingerprint skips, e.g. a tied head, left out)."""
     from quant.model_plan import text_model_name  # lazy: the converter's tables load with the first HF folder
 
     cfg = ckpt.config or {}
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
-    out = {}
+    names = {}
     for t in ckpt.tensors:
         name = text_model_name(cfg, t.name)
-        if name is None or _skip(name, tied):
-            continue
-        out[name] = (tuple(t.shape), tensor_digest(t.read()))
+        if name is not None and not _skip(name, tied):
+            names[t.name] = name
+    return names
+
+
+def _hf_entries(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
+    names = _hf_fingerprint_names(ckpt)
+    out = {}
+    for t in ckpt.tensors:
+        if t.name in names:
+            out[names[t.name]] = (tuple(t.shape), tensor_digest(t.read()))
     return out
 
 
@@ -162,16 +172,7 @@ class FingerprintTap:
             except CheckpointError:
                 return None
             return cls(ckpt, dict(tmap.hf_name), lambda name, arr: hf_arrays_of(tmap, name, arr))
-        from quant.model_plan import text_model_name  # lazy, as _hf_entries
-
-        cfg = ckpt.config or {}
-        text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-        tied = bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
-        names = {}
-        for t in ckpt.tensors:
-            name = text_model_name(cfg, t.name)
-            if name is not None and not _skip(name, tied):
-                names[t.name] = name
+        names = _hf_fingerprint_names(ckpt)
         return cls(ckpt, names, lambda name, arr: [(names[name], arr)])
 
     def add(self, source: SourceTensor, arr: np.ndarray) -> None:

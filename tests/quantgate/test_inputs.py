@@ -211,7 +211,9 @@ def _dvc(repo: Path, *args: str) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_dvc_tracked_model_at_a_revision(cli, tmp_path):
+def dvc_model_repo(tmp_path: Path) -> tuple[Path, str]:
+    """A real git + DVC repo holding the reference model at models/base, tagged v1 and pushed to a local remote:
+    (repo, v1's commit)."""
     repo = tmp_path / "models-repo"
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
@@ -225,6 +227,11 @@ def test_dvc_tracked_model_at_a_revision(cli, tmp_path):
     _git(repo, "tag", "v1")
     v1 = _git(repo, "rev-parse", "HEAD")
     _dvc(repo, "push", "-q")
+    return repo, v1
+
+
+def test_dvc_tracked_model_at_a_revision(cli, tmp_path):
+    repo, v1 = dvc_model_repo(tmp_path)
     # a later revision changes the model; v1 stays reachable only through git + the remote
     cfg = json.loads((repo / "models" / "base" / "config.json").read_text())
     (repo / "models" / "base" / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))

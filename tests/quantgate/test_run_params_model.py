@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests._mlflow_models import REFERENCE, log_version
-from tests.quantgate.test_inputs import COMMIT, _dvc, _git, _hf_cache
+from tests.quantgate.test_inputs import COMMIT, _hf_cache, dvc_model_repo
 
 
 @pytest.fixture
@@ -113,20 +113,7 @@ def test_params_hub_id_and_relative_path(cli, tmp_path, monkeypatch):
 
 
 def test_params_dvc_repo_at_a_revision(cli, tmp_path):
-    repo = tmp_path / "models-repo"
-    repo.mkdir()
-    _git(repo, "init", "-q", "-b", "main")
-    _dvc(repo, "init", "-q")
-    _dvc(repo, "config", "core.check_update", "false")
-    _dvc(repo, "remote", "add", "-d", "store", str(tmp_path / "dvc-remote"))
-    shutil.copytree(REFERENCE, repo / "models" / "base", ignore=shutil.ignore_patterns("*.png"))
-    _dvc(repo, "add", "-q", "models/base")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "base model v1")
-    _git(repo, "tag", "v1")
-    v1 = _git(repo, "rev-parse", "HEAD")
-    _dvc(repo, "push", "-q")
-
+    repo, v1 = dvc_model_repo(tmp_path)
     params = _params(tmp_path / "params.yaml", {"path": "models/base", "repo": str(repo), "rev": "v1",
                                                 "name": "base-q"})
     (one,) = _run(cli, params)["results"]
