@@ -195,6 +195,21 @@ class FingerprintTap:
         return fp
 
 
+#: The header's fingerprint value while a writer's loop computes it (a digest's length: the header keeps its size).
+PLACEHOLDER = "0" * 64
+
+
+def fingerprint_or_tap(ckpt: Checkpoint, source: "str | os.PathLike[str]", *, tap: bool = True
+                       ) -> "tuple[str | None, FingerprintTap | None]":
+    """(fingerprint, None) when it is cached, or when `tap` is False or the checkpoint cannot be tapped (computed
+    here, in a pass of its own); else (None, a FingerprintTap) for the caller's read loop to fill and finish()."""
+    cached, fp = cached_fingerprint(ckpt.files)
+    t = None if cached or not tap else FingerprintTap.open(ckpt)
+    if not cached and t is None:
+        fp = weights_fingerprint(source)
+    return fp, t
+
+
 def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
     """The weights fingerprint of a checkpoint (HF folder, .safetensors, .bin, GGUF), or None for a GGUF whose
     architecture or tensors cannot be mapped back to HF names (quant.gguf_to_hf: llama and qwen2 families)."""
@@ -222,4 +237,4 @@ def weights_fingerprint(path: "str | os.PathLike[str]") -> str | None:
 
 
 __all__ = ["VERSION", "bf16_bits", "tensor_digest", "combine", "weights_fingerprint", "cached_fingerprint",
-           "FingerprintTap"]
+           "FingerprintTap", "PLACEHOLDER", "fingerprint_or_tap"]

@@ -16,7 +16,7 @@ from core.errors import CheckpointError, UnsupportedTypeError
 from core.hashing import checkpoint_sha256, remember_file_sha256
 from core.records import QuantizedArtifact, Recipe, job_key
 from core.version import __version__
-from quant.fingerprint import FingerprintTap, cached_fingerprint, weights_fingerprint
+from quant.fingerprint import PLACEHOLDER, fingerprint_or_tap
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_writer import TensorSpec, write_gguf
@@ -84,10 +84,7 @@ def convert_model(
         key = job_key(source_sha, recipe, __version__)
         # lineage by content from this file on (docs/LINEAGE.md); uncached, it is computed from the tensors the
         # loop below reads (one read of the source) and written into the header after the last tensor
-        cached, fingerprint = cached_fingerprint(ckpt.files)
-        tap = None if cached else FingerprintTap.open(ckpt)
-        if not cached and tap is None:
-            fingerprint = weights_fingerprint(source)
+        fingerprint, tap = fingerprint_or_tap(ckpt, source)
         t_fp = time.perf_counter()
         head = list(kv)
 
@@ -98,7 +95,7 @@ def convert_model(
                 out.append(KV("quantgate.tokenizer_pre_source", tok.pre_source, GGUFValueType.STRING))
             return out
 
-        kv = head + tail("0" * 64 if tap is not None else fingerprint)
+        kv = head + tail(PLACEHOLDER if tap is not None else fingerprint)
 
         def final_kv() -> list[KV]:
             return head + tail(tap.finish())

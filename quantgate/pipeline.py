@@ -30,7 +30,7 @@ from core.records import (
 )
 from core.version import __version__
 from quant.api import quantize_tensor
-from quant.fingerprint import FingerprintTap, cached_fingerprint, weights_fingerprint
+from quant.fingerprint import PLACEHOLDER, fingerprint_or_tap
 from quant.formats import get_qtype
 from quant.gguf_kv import KV
 from quant.gguf_split import plan_parts, split_path, split_prefix, write_split_gguf
@@ -50,8 +50,6 @@ from quant.verify import GGML_QNT_VERSION
 from quantgate.config import registry_settings
 from validation.gate import UnusableInput, gate_and_report
 
-#: The header's fingerprint value while the quantize loop computes it (a digest's length: the header keeps its size).
-_FP_PLACEHOLDER = "0" * 64
 #: Keys the pipeline owns in every file it writes; a source's copies of them are replaced.
 _OWNED_KEYS = ("general.file_type", "general.quantization_version")
 
@@ -253,17 +251,14 @@ def quantize_model(
             KV("general.file_type", mix.llama_ftype, GGUFValueType.UINT32),
         ]
         split_req = req.split_max_bytes is not None or req.split_max_tensors is not None
-        cached, fingerprint = cached_fingerprint(ckpt.files)
         # Not cached: computed from the tensors as this loop reads them (one read of the source, not two), its
         # header value filled in after the last tensor (write_gguf final_kv); a split output or a checkpoint
         # that cannot be tapped is fingerprinted first, in a pass of its own.
-        tap = None if cached or split_req else FingerprintTap.open(ckpt)
-        if not cached and tap is None:
-            fingerprint = weights_fingerprint(req.source)
+        fingerprint, tap = fingerprint_or_tap(ckpt, req.source, tap=not split_req)
         t_fp = time.perf_counter()
         meta_kv = list(kv)
         kv = meta_kv + _provenance_kv(recipe, source_sha, ckpt.kind, key, types,
-                                      _FP_PLACEHOLDER if tap is not None else fingerprint, req.source_lineage)
+                                      PLACEHOLDER if tap is not None else fingerprint, req.source_lineage)
         spent = {"read": 0.0, "quantize": 0.0, "fingerprint_in_pass": 0.0}
 
         def producer(pt, qtype: str) -> Callable[[], np.ndarray]:

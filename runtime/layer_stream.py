@@ -132,7 +132,6 @@ class _Weights:
             self._ckpt.close()
 
 
-
 def model_type_of(path: "str | os.PathLike[str]") -> str | None:
     """The HF model_type a checkpoint runs as (GGUF: through quant.gguf_to_hf), None when it cannot be told."""
     p = Path(path)
